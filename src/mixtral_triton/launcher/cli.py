@@ -1,0 +1,89 @@
+"""`mixtral-triton-launch`: start Triton on a model repository (see scripts/launch_triton.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+from mixtral_triton.errors import UserError, one_line_errors
+from mixtral_triton.launcher.cpu import TritonServer, cpu_server_command
+from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, mpi_server_command
+from mixtral_triton.launcher.ports import Ports, free_ports
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mixtral-triton-launch",
+        description="Start Triton Inference Server on a filled model repository. "
+        "--target cpu runs the server from the nvidia-pytriton wheel on this machine; "
+        "--target gpu runs the NGC TensorRT-LLM container's server under mpirun, one rank per GPU.")
+    p.add_argument("--model-repository", type=Path, required=True)
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (cpu target; default loopback only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--free-ports", action="store_true", help="pick three free ports instead")
+    p.add_argument("--world-size", type=int, default=4, help="gpu target: MPI ranks, one per GPU (default 4)")
+    p.add_argument("--tritonserver", default=NGC_TRITONSERVER, help="gpu target: server binary")
+    p.add_argument("--exit-timeout-secs", type=int, default=5,
+                   help="how long the server drains in-flight requests on shutdown")
+    p.add_argument("--log-file", type=Path, default=None)
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    return p
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    repo = args.model_repository.resolve()
+    if not repo.is_dir():
+        raise UserError(f"--model-repository {args.model_repository} is not a folder")
+    ports = free_ports() if args.free_ports else Ports(args.http_port, args.grpc_port, args.metrics_port)
+
+    if args.target == "gpu":
+        command = mpi_server_command(repo, args.world_size, ports, args.tritonserver,
+                                     args.exit_timeout_secs)
+        if args.dry_run:
+            print(shlex.join(command))
+            return 0
+        if shutil.which("mpirun") is None or not Path(args.tritonserver).exists():
+            raise UserError("the gpu target runs inside nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 "
+                            f"(mpirun and {args.tritonserver} not found here)")
+        os.execvp(command[0], command)
+
+    if args.dry_run:
+        print(shlex.join(cpu_server_command(repo, ports, args.host, args.exit_timeout_secs,
+                                            args.log_verbose)))
+        return 0
+    return serve_until_signal(TritonServer(repo, ports, args.host, args.log_file,
+                                           args.exit_timeout_secs, args.log_verbose))
+
+
+def serve_until_signal(server: TritonServer) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"triton ready: http {server.http_url}  grpc {server.grpc_url}  "
+          f"metrics {server.host}:{server.ports.metrics}  (log: {server.log_file})", flush=True)
+    while not stop.wait(0.5):
+        if server.process.poll() is not None:
+            print(f"tritonserver exited with code {server.process.returncode}; last log lines:\n"
+                  f"{server.log_tail()}", flush=True)
+            server.stop()
+            return 1
+    server.stop()
+    print("triton stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Run the Triton Inference Server binary shipped in the `nvidia-pytriton` wheel on CPU.
+
+What it takes (checked on Triton 2.51, see docs/cpu-triton-stack.md):
+- the Python backend needs its stub next to `libtriton_python.so`, so the wheel's backend
+  folder is copied once into the virtual environment with the stub of this Python;
+- the stub links `libcudart` from the wheel's own library folder, and embeds the first
+  `libpython3.x` the loader finds, so this interpreter's LIBDIR goes first;
+- the stub ignores PYTHONPATH and takes its interpreter from the first `python3` on PATH,
+  whose `pyvenv.cfg` then gives models this venv's packages (this project included).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mixtral_triton.errors import UserError
+from mixtral_triton.launcher.ports import Ports, free_ports
+
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _wheel_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise UserError("nvidia-pytriton is not installed: run scripts/setup.sh")
+    return Path(spec.origin).parent
+
+
+def tritonserver_binary() -> Path:
+    return _wheel_root() / "tritonserver" / "bin" / "tritonserver"
+
+
+def library_path() -> str:
+    """LD_LIBRARY_PATH for the server and its Python stubs."""
+    site = _wheel_root().parent
+    cuda_runtime = importlib.util.find_spec("nvidia.cuda_runtime")
+    folders = [
+        sysconfig.get_config_var("LIBDIR"),  # first: the stub embeds this Python, not Debian's
+        str(site / "nvidia_pytriton.libs"),
+    ]
+    if cuda_runtime is not None and cuda_runtime.submodule_search_locations:
+        folders.append(str(Path(list(cuda_runtime.submodule_search_locations)[0]) / "lib"))
+    if os.environ.get("LD_LIBRARY_PATH"):
+        folders.append(os.environ["LD_LIBRARY_PATH"])
+    return ":".join(folders)
+
+
+def backend_directory() -> Path:
+    """The wheel's backends with the Python stub for this interpreter, prepared once per venv.
+
+    Built in a temporary folder and renamed into place, so concurrent first runs (tests in
+    parallel) never see half a folder.
+    """
+    target = Path(sys.prefix) / "var" / "mixtral-triton" / f"backends-py{PYTHON_VERSION}"
+    if (target / "python" / "triton_python_backend_stub").exists():
+        return target
+    source = _wheel_root() / "tritonserver"
+    stub = source / "python_backend_stubs" / PYTHON_VERSION / "triton_python_backend_stub"
+    if not stub.exists():
+        raise UserError(f"the Triton wheel has no Python backend stub for Python {PYTHON_VERSION}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".backends-"))
+    shutil.copytree(source / "backends", staging, dirs_exist_ok=True)
+    shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
+    try:
+        staging.rename(target)
+    except OSError:  # another process won the race; its folder is as good as ours
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def server_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = library_path()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def cpu_server_command(model_repository: Path, ports: Ports, host: str = "127.0.0.1",
+                       exit_timeout_s: int = 5, log_verbose: int = 0) -> list[str]:
+    return [
+        str(tritonserver_binary()),
+        f"--model-repository={model_repository}",
+        f"--backend-directory={backend_directory()}",
+        f"--http-address={host}", f"--http-port={ports.http}",
+        f"--grpc-address={host}", f"--grpc-port={ports.grpc}",
+        f"--metrics-address={host}", f"--metrics-port={ports.metrics}",
+        # Our configs are complete: a missing field is a bug to see, not to guess.
+        "--disable-auto-complete-config",
+        f"--exit-timeout-secs={exit_timeout_s}",
+        f"--log-verbose={log_verbose}",
+    ]
+
+
+class TritonServer:
+    """The CPU server as a managed child process (used by the launcher CLI, tests and
+    benchmarks). It runs in its own process group, so that stopping it also ends every
+    Python stub it started: no orphans even if the server itself has to be killed."""
+
+    def __init__(self, model_repository: Path, ports: Ports | None = None, host: str = "127.0.0.1",
+                 log_file: Path | None = None, exit_timeout_s: int = 5, log_verbose: int = 0):
+        self.model_repository = Path(model_repository).resolve()
+        if not self.model_repository.is_dir():
+            raise UserError(f"model repository {model_repository} is not a folder")
+        self.ports = ports or free_ports()
+        self.host = host
+        self.log_file = Path(log_file) if log_file else Path(
+            tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.command = cpu_server_command(self.model_repository, self.ports, host,
+                                          exit_timeout_s, log_verbose)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports.grpc}"
+
+    def start(self, timeout_s: float = 180.0) -> "TritonServer":
+        self.ports.check_free(self.host)
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=server_environment(), start_new_session=True)
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise UserError(f"tritonserver exited with code {self.process.returncode} before it "
+                                f"was ready; last log lines:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s; last log lines:\n"
+                        f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (Triton drains in-flight requests up to its exit timeout), then SIGKILL
+        whatever is left of the process group. Returns the server's exit code."""
+        if self.process is None:
+            return None
+        pgid = self.process.pid  # start_new_session: the group id is the server's pid
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_group(pgid)
+        self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

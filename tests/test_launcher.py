@@ -1,0 +1,159 @@
+"""The launcher starts the real Triton server from the wheel, streams over gRPC and HTTP,
+and stops without leaving stub processes behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+
+from mixtral_triton.launcher import TritonServer, free_ports
+from mixtral_triton.launcher.cpu import process_group_alive
+
+ECHO_REPOSITORY = Path(__file__).parent / "data" / "echo_repository"
+LAUNCH = [sys.executable, "-m", "mixtral_triton.launcher.cli"]
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    with TritonServer(ECHO_REPOSITORY) as server:
+        yield server
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_grpc_bidirectional_stream(echo_server):
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(echo_server.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array(["café 日本 🙂".encode()], dtype=object))
+    client.async_stream_infer("stream_echo", [text], request_id="launcher-grpc",
+                              enable_empty_final_response=True)
+    words = []
+    while True:
+        result, error = responses.get(timeout=30)
+        assert error is None, error
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+        words.append(result.as_numpy("text_output")[0].decode())
+    client.stop_stream()
+    assert words == ["café", "日本", "🙂"]
+
+
+def test_http_generate_stream_and_models_use_the_venv(echo_server):
+    url = f"http://{echo_server.http_url}/v2/models/stream_echo/generate_stream"
+    with requests.post(url, json={"text_input": "one two"}, stream=True, timeout=30) as reply:
+        assert reply.status_code == 200
+        events = [json.loads(line[len(b"data: "):]) for line in reply.iter_lines() if line]
+    assert [e["text_output"] for e in events] == ["one", "two"]
+    # The stub ignores PYTHONPATH; the launcher must make it run this venv's Python.
+    assert Path(events[0]["python_executable"]).parent == Path(sys.executable).parent
+
+
+def test_stop_leaves_no_stub_processes(tmp_path):
+    repo = shutil.copytree(ECHO_REPOSITORY, tmp_path / "repo")
+    server = TritonServer(repo).start()
+    assert any("triton_python_backend_stub" in p for p in _processes_mentioning(str(repo)))
+    assert server.stop() == 0
+    assert not process_group_alive(server.process.pid)
+    assert _processes_mentioning(str(repo)) == []
+
+
+def test_cli_serves_until_sigint(tmp_path):
+    repo = shutil.copytree(ECHO_REPOSITORY, tmp_path / "repo")
+    cli = subprocess.Popen(LAUNCH + ["--model-repository", str(repo), "--free-ports"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = cli.stdout.readline()
+        assert ready.startswith("triton ready: http 127.0.0.1:"), ready
+        http_port = int(ready.split()[3].split(":")[1])
+        assert requests.get(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=5).status_code == 200
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(60) == 0
+        assert "triton stopped" in cli.stdout.read()
+    finally:
+        cli.kill()
+    assert _processes_mentioning(str(repo)) == []
+
+
+def _one_line_error(args: list[str]) -> str:
+    result = subprocess.run(LAUNCH + args, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_port_in_use_is_a_one_line_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        error = _one_line_error(["--model-repository", str(ECHO_REPOSITORY), "--http-port", str(port)])
+    assert f"--http-port {port} is already in use" in error
+
+
+def test_missing_repository_is_a_one_line_error(tmp_path):
+    error = _one_line_error(["--model-repository", str(tmp_path / "absent")])
+    assert "is not a folder" in error
+
+
+def test_free_ports_are_distinct_and_free():
+    ports = free_ports()
+    assert len({ports.http, ports.grpc, ports.metrics}) == 3
+    ports.check_free()
+
+
+def test_gpu_dry_run_prints_the_leader_mode_mpirun_command(tmp_path):
+    result = subprocess.run(LAUNCH + ["--model-repository", str(tmp_path), "--target", "gpu",
+                                      "--world-size", "4", "--dry-run"],
+                            capture_output=True, text=True, check=True)
+    printed = result.stdout.strip().split()
+    ranks = " ".join(printed).split(" : ")
+    assert printed[:2] == ["mpirun", "--allow-run-as-root"] and len(ranks) == 4
+    for rank, segment in enumerate(ranks):
+        words = segment.split()
+        assert words[words.index("-n") + 1] == "1"
+        assert "/opt/tritonserver/bin/tritonserver" in words
+        assert f"--model-repository={tmp_path.resolve()}" in words
+        assert f"--backend-config=python,shm-region-prefix-name=prefix{rank}_" in words
+        assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} <= set(words)
+        # Only rank 0 loads the whole repository and serves.
+        assert ("--load-model=tensorrt_llm" in words) == (rank > 0)
+        assert ("--model-control-mode=explicit" in words) == (rank > 0)
+
+
+def test_gpu_target_refuses_to_run_without_the_container(tmp_path):
+    error = _one_line_error(["--model-repository", str(tmp_path), "--target", "gpu",
+                             "--tritonserver", str(tmp_path / "no-tritonserver")])
+    assert "tritonserver:26.07-trtllm-python-py3" in error
+
+
+def test_bad_world_size_is_a_one_line_error(tmp_path):
+    error = _one_line_error(["--model-repository", str(tmp_path), "--target", "gpu",
+                             "--world-size", "0", "--dry-run"])
+    assert "--world-size must be between 1 and 64, got 0" in error
