@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,9 @@ from pathlib import Path
 
 from mixtral_triton.errors import UserError
 from mixtral_triton.launcher.ports import Ports, free_ports
+
+# Logged as errors by every start on a machine without a GPU, and harmless there.
+_CPU_ONLY_NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML")
 
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -154,12 +158,22 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise UserError(f"tritonserver exited with code {self.process.returncode} before it "
-                                f"was ready; last log lines:\n{self.log_tail()}")
+                                f"was ready:\n{self.log_errors() or self.log_tail()}")
             if self.is_ready():
                 return
             time.sleep(0.2)
         raise UserError(f"tritonserver was not ready after {timeout_s:.0f} s; last log lines:\n"
                         f"{self.log_tail()}")
+
+    def log_errors(self) -> str:
+        """Triton's error lines (`E<date> ...`), less the ones every CPU-only start logs."""
+        try:
+            lines = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(line for line in lines
+                         if (re.match(r"E\d{4} ", line) or line.startswith("error:"))
+                         and not any(noise in line for noise in _CPU_ONLY_NOISE))
 
     def log_tail(self, lines: int = 20) -> str:
         try:
