@@ -1,0 +1,284 @@
+"""Capacity plan: will the fp16 model fit on these GPUs, and with what engine limits?
+
+All figures are per GPU (one TensorRT-LLM rank per GPU, tensor parallel over all of them,
+no pipeline parallelism), computed from the model's config:
+
+* weights: exact parameter counts x 2 bytes (fp16; the small MoE router stays float32),
+  sharded as TensorRT-LLM shards them: attention and experts split over the tp ranks
+  (experts over moe_tp x ep = tp), the output head split by vocabulary, and the input
+  embedding, norms and router replicated on every rank (TensorRT-LLM's default: no
+  parallel embedding).
+* KV cache per token: layers x 2 (K and V) x KV heads x head size x 2 bytes; each rank
+  holds its share of the KV heads (one whole head when tp exceeds the KV heads).
+* reserve, in three parts, all documented at their constants below: the CUDA context and
+  communication buffers, the TensorRT activation buffers sized for max_num_tokens, and
+  headroom left free after the KV cache.
+* KV tokens: what is left, as TensorRT-LLM allocates it: kv_cache_free_gpu_mem_fraction of
+  the memory still free once the engine and its activations are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mixtral_triton.errors import UserError
+
+GiB = 2**30
+DTYPE_BYTES = 2  # fp16 weights, activations and KV cache
+ROUTER_BYTES = 4  # TensorRT-LLM keeps the MoE router weights in float32 (layers/moe.py)
+
+# Total memory of each GPU as nvidia-smi reports it (MiB), which is what CUDA can allocate from.
+GPU_MEMORY_BYTES: dict[str, int] = {
+    "A100-40GB": 40960 * 2**20,
+    "A100-80GB": 81920 * 2**20,
+    "H100-80GB": 81559 * 2**20,
+    "H200-141GB": 143771 * 2**20,
+}
+MAX_GPUS = 8  # one node; 8x22B has 8 KV heads, so tp 8 is the widest split without duplication
+
+# Allocated before the KV cache, so outside the memory the KV fraction applies to: the CUDA
+# context, cuBLAS/cuBLASLt workspaces, NCCL and the custom all-reduce IPC buffers.
+CONTEXT_RESERVE_BYTES = 1 * GiB
+# Left free after the KV cache: per-request decoder and sampling buffers, logits, and room for
+# allocator fragmentation. Without it a full KV cache makes later small allocations fail.
+HEADROOM_BYTES = 1 * GiB
+# TensorRT sizes activation buffers for max_num_tokens and does not reuse every one of them
+# across layers, so twice the live per-token footprint is reserved. An estimate: it has not
+# been measured on a built 8x22B engine.
+ACTIVATION_MARGIN = 2
+# TensorRT-LLM's default; larger only adds activation memory without speeding up decoding.
+DEFAULT_MAX_NUM_TOKENS = 8192
+# A ceiling on concurrent requests, so that a small model (the tiny fixture) does not get an
+# absurd limit; 8x22B on 80 GB GPUs stays far below it.
+MAX_BATCH_SIZE_CAP = 256
+# The engine's paged-KV block size (trtllm-build --tokens_per_block); KV tokens come in blocks.
+TOKENS_PER_BLOCK = 32
+# Keep at least this share of the free memory out of the KV cache whatever the GPU size.
+MAX_KV_FRACTION = 0.95
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The config.json fields the plan needs (hub layout or TensorRT-LLM checkpoint layout)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int
+    top_k: int
+    max_position_embeddings: int
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShape:
+        # The hub names the experts num_local_experts/num_experts_per_tok; a TensorRT-LLM
+        # checkpoint keeps them under "moe" as num_experts/top_k.
+        moe = config.get("moe") or {}
+        if config.get("num_local_experts", moe.get("num_experts")) is None:
+            raise UserError("model config has no 'num_local_experts' (or 'moe.num_experts') field")
+        try:
+            return cls(
+                vocab_size=config["vocab_size"],
+                hidden_size=config["hidden_size"],
+                intermediate_size=config["intermediate_size"],
+                num_hidden_layers=config["num_hidden_layers"],
+                num_attention_heads=config["num_attention_heads"],
+                num_key_value_heads=config["num_key_value_heads"],
+                num_experts=config.get("num_local_experts", moe.get("num_experts")),
+                top_k=config.get("num_experts_per_tok", moe.get("top_k")),
+                max_position_embeddings=config["max_position_embeddings"],
+            )
+        except KeyError as exc:
+            raise UserError(f"model config has no {exc.args[0]!r} field") from None
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelShape:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            return cls.from_config(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read model config {path}: {exc}") from None
+
+
+# mistral-community/Mixtral-8x22B-v0.1 config.json
+MIXTRAL_8X22B = ModelShape(vocab_size=32000, hidden_size=6144, intermediate_size=16384,
+                           num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
+                           num_experts=8, top_k=2, max_position_embeddings=65536)
+
+
+def parameter_count(m: ModelShape, tp: int = 1) -> int:
+    """Parameters held by one rank of a tp-way split (tp=1: the whole model)."""
+    h, d = m.hidden_size, m.head_size
+    kv_heads = math.ceil(m.num_key_value_heads / tp)
+    attention = 2 * h * m.num_attention_heads * d // tp + 2 * h * kv_heads * d  # q, o; k, v
+    experts = m.num_experts * 3 * h * m.intermediate_size // tp  # w1, w2, w3
+    replicated = m.num_experts * h + 2 * h  # router, two norms
+    layer = attention + experts + replicated
+    embedding = m.vocab_size * h
+    lm_head = math.ceil(m.vocab_size / tp) * h
+    return m.num_hidden_layers * layer + embedding + lm_head + h  # + final norm
+
+
+def weight_bytes(m: ModelShape, tp: int = 1) -> int:
+    router = m.num_hidden_layers * m.num_experts * m.hidden_size
+    return parameter_count(m, tp) * DTYPE_BYTES + router * (ROUTER_BYTES - DTYPE_BYTES)
+
+
+def kv_bytes_per_token(m: ModelShape, tp: int = 1) -> int:
+    return m.num_hidden_layers * 2 * math.ceil(m.num_key_value_heads / tp) * m.head_size * DTYPE_BYTES
+
+
+def activation_bytes_per_token(m: ModelShape, tp: int, ep: int) -> int:
+    """Live activations of one token in one layer on one rank, times ACTIVATION_MARGIN."""
+    h = m.hidden_size
+    expert_width = m.intermediate_size // (tp // ep)
+    # Each of the top_k expert copies: permuted input, fused w1|w3 output, SiLU product, output.
+    moe = m.top_k * (2 * h + 3 * expert_width)
+    qkv = (m.num_attention_heads // tp + 2 * math.ceil(m.num_key_value_heads / tp)) * m.head_size
+    residual = 3 * h  # residual stream, normed input, all-reduced block output
+    return ACTIVATION_MARGIN * (moe + qkv + residual) * DTYPE_BYTES
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    gpu: str
+    gpus: int
+    tp: int
+    ep: int
+    max_input_len: int
+    max_output_len: int
+    max_seq_len: int
+    gpu_memory_bytes: int
+    weight_bytes_total: int
+    weight_bytes_per_gpu: int
+    kv_bytes_per_token_total: int
+    kv_bytes_per_token_per_gpu: int
+    context_reserve_bytes: int
+    activation_bytes: int
+    headroom_bytes: int
+    kv_cache_bytes_per_gpu: int
+    kv_cache_free_gpu_mem_fraction: float
+    kv_cache_tokens: int
+    max_batch_size: int
+    max_num_tokens: int
+    tokens_per_block: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        rows = [
+            ("GPUs", f"{self.gpus} x {self.gpu} ({_gb(self.gpu_memory_bytes)} each)"),
+            ("parallelism", f"tp {self.tp}, ep {self.ep} (moe_tp {self.tp // self.ep})"),
+            ("weights, whole model", _gb(self.weight_bytes_total)),
+            ("weights per GPU", _gb(self.weight_bytes_per_gpu)),
+            ("KV per token, whole model", f"{self.kv_bytes_per_token_total / 1024:g} KiB"),
+            ("KV per token per GPU", f"{self.kv_bytes_per_token_per_gpu / 1024:g} KiB"),
+            ("reserve: CUDA context, NCCL", _gb(self.context_reserve_bytes)),
+            ("reserve: activations", f"{_gb(self.activation_bytes)} (max_num_tokens {self.max_num_tokens})"),
+            ("reserve: headroom", _gb(self.headroom_bytes)),
+            ("KV cache per GPU", _gb(self.kv_cache_bytes_per_gpu)),
+            ("KV cache tokens", f"{self.kv_cache_tokens:,} (every rank holds its heads of each)"),
+            ("max_input_len / max_seq_len", f"{self.max_input_len} / {self.max_seq_len}"),
+            ("max_batch_size", f"{self.max_batch_size} (full-length requests that fit at once)"),
+            ("max_num_tokens", str(self.max_num_tokens)),
+            ("kv_cache_free_gpu_mem_fraction", f"{self.kv_cache_free_gpu_mem_fraction:.2f}"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def plan_capacity(gpu: str, gpus: int, max_input_len: int, max_output_len: int,
+                  tp: int | None = None, ep: int = 1, model: ModelShape = MIXTRAL_8X22B) -> CapacityPlan:
+    """The plan, or UserError naming the option, its allowed range, or the numbers that do not fit."""
+    if gpu not in GPU_MEMORY_BYTES:
+        raise UserError(f"--gpu must be one of {', '.join(GPU_MEMORY_BYTES)}, got {gpu!r}")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise UserError(f"--gpus must be between 1 and {MAX_GPUS}, got {gpus}")
+    tp = gpus if tp is None else tp
+    if tp != gpus:
+        raise UserError(f"--tp must equal --gpus ({gpus}): one engine spans all GPUs, one rank each, got {tp}")
+    allowed_ep = [e for e in range(1, tp + 1) if tp % e == 0 and model.num_experts % e == 0]
+    if ep not in allowed_ep:
+        raise UserError(f"--ep must divide both --tp ({tp}) and the {model.num_experts} experts: "
+                        f"one of {', '.join(map(str, allowed_ep))}, got {ep}")
+    kv_heads = model.num_key_value_heads
+    if (model.num_attention_heads % tp or model.intermediate_size % (tp // ep)
+            or (kv_heads % tp and tp % kv_heads)):
+        raise UserError(f"--tp {tp} must divide the model's {model.num_attention_heads} attention heads "
+                        f"and, over --ep {ep}, its expert width {model.intermediate_size}, and divide "
+                        f"or be a multiple of its {kv_heads} KV heads")
+    longest = model.max_position_embeddings
+    if not 1 <= max_input_len < longest:
+        raise UserError(f"--max-input-len must be between 1 and {longest - 1}, got {max_input_len}")
+    if not 1 <= max_output_len <= longest - max_input_len:
+        raise UserError(f"--max-output-len must be between 1 and {longest - max_input_len} "
+                        f"(input + output at most {longest} positions), got {max_output_len}")
+    max_seq_len = max_input_len + max_output_len
+
+    memory = GPU_MEMORY_BYTES[gpu]
+    weights = weight_bytes(model, tp)
+    if weights + CONTEXT_RESERVE_BYTES + HEADROOM_BYTES >= memory:
+        raise UserError(
+            f"does not fit: the fp16 weights need {_gb(weights)} per GPU at tp {tp} "
+            f"(+ {_gb(CONTEXT_RESERVE_BYTES + HEADROOM_BYTES)} runtime reserve), "
+            f"and each {gpu} has {_gb(memory)}{_fits_hint(gpu, gpus, model)}")
+
+    # A whole prompt runs in one context step: no chunked prefill needed for max_input_len.
+    max_num_tokens = max(DEFAULT_MAX_NUM_TOKENS, max_input_len)
+    activations = max_num_tokens * activation_bytes_per_token(model, tp, ep)
+    free_at_kv_allocation = max(memory - weights - CONTEXT_RESERVE_BYTES - activations, 0)
+    kv_room = max(free_at_kv_allocation - HEADROOM_BYTES, 0)
+    fraction = min(math.floor(100 * kv_room / free_at_kv_allocation) / 100 if kv_room else 0.0,
+                   MAX_KV_FRACTION)
+    kv_cache_bytes = int(fraction * free_at_kv_allocation)
+    kv_per_token = kv_bytes_per_token(model, tp)
+    kv_tokens = kv_cache_bytes // kv_per_token // TOKENS_PER_BLOCK * TOKENS_PER_BLOCK
+    if kv_tokens < max_seq_len:
+        raise UserError(
+            f"does not fit: after {_gb(weights)} of weights and "
+            f"{_gb(CONTEXT_RESERVE_BYTES + activations + HEADROOM_BYTES)} of runtime reserve "
+            f"(activations for max_num_tokens {max_num_tokens}), each {gpu} has {_gb(kv_cache_bytes)} "
+            f"left for the KV cache, and one request of {max_seq_len} tokens needs "
+            f"{_gb(max_seq_len * kv_per_token)}; lower --max-input-len/--max-output-len or use more "
+            f"or larger GPUs")
+    # As many full-length requests as the KV cache holds at once: the scheduler never has to
+    # evict a running request, whatever its lengths.
+    max_batch_size = min(kv_tokens // max_seq_len, MAX_BATCH_SIZE_CAP)
+    return CapacityPlan(
+        gpu=gpu, gpus=gpus, tp=tp, ep=ep, max_input_len=max_input_len, max_output_len=max_output_len,
+        max_seq_len=max_seq_len, gpu_memory_bytes=memory,
+        weight_bytes_total=weight_bytes(model), weight_bytes_per_gpu=weights,
+        kv_bytes_per_token_total=kv_bytes_per_token(model), kv_bytes_per_token_per_gpu=kv_per_token,
+        context_reserve_bytes=CONTEXT_RESERVE_BYTES, activation_bytes=activations,
+        headroom_bytes=HEADROOM_BYTES, kv_cache_bytes_per_gpu=kv_cache_bytes,
+        kv_cache_free_gpu_mem_fraction=fraction, kv_cache_tokens=kv_tokens,
+        max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+        tokens_per_block=TOKENS_PER_BLOCK)
+
+
+def _fits_hint(gpu: str, asked: int, model: ModelShape) -> str:
+    """Point at the smallest larger GPU count of this type whose weights fit, if any."""
+    for gpus in range(asked + 1, MAX_GPUS + 1):
+        if (model.num_attention_heads % gpus == 0 and model.intermediate_size % gpus == 0
+                and weight_bytes(model, gpus) + CONTEXT_RESERVE_BYTES + HEADROOM_BYTES < GPU_MEMORY_BYTES[gpu]):
+            return f"; {gpus} x {gpu} would hold {_gb(weight_bytes(model, gpus))} each"
+    return ""
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"

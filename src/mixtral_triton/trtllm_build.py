@@ -1,0 +1,202 @@
+"""Build the Mixtral TensorRT engines with `trtllm-build`, sized by the capacity plan.
+
+Flag names and values are TensorRT-LLM 1.2.1's (tensorrt_llm/commands/build.py and
+tensorrt_llm/plugin/plugin.py). `--kv_cache_type paged` rather than `--paged_kv_cache
+enable`, which 1.2.1 still accepts but marks deprecated.
+
+The input is a TensorRT-LLM checkpoint (config.json and one rank{r}.safetensors per rank);
+the output folder gets config.json, one rank{r}.engine per rank, and BUILD_RECORD: the
+command, the versions and the plan, so an engine folder says how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MIXTRAL_8X22B, CapacityPlan, ModelShape,
+                                     plan_capacity)
+from mixtral_triton.errors import UserError, one_line_errors
+
+TRTLLM_BUILD = "trtllm-build"
+BUILD_RECORD = "mixtral_triton_build.json"
+DEFAULT_MAX_INPUT_LEN = 4096
+DEFAULT_MAX_OUTPUT_LEN = 1024
+
+
+@dataclass(frozen=True)
+class EngineBuild:
+    checkpoint_dir: Path
+    output_dir: Path
+    plan: CapacityPlan
+    command: list[str]
+
+
+def read_checkpoint(checkpoint_dir: Path) -> tuple[dict, ModelShape]:
+    """The mapping and shape of a TensorRT-LLM checkpoint; UserError if it cannot be built here."""
+    try:
+        config = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--checkpoint-dir {checkpoint_dir} has no readable config.json "
+                        f"(convert the hub checkpoint first): {exc}") from None
+    if config.get("dtype") != "float16":
+        raise UserError(f"--checkpoint-dir holds a {config.get('dtype')} checkpoint; "
+                        "the engine is built fp16: convert with dtype float16")
+    mapping = config.get("mapping", {})
+    tp, world = mapping.get("tp_size", 1), mapping.get("world_size", 1)
+    if mapping.get("pp_size", 1) != 1 or world != tp:
+        raise UserError(f"--checkpoint-dir is split tp {tp}, pp {mapping.get('pp_size', 1)}; "
+                        "only tensor-parallel checkpoints (pp 1) are built here")
+    missing = [f"rank{r}.safetensors" for r in range(world)
+               if not (checkpoint_dir / f"rank{r}.safetensors").is_file()]
+    if missing:
+        raise UserError(f"--checkpoint-dir {checkpoint_dir} lacks {', '.join(missing)}")
+    return mapping, ModelShape.from_config(config)
+
+
+def engine_command(checkpoint_dir: Path, output_dir: Path, plan: CapacityPlan, workers: int = 1,
+                   executable: str = TRTLLM_BUILD) -> list[str]:
+    return [
+        executable,
+        "--checkpoint_dir", str(checkpoint_dir),
+        "--output_dir", str(output_dir),
+        "--gemm_plugin", "float16",
+        "--gpt_attention_plugin", "float16",
+        "--moe_plugin", "float16",
+        "--kv_cache_type", "paged",
+        "--tokens_per_block", str(plan.tokens_per_block),
+        "--remove_input_padding", "enable",
+        "--context_fmha", "enable",
+        # Lets the runtime reuse KV blocks across requests and chunk long prompts.
+        "--use_paged_context_fmha", "enable",
+        "--max_batch_size", str(plan.max_batch_size),
+        "--max_input_len", str(plan.max_input_len),
+        "--max_seq_len", str(plan.max_seq_len),
+        "--max_num_tokens", str(plan.max_num_tokens),
+        "--max_beam_width", "1",
+        "--workers", str(workers),
+    ]
+
+
+def prepare_build(checkpoint_dir: Path, output_dir: Path, gpu: str,
+                  max_input_len: int = DEFAULT_MAX_INPUT_LEN,
+                  max_output_len: int = DEFAULT_MAX_OUTPUT_LEN, workers: int = 1) -> EngineBuild:
+    """Check the checkpoint, plan for its split on `gpu`, and assemble the command."""
+    checkpoint_dir, output_dir = Path(checkpoint_dir).resolve(), Path(output_dir).resolve()
+    mapping, shape = read_checkpoint(checkpoint_dir)
+    tp = mapping.get("tp_size", 1)
+    plan = plan_capacity(gpu, gpus=tp, tp=tp, ep=mapping.get("moe_ep_size", 1),
+                         max_input_len=max_input_len, max_output_len=max_output_len, model=shape)
+    # Each worker holds one rank's weights in host memory while it builds.
+    if not 1 <= workers <= tp:
+        raise UserError(f"--workers must be between 1 and {tp} (the checkpoint's ranks), got {workers}")
+    return EngineBuild(checkpoint_dir, output_dir, plan,
+                       engine_command(checkpoint_dir, output_dir, plan, workers))
+
+
+def run_build(build: EngineBuild) -> Path:
+    """Run trtllm-build, check its output and write BUILD_RECORD; returns the engine folder."""
+    if shutil.which(TRTLLM_BUILD) is None:
+        raise UserError(f"{TRTLLM_BUILD} not found: build inside the NGC image "
+                        "tritonserver:26.07-trtllm-python-py3, or use --dry-run to print the command")
+    out = build.output_dir
+    if out.exists() and any(out.iterdir()):
+        # Engines of an earlier build with more ranks would otherwise sit beside the new ones.
+        raise UserError(f"--output-dir {out} is not empty; choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result = subprocess.run(build.command, check=False)
+    if result.returncode:
+        raise UserError(f"{TRTLLM_BUILD} failed with exit code {result.returncode} (its output is above)")
+    expected = ["config.json"] + [f"rank{r}.engine" for r in range(build.plan.tp)]
+    missing = [name for name in expected if not (out / name).is_file() or not (out / name).stat().st_size]
+    if missing:
+        raise UserError(f"{TRTLLM_BUILD} exited 0 but {out} lacks {', '.join(missing)}")
+    record = {
+        "command": build.command,
+        "versions": {name: _version(name) for name in ("tensorrt_llm", "tensorrt", "mixtral-triton")},
+        "plan": build.plan.to_dict(),
+        "checkpoint_dir": str(build.checkpoint_dir),
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    (out / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through one_line_errors, not usage + message
+        raise UserError(message)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", required=True, choices=list(GPU_MEMORY_BYTES), help="GPU type")
+    p.add_argument("--max-input-len", type=int, default=DEFAULT_MAX_INPUT_LEN,
+                   help=f"longest prompt in tokens (default {DEFAULT_MAX_INPUT_LEN})")
+    p.add_argument("--max-output-len", type=int, default=DEFAULT_MAX_OUTPUT_LEN,
+                   help=f"most generated tokens per request (default {DEFAULT_MAX_OUTPUT_LEN})")
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="plan_capacity.py",
+                description="Plan GPU memory for the fp16 model: weights and KV cache per GPU, "
+                "and the engine limits that fit. Refuses plans that cannot fit, with the numbers.")
+    _add_limits(p)
+    p.add_argument("--gpus", type=int, default=4, help="GPU count, one rank each (default 4)")
+    p.add_argument("--tp", type=int, default=None, help="tensor parallelism (default: --gpus)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallelism within tp (default 1)")
+    p.add_argument("--model-config", type=Path, default=None,
+                   help="config.json (or its folder) of the model; default Mixtral-8x22B-v0.1's")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+@one_line_errors
+def plan_main(argv: list[str] | None = None) -> int:
+    args = plan_parser().parse_args(argv)
+    model = ModelShape.from_file(args.model_config) if args.model_config else MIXTRAL_8X22B
+    plan = plan_capacity(args.gpu, args.gpus, args.max_input_len, args.max_output_len,
+                         tp=args.tp, ep=args.ep, model=model)
+    print(plan.to_json() if args.json else plan.table())
+    return 0
+
+
+def engine_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="build_engine.py",
+                description="Build the TensorRT engines from a converted TensorRT-LLM checkpoint with "
+                f"{TRTLLM_BUILD}, sized by the capacity plan for the checkpoint's tp/ep on --gpu.")
+    p.add_argument("--checkpoint-dir", type=Path, required=True, help="converted TensorRT-LLM checkpoint")
+    p.add_argument("--output-dir", type=Path, required=True, help="new or empty folder for the engines")
+    _add_limits(p)
+    p.add_argument("--workers", type=int, default=1,
+                   help="ranks built in parallel, one GPU and one rank's weights in host memory each "
+                   "(default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the command; build nothing")
+    return p
+
+
+@one_line_errors
+def engine_main(argv: list[str] | None = None) -> int:
+    args = engine_parser().parse_args(argv)
+    build = prepare_build(args.checkpoint_dir, args.output_dir, args.gpu, args.max_input_len,
+                          args.max_output_len, args.workers)
+    print(build.plan.table(), file=sys.stderr)
+    if args.dry_run:
+        print(shlex.join(build.command))
+        return 0
+    print(run_build(build))
+    return 0

@@ -1,0 +1,107 @@
+"""The capacity plan: exact 8x22B figures, the plans for 4 x 80 GB GPUs, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MIXTRAL_8X22B, ModelShape, kv_bytes_per_token,
+                                     parameter_count, plan_capacity, weight_bytes)
+from mixtral_triton.errors import UserError
+from mixtral_triton.fixture import SIZES, FixtureSize, hub_config
+from mixtral_triton.fixture.checkpoint import hub_tensor_shapes
+from mixtral_triton.trtllm_build import plan_main
+
+REAL_8X22B = FixtureSize(**{**SIZES["real-shaped"].__dict__, "num_hidden_layers": 56})
+
+
+def test_parameter_count_is_the_sum_of_the_hub_tensors():
+    shapes = hub_tensor_shapes(REAL_8X22B, 32000)
+    assert parameter_count(MIXTRAL_8X22B) == sum(math.prod(shape) for _, shape in shapes)
+    assert ModelShape.from_config(hub_config(REAL_8X22B, 32000)) == MIXTRAL_8X22B
+
+
+def test_8x22b_fp16_figures():
+    router_fp32_extra = 56 * 8 * 6144 * 2  # the router stays float32
+    assert weight_bytes(MIXTRAL_8X22B) == parameter_count(MIXTRAL_8X22B) * 2 + router_fp32_extra
+    assert weight_bytes(MIXTRAL_8X22B) == 281_246_773_248  # about 281 GB
+    # The embedding stays whole on every rank; the rest splits four ways.
+    assert weight_bytes(MIXTRAL_8X22B, tp=4) == 70_615_904_256  # about 70.6 GB
+    assert kv_bytes_per_token(MIXTRAL_8X22B) == 56 * 2 * 8 * 128 * 2 == 224 * 1024
+    assert kv_bytes_per_token(MIXTRAL_8X22B, tp=4) == 56 * 1024
+
+
+@pytest.mark.parametrize("gpu", ["A100-80GB", "H100-80GB"])
+def test_four_80gb_gpus_fit(gpu):
+    plan = plan_capacity(gpu, 4, max_input_len=4096, max_output_len=1024)
+    assert plan.tp == 4 and plan.max_seq_len == 5120
+    assert plan.weight_bytes_per_gpu == 70_615_904_256
+    reserve = plan.context_reserve_bytes + plan.activation_bytes + plan.headroom_bytes
+    assert plan.weight_bytes_per_gpu + reserve + plan.kv_cache_bytes_per_gpu <= GPU_MEMORY_BYTES[gpu]
+    assert plan.kv_cache_tokens * plan.kv_bytes_per_token_per_gpu <= plan.kv_cache_bytes_per_gpu
+    assert plan.kv_cache_tokens % plan.tokens_per_block == 0
+    assert 30 <= plan.max_batch_size == plan.kv_cache_tokens // 5120 <= 40
+    assert plan.max_num_tokens == 8192
+    assert 0.85 <= plan.kv_cache_free_gpu_mem_fraction <= 0.95
+
+
+def test_bigger_gpus_hold_more_kv_and_expert_parallelism_keeps_the_weight_share():
+    h100 = plan_capacity("H100-80GB", 4, 4096, 1024)
+    h200 = plan_capacity("H200-141GB", 4, 4096, 1024)
+    assert h200.kv_cache_tokens > 5 * h100.kv_cache_tokens
+    assert plan_capacity("H100-80GB", 4, 4096, 1024, ep=4).weight_bytes_per_gpu == h100.weight_bytes_per_gpu
+    assert plan_capacity("H200-141GB", 8, 4096, 1024).kv_bytes_per_token_per_gpu == 28 * 1024
+
+
+def test_long_prompts_raise_max_num_tokens():
+    assert plan_capacity("H100-80GB", 4, 16384, 1024).max_num_tokens == 16384
+
+
+def test_four_40gb_gpus_are_refused_with_the_numbers():
+    with pytest.raises(UserError, match=r"70\.62 GB per GPU at tp 4.*A100-40GB has 42\.95 GB.*8 x A100-40GB"):
+        plan_capacity("A100-40GB", 4, 4096, 1024)
+
+
+def test_a_kv_cache_too_small_for_one_request_is_refused():
+    with pytest.raises(UserError, match=r"one request of 65536 tokens needs"):
+        plan_capacity("A100-80GB", 4, 49152, 16384)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gpu="V100"), r"--gpu must be one of A100-40GB, A100-80GB, H100-80GB, H200-141GB"),
+    (dict(gpus=9), r"--gpus must be between 1 and 8, got 9"),
+    (dict(tp=2), r"--tp must equal --gpus \(4\)"),
+    (dict(ep=3), r"--ep must divide .* one of 1, 2, 4, got 3"),
+    (dict(max_input_len=0), r"--max-input-len must be between 1 and 65535, got 0"),
+    (dict(max_output_len=65536), r"--max-output-len must be between 1 and 61440"),
+    (dict(gpus=3), r"--tp 3 must divide"),
+])
+def test_bad_options_name_the_allowed_range(kwargs, message):
+    args = dict(gpu="H100-80GB", gpus=4, max_input_len=4096, max_output_len=1024) | kwargs
+    with pytest.raises(UserError, match=message):
+        plan_capacity(**args)
+
+
+def test_table_and_json():
+    plan = plan_capacity("H100-80GB", 4, 4096, 1024)
+    assert json.loads(plan.to_json()) == plan.to_dict()
+    table = plan.table()
+    assert "weights per GPU" in table and "70.62 GB" in table and "224 KiB" in table
+
+
+def test_cli_prints_the_plan_and_refuses_in_one_line(capsys, tmp_path):
+    assert plan_main(["--gpu", "H100-80GB", "--gpus", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weight_bytes_per_gpu"] == 70_615_904_256
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(hub_config(SIZES["tiny"], 32000)))
+    assert plan_main(["--gpu", "A100-40GB", "--gpus", "1", "--model-config", str(tmp_path),
+                      "--max-input-len", "64", "--max-output-len", "64"]) == 0
+    assert "max_batch_size" in capsys.readouterr().out
+
+    for argv in (["--gpu", "A100-40GB"], ["--gpu", "H100-80GB", "--gpus", "two"], []):
+        assert plan_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err
