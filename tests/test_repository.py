@@ -1,0 +1,237 @@
+"""The model repository templates and the fill step: every filled config parses as
+Triton's ModelConfig, nothing is left unfilled, the ensemble's wiring obeys Triton's
+rules, and the CPU reference engine has exactly the GPU engine's tensor contract."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig
+
+from mixtral_triton.errors import UserError
+from mixtral_triton.protocol import FIELDS
+from mixtral_triton.repository import MODELS, Settings, fill_repository, load_config, parse_config
+from mixtral_triton.repository.cli import main
+from mixtral_triton.repository.fill import MARKER, default_templates
+from mixtral_triton.repository.wiring import wiring_problems
+
+TEMPLATES = default_templates()
+
+# Inputs of TensorRT-LLM v1.2.1's inflight_batcher_llm ensemble that ours keeps: name ->
+# (data type, dims). All are optional there except text_input and max_tokens.
+UPSTREAM_ENSEMBLE_INPUTS = {
+    "text_input": ("TYPE_STRING", [1]), "max_tokens": ("TYPE_INT32", [1]),
+    "stream": ("TYPE_BOOL", [1]), "stop_words": ("TYPE_STRING", [-1]),
+    "bad_words": ("TYPE_STRING", [-1]), "end_id": ("TYPE_INT32", [1]),
+    "pad_id": ("TYPE_INT32", [1]), "exclude_input_in_output": ("TYPE_BOOL", [1]),
+    "temperature": ("TYPE_FP32", [1]), "top_k": ("TYPE_INT32", [1]), "top_p": ("TYPE_FP32", [1]),
+    "seed": ("TYPE_UINT64", [1]), "repetition_penalty": ("TYPE_FP32", [1]),
+    "presence_penalty": ("TYPE_FP32", [1]), "frequency_penalty": ("TYPE_FP32", [1]),
+    "length_penalty": ("TYPE_FP32", [1]), "min_tokens": ("TYPE_INT32", [1]),
+    "beam_width": ("TYPE_INT32", [1]), "num_return_sequences": ("TYPE_INT32", [1]),
+    "return_log_probs": ("TYPE_BOOL", [1]), "return_num_input_tokens": ("TYPE_BOOL", [1]),
+    "return_num_output_tokens": ("TYPE_BOOL", [1]),
+}
+
+
+@pytest.fixture
+def dirs(tmp_path) -> dict[str, Path]:
+    """Stand-ins for the folders the settings name (the fill only checks they exist)."""
+    made = {name: tmp_path / name for name in ("tokenizer", "engine", "checkpoint")}
+    for path in made.values():
+        path.mkdir()
+    (made["tokenizer"] / "tokenizer.json").write_text("{}")
+    return made
+
+
+def settings(target: str, dirs: dict[str, Path], **changes) -> Settings:
+    engine = {"gpu": {"engine_dir": dirs["engine"]}, "cpu": {"checkpoint_dir": dirs["checkpoint"]}}
+    return Settings(**{"target": target, "tokenizer_dir": dirs["tokenizer"], **engine[target],
+                       **changes})
+
+
+def fill_and_load(target: str, dirs: dict[str, Path], out: Path,
+                  **changes) -> dict[str, ModelConfig]:
+    fill_repository(settings(target, dirs, **changes), out)
+    return {model: load_config(out / model / "config.pbtxt") for model in MODELS[target]}
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_filled_repository_parses_and_is_wired(target, dirs, tmp_path):
+    out = tmp_path / "repo"
+    configs = fill_and_load(target, dirs, out)
+    for model, config in configs.items():
+        assert config.name == model
+        assert "${" not in (out / model / "config.pbtxt").read_text()
+    assert wiring_problems(configs) == []
+    assert (out / "ensemble" / "1").is_dir(), "Triton loads no model without a version folder"
+    assert {p.name for p in out.iterdir()} == set(MODELS[target]) | {MARKER}
+
+
+def test_reference_engine_has_the_gpu_engine_contract(dirs, tmp_path):
+    cpu = fill_and_load("cpu", dirs, tmp_path / "cpu")["tensorrt_llm"]
+    gpu = fill_and_load("gpu", dirs, tmp_path / "gpu")["tensorrt_llm"]
+    # Whole messages: name, data_type, dims, reshape, optional, allow_ragged_batch, order.
+    assert list(cpu.input) == list(gpu.input)
+    assert list(cpu.output) == list(gpu.output)
+    assert cpu.max_batch_size == gpu.max_batch_size
+    assert cpu.model_transaction_policy.decoupled and gpu.model_transaction_policy.decoupled
+    assert (cpu.backend, gpu.backend) == ("python", "tensorrtllm")
+
+
+def test_gpu_engine_model_matches_v1_2_1(dirs, tmp_path):
+    configs = fill_and_load("gpu", dirs, tmp_path / "repo", kv_cache_free_gpu_mem_fraction=0.85)
+    config = configs["tensorrt_llm"]
+    inputs = {t.name: t for t in config.input}
+    outputs = {t.name: t for t in config.output}
+    assert (len(inputs), len(outputs)) == (62, 21)
+    required = {name for name, t in inputs.items() if not t.optional}
+    assert required == {"input_lengths", "request_output_len"}
+    assert DataType.Name(inputs["seed"].data_type) == "TYPE_UINT64"
+    assert list(inputs["stop_words_list"].dims) == [2, -1]
+    assert inputs["stop_words_list"].allow_ragged_batch
+    assert list(outputs["output_ids"].dims) == [-1, -1]
+    assert config.model_transaction_policy.decoupled
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["gpt_model_path"] == str(dirs["engine"].resolve())
+    assert params["kv_cache_free_gpu_mem_fraction"] == "0.85"
+    assert params["exclude_input_in_output"] == "true"
+    # The backend fails to load without these keys (it reads them with no fallback).
+    for key in ("tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"):
+        assert key in params
+
+
+def test_ensemble_keeps_the_upstream_inputs_and_adds_usage_outputs(dirs, tmp_path):
+    ensemble = fill_and_load("gpu", dirs, tmp_path / "repo")["ensemble"]
+    declared = {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in ensemble.input}
+    assert declared == UPSTREAM_ENSEMBLE_INPUTS
+    assert {t.name for t in ensemble.input if not t.optional} == {"text_input", "max_tokens"}
+    outputs = {t.name: DataType.Name(t.data_type) for t in ensemble.output}
+    assert outputs["text_output"] == outputs["finish_reason"] == "TYPE_STRING"
+    assert outputs["prompt_tokens"] == outputs["completion_tokens"] == "TYPE_INT32"
+
+
+def test_predict_protocol_tensors_are_ensemble_inputs():
+    for spec in FIELDS:
+        assert UPSTREAM_ENSEMBLE_INPUTS[spec.tensor][0] == spec.tensor_dtype, spec.name
+
+
+def test_template_files_are_copied_and_a_refill_replaces_the_old_one(dirs, tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    (templates / "postprocessing" / "1").mkdir(exist_ok=True)
+    (templates / "postprocessing" / "1" / "model.py").write_text("# model\n")
+    out = tmp_path / "repo"
+    fill_repository(settings("gpu", dirs), out, templates)
+    (out / "stale").mkdir()
+    fill_repository(settings("cpu", dirs), out, templates)
+    assert (out / "postprocessing" / "1" / "model.py").read_text() == "# model\n"
+    assert not (out / "stale").exists()
+    assert load_config(out / "tensorrt_llm" / "config.pbtxt").backend == "python"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+    assert (templates / "tensorrt_llm_reference" / "config.pbtxt").read_text() == \
+        (TEMPLATES / "tensorrt_llm_reference" / "config.pbtxt").read_text()
+
+
+def test_refuses_to_replace_a_folder_it_did_not_write(dirs, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="refusing to replace"):
+        fill_repository(settings("cpu", dirs), out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="overlaps the templates"):
+        fill_repository(settings("cpu", dirs), TEMPLATES / "out")
+
+
+@pytest.mark.parametrize("target, changes, message", [
+    ("gpu", {"engine_dir": None}, "--target gpu needs --engine-dir"),
+    ("gpu", {"checkpoint_dir": Path("/")}, "--checkpoint-dir does not apply to --target gpu"),
+    ("cpu", {"checkpoint_dir": Path("/nonexistent/ckpt")}, "checkpoint dir /nonexistent/ckpt"),
+    ("cpu", {"tokenizer_dir": Path("/nonexistent/tok")}, "tokenizer directory /nonexistent/tok"),
+    ("cpu", {"max_input_len": 4096, "max_seq_len": 4096}, "must be below --max-seq-len"),
+    ("cpu", {"triton_max_batch_size": 0}, "--triton-max-batch-size must be at least 1"),
+    ("gpu", {"kv_cache_free_gpu_mem_fraction": 1.5}, r"must be in \(0, 1\]"),
+    ("gpu", {"batch_scheduler_policy": "fifo"}, "unknown batch scheduler policy 'fifo'"),
+])
+def test_bad_settings_are_refused_clearly(target, changes, message, dirs, tmp_path):
+    with pytest.raises(UserError, match=message):
+        fill_repository(settings(target, dirs, **changes), tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_tokenizer_folder_must_hold_a_tokenizer(dirs, tmp_path):
+    (dirs["tokenizer"] / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="no tokenizer.json or tokenizer.model"):
+        fill_repository(settings("cpu", dirs), tmp_path / "repo")
+
+
+def test_unknown_placeholder_names_file_line_and_placeholder(dirs, tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    config = templates / "postprocessing" / "config.pbtxt"
+    extra = 'parameters: { key: "x", value: { string_value: "${nope}" } }\n'
+    config.write_text(config.read_text() + extra)
+    line = config.read_text().count("\n")
+    with pytest.raises(UserError, match=rf"{config}:{line}: no value for placeholder \$\{{nope\}}"):
+        fill_repository(settings("cpu", dirs), tmp_path / "repo", templates)
+
+
+def test_parse_errors_name_file_and_line():
+    with pytest.raises(UserError, match=r"^cfg.pbtxt:2:1: .*no field named \"bogus\""):
+        parse_config('name: "m"\nbogus: 1\n', "cfg.pbtxt")
+    with pytest.raises(UserError, match="input 'a' is declared twice"):
+        tensor = '{ name: "a" data_type: TYPE_INT32 dims: [ 1 ] }'
+        parse_config(f'name: "m" backend: "python" input [ {tensor}, {tensor} ]', "cfg.pbtxt")
+
+
+@pytest.fixture
+def configs(dirs, tmp_path) -> dict[str, ModelConfig]:
+    return fill_and_load("cpu", dirs, tmp_path / "repo")
+
+
+def test_wiring_rejects_a_step_after_the_engine_reading_preprocessing(configs):
+    # Triton refuses this: "receives inputs originated from different decoupled models".
+    post = configs["postprocessing"]
+    post.input.add(name="INPUT_ID", data_type=DataType.Value("TYPE_INT32"), dims=[-1])
+    step = configs["ensemble"].ensemble_scheduling.step[2]
+    step.input_map["INPUT_ID"] = "_INPUT_ID"
+    assert wiring_problems(configs) == ["postprocessing: reads tensors from different decoupled "
+                                        "lineages (tensorrt_llm, the request)"]
+
+
+def test_wiring_rejects_unused_tensors_and_mismatched_types(configs):
+    configs["ensemble"].input.add(name="spare", data_type=DataType.Value("TYPE_BOOL"), dims=[1])
+    configs["postprocessing"].input[0].data_type = DataType.Value("TYPE_INT64")
+    problems = wiring_problems(configs)
+    assert "ensemble tensor 'spare' is unused" in problems
+    assert ("ensemble tensor '_OUTPUT_IDS': TYPE_INT32 at tensorrt_llm output 'output_ids' but "
+            "TYPE_INT64 at postprocessing input 'TOKENS_BATCH'") in problems
+
+
+def test_wiring_rejects_missing_names(configs):
+    step = configs["ensemble"].ensemble_scheduling.step[1]
+    del step.input_map["input_lengths"]
+    step.output_map["no_such_output"] = "x"
+    assert wiring_problems(configs) == [
+        "tensorrt_llm: required input 'input_lengths' is not mapped",
+        "tensorrt_llm: no output 'no_such_output' (mapped to 'x')",
+        "ensemble tensor '_REQUEST_INPUT_LEN' is unused",
+    ]
+
+
+def test_cli_fills_and_reports_errors_on_one_line(dirs, tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert main(["--target", "cpu", "--out", str(out), "--tokenizer-dir", str(dirs["tokenizer"]),
+                 "--checkpoint-dir", str(dirs["checkpoint"]), "--max-input-len", "100",
+                 "--max-seq-len", "200", "--no-add-special-tokens"]) == 0
+    assert capsys.readouterr().out.strip() == str(out.resolve())
+    params = load_config(out / "preprocessing" / "config.pbtxt").parameters
+    assert params["max_input_len"].string_value == "100"
+    assert params["add_special_tokens"].string_value == "false"
+    assert main(["--target", "gpu", "--out", str(out),
+                 "--tokenizer-dir", str(dirs["tokenizer"])]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: --target gpu needs --engine-dir")
