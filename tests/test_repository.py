@@ -19,8 +19,8 @@ from mixtral_triton.repository.wiring import wiring_problems
 
 TEMPLATES = default_templates()
 
-# Inputs of TensorRT-LLM v1.2.1's inflight_batcher_llm ensemble that ours keeps: name ->
-# (data type, dims). All are optional there except text_input and max_tokens.
+# Inputs of TensorRT-LLM v1.2.1's inflight_batcher_llm ensemble: name -> (data type, dims).
+# All are optional there except text_input and max_tokens.
 UPSTREAM_ENSEMBLE_INPUTS = {
     "text_input": ("TYPE_STRING", [1]), "max_tokens": ("TYPE_INT32", [1]),
     "stream": ("TYPE_BOOL", [1]), "stop_words": ("TYPE_STRING", [-1]),
@@ -104,19 +104,30 @@ def test_gpu_engine_model_matches_v1_2_1(dirs, tmp_path):
         assert key in params
 
 
+# Upstream inputs our ensemble does not take: a client sending one gets Triton's clear
+# "unexpected inference input" error rather than a silently ignored setting.
+NOT_SERVED = {"exclude_input_in_output",  # the completion never echoes the prompt
+              "length_penalty", "num_return_sequences",  # beam search and n > 1
+              "return_log_probs", "return_num_input_tokens", "return_num_output_tokens"}
+
+
 def test_ensemble_keeps_the_upstream_inputs_and_adds_usage_outputs(dirs, tmp_path):
     ensemble = fill_and_load("gpu", dirs, tmp_path / "repo")["ensemble"]
     declared = {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in ensemble.input}
-    assert declared == UPSTREAM_ENSEMBLE_INPUTS
+    upstream = {k: v for k, v in UPSTREAM_ENSEMBLE_INPUTS.items() if k not in NOT_SERVED}
+    # `stop` is the tensorrt_llm model's cancel flag, offered on the ensemble too.
+    assert declared == {**upstream, "stop": ("TYPE_BOOL", [1])}
     assert {t.name for t in ensemble.input if not t.optional} == {"text_input", "max_tokens"}
     outputs = {t.name: DataType.Name(t.data_type) for t in ensemble.output}
     assert outputs["text_output"] == outputs["finish_reason"] == "TYPE_STRING"
     assert outputs["prompt_tokens"] == outputs["completion_tokens"] == "TYPE_INT32"
 
 
-def test_predict_protocol_tensors_are_ensemble_inputs():
+def test_predict_protocol_tensors_are_ensemble_inputs(dirs, tmp_path):
+    ensemble = fill_and_load("cpu", dirs, tmp_path / "repo")["ensemble"]
+    declared = {t.name: DataType.Name(t.data_type) for t in ensemble.input}
     for spec in FIELDS:
-        assert UPSTREAM_ENSEMBLE_INPUTS[spec.tensor][0] == spec.tensor_dtype, spec.name
+        assert declared[spec.tensor] == spec.tensor_dtype, spec.name
 
 
 def test_template_files_are_copied_and_a_refill_replaces_the_old_one(dirs, tmp_path):
@@ -193,14 +204,15 @@ def configs(dirs, tmp_path) -> dict[str, ModelConfig]:
     return fill_and_load("cpu", dirs, tmp_path / "repo")
 
 
-def test_wiring_rejects_a_step_after_the_engine_reading_preprocessing(configs):
-    # Triton refuses this: "receives inputs originated from different decoupled models".
-    post = configs["postprocessing"]
-    post.input.add(name="INPUT_ID", data_type=DataType.Value("TYPE_INT32"), dims=[-1])
-    step = configs["ensemble"].ensemble_scheduling.step[2]
-    step.input_map["INPUT_ID"] = "_INPUT_ID"
-    assert wiring_problems(configs) == ["postprocessing: reads tensors from different decoupled "
-                                        "lineages (tensorrt_llm, the request)"]
+def test_wiring_rejects_outputs_from_different_decoupled_lineages(configs):
+    # Triton refuses an ensemble output that skips the decoupled step: "step of model
+    # 'ensemble' receives inputs originated from different decoupled models".
+    int32 = DataType.Value("TYPE_INT32")
+    configs["preprocessing"].output.add(name="PROMPT_LENGTH", data_type=int32, dims=[1])
+    configs["ensemble"].output.add(name="prompt_length", data_type=int32, dims=[1])
+    configs["ensemble"].ensemble_scheduling.step[0].output_map["PROMPT_LENGTH"] = "prompt_length"
+    problems = wiring_problems(configs)
+    assert any("different decoupled lineages" in p for p in problems), problems
 
 
 def test_wiring_rejects_unused_tensors_and_mismatched_types(configs):
@@ -208,18 +220,18 @@ def test_wiring_rejects_unused_tensors_and_mismatched_types(configs):
     configs["postprocessing"].input[0].data_type = DataType.Value("TYPE_INT64")
     problems = wiring_problems(configs)
     assert "ensemble tensor 'spare' is unused" in problems
-    assert ("ensemble tensor '_OUTPUT_IDS': TYPE_INT32 at tensorrt_llm output 'output_ids' but "
-            "TYPE_INT64 at postprocessing input 'TOKENS_BATCH'") in problems
+    assert ("ensemble tensor '_INPUT_IDS': TYPE_INT32 at preprocessing output 'INPUT_IDS' but "
+            "TYPE_INT64 at postprocessing input 'INPUT_IDS'") in problems
 
 
 def test_wiring_rejects_missing_names(configs):
     step = configs["ensemble"].ensemble_scheduling.step[1]
-    del step.input_map["input_lengths"]
+    del step.input_map["INPUT_LENGTHS"]
     step.output_map["no_such_output"] = "x"
     assert wiring_problems(configs) == [
-        "tensorrt_llm: required input 'input_lengths' is not mapped",
-        "tensorrt_llm: no output 'no_such_output' (mapped to 'x')",
-        "ensemble tensor '_REQUEST_INPUT_LEN' is unused",
+        "postprocessing: required input 'INPUT_LENGTHS' is not mapped",
+        "postprocessing: no output 'no_such_output' (mapped to 'x')",
+        "ensemble tensor '_INPUT_LENGTHS' is unused",
     ]
 
 

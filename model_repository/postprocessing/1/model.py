@@ -1,0 +1,134 @@
+"""Streaming detokenizer: calls the engine (BLS) and turns its token stream into text.
+
+Why a BLS call rather than an ensemble step: see this model's config.pbtxt. The logic is
+in mixtral_triton.serving (Completion, engine_request); this file is the Triton glue.
+"""
+
+import asyncio
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from mixtral_triton.serving.completion import Completion
+from mixtral_triton.serving.engine_request import ENGINE_OUTPUTS, engine_inputs, new_token_ids, stop_inputs
+from mixtral_triton.serving.tensors import strings
+from mixtral_triton.text import token_table
+
+# Each running stream waits for its next engine response in a thread of its own (the 2.51
+# response iterator blocks); this bounds them well above any sensible batch size.
+MAX_STREAMS = 1024
+
+
+class _Running:
+    """A generation in flight, findable by the client's request id for `stop`."""
+
+    def __init__(self):
+        self.engine_id = uuid.uuid4().hex  # unique, so a stop never hits another client's run
+        self.cancelled = False
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from transformers import AutoTokenizer
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"], local_files_only=True,
+                                                  trust_remote_code=False)
+        self.table = token_table(tokenizer)  # once: per token, a lookup
+        self.engine = params["engine_model"]
+        self.pool = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="engine-stream")
+        self.running: dict[str, list[_Running]] = {}
+        self.tasks = set()
+
+    async def execute(self, requests):
+        for request in requests:
+            task = asyncio.ensure_future(self._serve(request))
+            self.tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self.tasks.discard)
+        return None
+
+    async def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+            if inputs["STOP"].reshape(-1)[0]:
+                await self._cancel(request.request_id())
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            await self._generate(request.request_id(), inputs, sender)
+        except Exception as exc:  # the stream must end with the error, never hang
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {exc}")),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    async def _generate(self, client_id, inputs, sender):
+        run = _Running()
+        self.running.setdefault(client_id, []).append(run)
+        try:
+            completion = Completion(self.table, strings(inputs, "STOP_STRINGS"),
+                                    int(inputs["REQUEST_OUTPUT_LEN"].reshape(-1)[0]),
+                                    int(inputs["INPUT_LENGTHS"].reshape(-1)[0]))
+            streaming = bool(inputs["STREAMING"].reshape(-1)[0])
+            pieces = []
+            stop_sent = False
+            async for outputs in self._engine_stream(engine_inputs(inputs), run.engine_id):
+                text = completion.add(new_token_ids(outputs["output_ids"], outputs.get("sequence_length")))
+                if completion.stopped and not stop_sent:
+                    stop_sent = True
+                    await self._stop_engine(run.engine_id)
+                if not text:
+                    continue
+                if streaming:
+                    sender.send(self._response(text, "", completion))
+                else:
+                    pieces.append(text)
+            tail, reason = completion.finish(cancelled=run.cancelled)
+            pieces.append(tail)
+            sender.send(self._response("".join(pieces) if not streaming else tail, reason, completion),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            runs = self.running[client_id]
+            runs.remove(run)
+            if not runs:
+                del self.running[client_id]
+
+    async def _engine_stream(self, arrays, engine_id):
+        request = pb_utils.InferenceRequest(
+            model_name=self.engine, request_id=engine_id, requested_output_names=list(ENGINE_OUTPUTS),
+            inputs=[pb_utils.Tensor(name, array) for name, array in arrays.items()])
+        responses = await request.async_exec(decoupled=True)
+        loop = asyncio.get_running_loop()
+        while True:
+            response = await loop.run_in_executor(self.pool, next, responses, None)
+            if response is None:
+                return
+            if response.has_error():
+                raise RuntimeError(response.error().message())
+            outputs = {name: pb_utils.get_output_tensor_by_name(response, name) for name in ENGINE_OUTPUTS}
+            if outputs["output_ids"] is not None:  # the final response may carry nothing
+                yield {name: t.as_numpy() for name, t in outputs.items() if t is not None}
+
+    async def _stop_engine(self, engine_id):
+        async for _ in self._engine_stream(stop_inputs(), engine_id):
+            pass
+
+    async def _cancel(self, client_id):
+        for run in self.running.get(client_id, []):
+            if not run.cancelled:
+                run.cancelled = True
+                await self._stop_engine(run.engine_id)
+
+    @staticmethod
+    def _response(text, finish_reason, completion):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=object)),
+            pb_utils.Tensor("finish_reason", np.array([[finish_reason.encode()]], dtype=object)),
+            pb_utils.Tensor("prompt_tokens", np.array([[completion.prompt_tokens]], np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([[completion.completion_tokens]], np.int32)),
+        ])
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,103 @@
+"""The CPU reference engine behind the tensorrt_llm model's tensor contract.
+
+Requests go to mixtral_triton.reference.Engine (in-flight batching on a background
+thread); its events come back as streamed responses. Like the C++ backend, the instance
+checks for cancelled requests periodically, and a request with `stop = true` cancels the
+running request of the same request id.
+"""
+
+import json
+import threading
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from mixtral_triton.errors import UserError
+from mixtral_triton.reference import Engine, ReferenceModel
+from mixtral_triton.reference.contract import is_stop_request, output_arrays, request_from_inputs
+
+CANCELLATION_CHECK_PERIOD_S = 0.05
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        torch.set_num_threads(1)  # more threads than cores left stalls every step many-fold
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        model = ReferenceModel.from_trtllm_checkpoint(params["checkpoint_dir"])
+        self.engine = Engine(model, max_batch_size=int(params["max_batch_size"]),
+                             max_seq_len=int(params["max_seq_len"]))
+        self.lock = threading.Lock()
+        self.live = {}  # engine request id -> (triton request, its Triton request id)
+        self.closing = threading.Event()
+        self.watcher = threading.Thread(target=self._watch_cancellations, daemon=True)
+        self.watcher.start()
+
+    def execute(self, requests):
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def _submit(self, request):
+        sender = request.get_response_sender()
+        inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+        if is_stop_request(inputs):
+            self._cancel_by_triton_id(request.request_id())
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        try:
+            engine_request = request_from_inputs(inputs)
+        except (KeyError, TypeError, ValueError, UserError) as exc:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        prompt_tokens = len(engine_request.input_ids)
+        generated = [0]
+        handle_box = []
+
+        def on_event(event):
+            generated[0] += len(event.tokens)
+            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if event.finished else 0
+            if event.finish_reason == "error":
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("engine step failed")),
+                            flags=flags)
+            elif event.tokens or not event.finished:
+                arrays = output_arrays(event.tokens, prompt_tokens, generated[0])
+                sender.send(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(n, a) for n, a in arrays.items()]), flags=flags)
+            else:
+                sender.send(flags=flags)
+            if event.finished:
+                with self.lock:
+                    self.live.pop(event.request_id, None)
+
+        with self.lock:  # hold the lock so on_event cannot pop before we register
+            try:
+                handle = self.engine.submit(engine_request, on_event)
+            except UserError as exc:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    str(exc), pb_utils.TritonError.INVALID_ARG)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            self.live[handle.id] = (request, request.request_id())
+
+    def _cancel_by_triton_id(self, triton_id):
+        with self.lock:
+            matches = [engine_id for engine_id, (_, tid) in self.live.items() if tid == triton_id]
+        for engine_id in matches:
+            self.engine.cancel(engine_id)
+
+    def _watch_cancellations(self):
+        """A client that cancels its gRPC stream marks the request cancelled; the engine
+        hears of it within one period, as the C++ backend's cancellation_check_period_ms."""
+        while not self.closing.wait(CANCELLATION_CHECK_PERIOD_S):
+            with self.lock:
+                live = list(self.live.items())
+            for engine_id, (request, _) in live:
+                if request.is_cancelled():
+                    self.engine.cancel(engine_id)
+
+    def finalize(self):
+        self.closing.set()
+        self.engine.shutdown(timeout=10)

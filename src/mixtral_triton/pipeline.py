@@ -1,0 +1,80 @@
+"""One command from a Hugging Face checkpoint folder to a filled model repository.
+
+cpu: convert (TP-sharded TensorRT-LLM checkpoint) -> fill the CPU repository, whose
+     reference engine computes from that checkpoint.
+gpu: convert -> trtllm-build (printed, not run, where TensorRT-LLM is not installed)
+     -> fill the GPU repository pointing at the engine folder.
+Every step is resumable: a rerun skips the converted, verified ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from mixtral_triton.convert.mapping import resolve
+from mixtral_triton.convert.writer import convert
+from mixtral_triton.errors import UserError, one_line_errors
+from mixtral_triton.repository.fill import Settings, fill_repository
+
+
+def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: int = 4,
+                     max_batch_size: int = 8, max_input_len: int = 1024, max_seq_len: int = 2048,
+                     gpu: str = "H100-80GB", log=print) -> Path:
+    checkpoint, work_dir = Path(checkpoint).resolve(), Path(work_dir).resolve()
+    if not (checkpoint / "config.json").is_file():
+        raise UserError(f"{checkpoint} is not a Hugging Face checkpoint folder (no config.json)")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    trtllm_checkpoint = work_dir / f"trtllm-checkpoint-tp{tp}"
+    convert(checkpoint, trtllm_checkpoint, parallel=resolve(tp=tp), log=log)
+    settings = dict(target=target, tokenizer_dir=checkpoint, max_input_len=max_input_len,
+                    max_seq_len=max_seq_len)
+    if target == "cpu":
+        settings.update(checkpoint_dir=trtllm_checkpoint, max_batch_size=max_batch_size)
+    else:
+        settings["engine_dir"] = _engine(trtllm_checkpoint, work_dir / f"engine-tp{tp}", gpu,
+                                         max_input_len, max_seq_len - max_input_len, log)
+    repository = fill_repository(Settings(**settings), work_dir / f"model_repository-{target}")
+    log(f"model repository ready: {repository}")
+    return repository
+
+
+def _engine(trtllm_checkpoint: Path, engine_dir: Path, gpu: str, max_input_len: int,
+            max_output_len: int, log) -> Path:
+    from mixtral_triton import trtllm_build
+
+    argv = ["engine", "--checkpoint-dir", str(trtllm_checkpoint), "--output-dir", str(engine_dir),
+            "--gpu", gpu, "--max-input-len", str(max_input_len),
+            "--max-output-len", str(max_output_len)]
+    if shutil.which("trtllm-build") is None:
+        log("trtllm-build is not installed here: the engine is built inside "
+            "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 with:")
+        argv.append("--dry-run")
+    if trtllm_build.main(argv) != 0:
+        raise UserError("the engine build failed (see above)")
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    return engine_dir
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mixtral-triton-build",
+                                description="Checkpoint folder -> filled Triton model repository.")
+    p.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint folder (safetensors)")
+    p.add_argument("--work-dir", type=Path, required=True,
+                   help="where the converted checkpoint, engine and repository go")
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--tp", type=int, default=4, help="tensor parallel size (default 4)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="cpu: the reference engine's batch")
+    p.add_argument("--max-input-len", type=int, default=1024)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--gpu", default="H100-80GB", help="gpu: the capacity plan's GPU type")
+    args = p.parse_args(argv)
+    build_repository(args.checkpoint, args.work_dir, args.target, args.tp, args.max_batch_size,
+                     args.max_input_len, args.max_seq_len, args.gpu)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

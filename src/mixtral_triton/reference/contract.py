@@ -1,0 +1,72 @@
+"""The tensorrt_llm model's tensor contract, for the CPU reference engine: its inputs as a
+reference Request, and the engine's events as its outputs.
+
+Absent inputs take TensorRT-LLM's defaults (temperature 1, top_k 0 and top_p 0 = greedy,
+seed 0), so that a client sees the same behaviour from either engine model.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from mixtral_triton.reference.engine import Request
+from mixtral_triton.reference.sampling import SamplingParams
+
+_SAMPLING_INPUTS = {  # input name -> SamplingParams field
+    "temperature": "temperature", "runtime_top_k": "top_k", "runtime_top_p": "top_p",
+    "seed": "seed", "min_tokens": "min_tokens", "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+}
+
+
+def _scalar(inputs: Mapping[str, np.ndarray], name: str, default=None):
+    array = inputs.get(name)
+    return default if array is None else array.reshape(-1)[0].item()
+
+
+def word_list(array: np.ndarray | None) -> list[list[int]]:
+    """A stop_words_list / bad_words_list ([1, 2, N]: flat ids, then end offsets padded
+    with -1) as token id sequences."""
+    if array is None:
+        return []
+    flat, offsets = array.reshape(2, -1)
+    words, start = [], 0
+    for end in offsets:
+        if end < 0:
+            break
+        words.append(flat[start:end].tolist())
+        start = int(end)
+    return words
+
+
+def is_stop_request(inputs: Mapping[str, np.ndarray]) -> bool:
+    return bool(_scalar(inputs, "stop", False))
+
+
+def request_from_inputs(inputs: Mapping[str, np.ndarray]) -> Request:
+    input_ids = inputs["input_ids"].reshape(-1)
+    length = int(_scalar(inputs, "input_lengths", input_ids.size))
+    sampling = {field: _scalar(inputs, name) for name, field in _SAMPLING_INPUTS.items()}
+    return Request(
+        input_ids=input_ids[:length].tolist(),
+        max_tokens=int(_scalar(inputs, "request_output_len")),
+        end_id=_scalar(inputs, "end_id"),
+        pad_id=_scalar(inputs, "pad_id"),
+        stop_words=word_list(inputs.get("stop_words_list")),
+        bad_words=word_list(inputs.get("bad_words_list")),
+        sampling=SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
+        streaming=bool(_scalar(inputs, "streaming", False)),
+    )
+
+
+def output_arrays(tokens: Sequence[int], prompt_tokens: int, generated_so_far: int) -> dict[str, np.ndarray]:
+    """One response's outputs: output_ids [1, beams=1, n] and sequence_length [1, 1]
+    count only `tokens` (the prompt is excluded, as exclude_input_in_output)."""
+    return {
+        "output_ids": np.array([[list(tokens)]], np.int32).reshape(1, 1, -1),
+        "sequence_length": np.array([[len(tokens)]], np.int32),
+        "num_input_tokens": np.array([[prompt_tokens]], np.int32),
+        "num_output_tokens": np.array([[generated_so_far]], np.int32),
+    }

@@ -1,0 +1,43 @@
+"""The request the streaming detokenizer sends to the tensorrt_llm model, built from the
+tokenizer model's outputs (named as the engine's inputs, upper-cased)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from mixtral_triton.serving.preprocess import ENGINE_INPUTS
+
+# Only the new tokens of each step come back: the prompt is never echoed.
+ENGINE_OUTPUTS = ("output_ids", "sequence_length")
+
+
+def engine_inputs(prepared: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    inputs = {name: prepared[name.upper()] for name in ENGINE_INPUTS if name != "stop"}
+    for name in ("stop_words_list", "bad_words_list"):
+        if (inputs[name][..., 1, :] < 0).all():  # only padding: no words, send nothing
+            del inputs[name]
+    # Always stream from the engine, also when the client wants one response: a stop string
+    # found in the text can then end the generation (and free its batch slot) early.
+    inputs["streaming"] = np.ones((1, 1), np.bool_)
+    inputs["exclude_input_in_output"] = np.ones((1, 1), np.bool_)
+    return inputs
+
+
+def stop_inputs() -> dict[str, np.ndarray]:
+    """A request that cancels the engine's running request of the same request id."""
+    return {"input_ids": np.zeros((1, 1), np.int32), "input_lengths": np.ones((1, 1), np.int32),
+            "request_output_len": np.ones((1, 1), np.int32), "stop": np.ones((1, 1), np.bool_)}
+
+
+def new_token_ids(output_ids: np.ndarray, sequence_length: np.ndarray | None) -> list[int]:
+    """The token ids of one engine response ([1, beams, tokens]; beam 0 is served).
+
+    `sequence_length` bounds the valid ids; it counts only the new tokens when the prompt
+    is excluded, and slicing by it is right whichever way an engine counts.
+    """
+    ids = output_ids.reshape(-1) if output_ids.ndim < 3 else output_ids[0, 0]
+    if sequence_length is not None:
+        ids = ids[:int(sequence_length.reshape(-1)[0])]
+    return ids.tolist()

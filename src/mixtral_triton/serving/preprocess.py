@@ -1,0 +1,165 @@
+"""The tokenizer model's logic: validate an ensemble request, tokenize it, and produce the
+engine's inputs.
+
+The ensemble takes TensorRT-LLM's `inflight_batcher_llm` input names; every value is
+checked by the same field table as the predict API (mixtral_triton.protocol), so a bad
+request gets the same message whichever way it came in. A field the ensemble request
+leaves out keeps TensorRT-LLM's meaning, not the predict API's default: with no sampling
+field at all, decoding is greedy, as TensorRT-LLM does; `stream` defaults to false.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from mixtral_triton.protocol import FIELDS, MAX_STOP_CHARS, MAX_STOPS, RequestError, check_lengths, parse_request
+from mixtral_triton.serving.tensors import scalar, strings
+from mixtral_triton.text import words_list
+
+# Ensemble inputs that are not fields of the predict API, with their checks below.
+EXTRA_INPUTS = ("bad_words", "end_id", "pad_id", "min_tokens", "beam_width", "stop")
+# Engine inputs this model produces, in the order of its config's outputs. Their names in
+# the config are these, upper-cased (a model cannot have an input and an output of one name).
+ENGINE_INPUTS = (
+    "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
+    "bad_words_list", "streaming", "temperature", "runtime_top_k", "runtime_top_p", "seed",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "stop",
+)
+
+
+class Preprocessor:
+    """Loaded once per model instance: the tokenizer and everything derived from it."""
+
+    def __init__(self, tokenizer_dir: Path, max_input_len: int, max_seq_len: int,
+                 add_special_tokens: bool = True):
+        from transformers import AutoTokenizer
+
+        # Local files only, never remote code: the folder is a checkpoint we converted.
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True,
+                                                       trust_remote_code=False)
+        self.max_input_len = max_input_len
+        self.max_seq_len = max_seq_len
+        self.add_special_tokens = add_special_tokens
+        self.vocab_size = len(self.tokenizer)
+        self.end_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+
+    def prepare(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Engine inputs (each [1, ...]) plus `stop_strings` for the detokenizer."""
+        if scalar(inputs, "stop"):
+            return self._cancel()
+        body = {"prompt": scalar(inputs, "text_input")}
+        for spec in FIELDS:
+            if spec.name == "prompt" or spec.tensor not in inputs:
+                continue
+            body[spec.name] = (strings(inputs, spec.tensor) if spec.kind == "stop"
+                               else scalar(inputs, spec.tensor))
+        body.setdefault("stream", False)
+        if body["prompt"] is None:
+            raise RequestError("text_input", "text_input is required")
+        request = parse_request(body)
+
+        prompt_ids = self.tokenizer.encode(request.prompt, add_special_tokens=self.add_special_tokens)
+        check_lengths(len(prompt_ids), request.max_tokens, max_input_len=self.max_input_len,
+                      max_seq_len=self.max_seq_len)
+        end_id = self._token_id(inputs, "end_id", self.end_id)
+        pad_id = self._token_id(inputs, "pad_id", self.pad_id)
+        min_tokens = _integer(inputs, "min_tokens", 1, 0, request.max_tokens)
+        _integer(inputs, "beam_width", 1, 1, 1)  # beam search is not served
+        bad_words = strings(inputs, "bad_words")
+        _check_word_list("bad_words", bad_words)
+
+        temperature, top_k = request.temperature, request.top_k
+        if "top_k" not in body:
+            top_k = 0 if "top_p" in body else 1  # TensorRT-LLM: greedy unless top_p says otherwise
+        if "temperature" not in body:
+            temperature = 1.0
+        if temperature == 0:  # greedy; the engine would divide the logits by it
+            temperature, top_k = 1.0, 1
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+
+        values = {
+            "input_ids": np.array(prompt_ids, np.int32),
+            "input_lengths": len(prompt_ids),
+            "request_output_len": request.max_tokens,
+            "end_id": end_id,
+            "pad_id": pad_id,
+            "stop_words_list": _words(self.tokenizer, request.stop),
+            "bad_words_list": _words(self.tokenizer, bad_words),
+            "streaming": request.stream,
+            "temperature": temperature,
+            "runtime_top_k": top_k,
+            "runtime_top_p": request.top_p if "top_p" in body else 1.0,
+            "seed": seed,
+            "repetition_penalty": request.repetition_penalty,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+            "min_tokens": min_tokens,
+            "stop": False,
+        }
+        out = {name: _tensor(name, values[name]) for name in ENGINE_INPUTS}
+        out["stop_strings"] = _string_list(request.stop)
+        return out
+
+    def _cancel(self) -> dict[str, np.ndarray]:
+        """A `stop` request only names the request id to cancel; the rest is placeholder."""
+        values = dict.fromkeys(ENGINE_INPUTS, 0)
+        values.update(input_ids=np.array([self.end_id], np.int32), input_lengths=1,
+                      request_output_len=1, end_id=self.end_id, pad_id=self.pad_id,
+                      stop_words_list=_words(self.tokenizer, ()), bad_words_list=_words(self.tokenizer, ()),
+                      streaming=False, temperature=1.0, runtime_top_p=1.0, repetition_penalty=1.0,
+                      stop=True)
+        out = {name: _tensor(name, values[name]) for name in ENGINE_INPUTS}
+        out["stop_strings"] = _string_list(())
+        return out
+
+    def _token_id(self, inputs: Mapping[str, np.ndarray], name: str, default: int) -> int:
+        return _integer(inputs, name, default, 0, self.vocab_size - 1)
+
+
+def _integer(inputs: Mapping[str, np.ndarray], name: str, default: int, low: int, high: int) -> int:
+    value = scalar(inputs, name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        rule = f"{low}" if low == high else f">= {low} and <= {high}"
+        raise RequestError(name, f"{name} must be {rule}, got {value!r}")
+    return value
+
+
+def _check_word_list(name: str, words: list[str]) -> None:
+    if len(words) > MAX_STOPS:
+        raise RequestError(name, f"{name} must hold at most {MAX_STOPS} words, got {len(words)}")
+    for word in words:
+        if len(word) > MAX_STOP_CHARS:
+            raise RequestError(name, f"each of {name} must be at most {MAX_STOP_CHARS} characters, "
+                               f"got {len(word)}")
+
+
+def _words(tokenizer, words) -> np.ndarray:
+    array = words_list(tokenizer, list(words))
+    if array.shape[1] == 0:  # no words: one padding column, as a tensor cannot be empty here
+        array = np.array([[0], [-1]], np.int32)
+    return array
+
+
+_ENGINE_DTYPES = {"input_ids": np.int32, "stop_words_list": np.int32, "bad_words_list": np.int32,
+                  "streaming": np.bool_, "stop": np.bool_, "seed": np.uint64,
+                  "temperature": np.float32, "runtime_top_p": np.float32,
+                  "repetition_penalty": np.float32, "presence_penalty": np.float32,
+                  "frequency_penalty": np.float32}
+
+
+def _tensor(name: str, value) -> np.ndarray:
+    """[1, ...]: these models are batched (max_batch_size > 0), one request per item."""
+    array = np.asarray(value, dtype=_ENGINE_DTYPES.get(name, np.int32))
+    return array.reshape(1, 1) if array.ndim == 0 else array[None]
+
+
+def _string_list(items) -> np.ndarray:
+    # A BYTES tensor needs at least one element; an empty string means "no stop string".
+    return np.array([[s.encode("utf-8") for s in items] or [b""]], dtype=object)
