@@ -1,0 +1,31 @@
+"""The wire protocol of the `predict` API, shared by the client, the gateway and the Triton models."""
+
+from mixtral_triton.protocol.predict import (
+    FIELDS,
+    FIELDS_BY_NAME,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    FieldSpec,
+    PredictRequest,
+    RequestError,
+    check_lengths,
+    ensemble_inputs,
+    fields_markdown,
+    json_schema,
+    parse_request,
+)
+
+__all__ = [
+    "FIELDS",
+    "FIELDS_BY_NAME",
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
+    "FieldSpec",
+    "PredictRequest",
+    "RequestError",
+    "check_lengths",
+    "ensemble_inputs",
+    "fields_markdown",
+    "json_schema",
+    "parse_request",
+]
