@@ -20,3 +20,24 @@ def tiny_instruct_checkpoint(tmp_path_factory) -> Path:
     """The tiny Mixtral with the Instruct tokenizer (vocabulary 32768, chat template)."""
     return write_checkpoint(tmp_path_factory.mktemp("hub") / "tiny-instruct", size="tiny",
                             tokenizer="instruct", seed=0)
+
+
+@pytest.fixture(scope="session")
+def cpu_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The filled CPU model repository of the tiny checkpoint, converted at TP=4."""
+    from mixtral_triton.pipeline import build_repository
+
+    return build_repository(tiny_checkpoint, tmp_path_factory.mktemp("work"), tp=4,
+                            log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def triton_server(cpu_repository, tmp_path_factory):
+    """The real Triton server on the CPU repository, shared by the session's tests
+    (tests that stop or break a server start their own)."""
+    from mixtral_triton.launcher import TritonServer
+
+    server = TritonServer(cpu_repository, log_file=tmp_path_factory.mktemp("logs") / "triton.log")
+    server.start()
+    yield server
+    server.stop()

@@ -2,10 +2,12 @@
 
 Why a BLS call rather than an ensemble step: see this model's config.pbtxt. The logic is
 in mixtral_triton.serving (Completion, engine_request); this file is the Triton glue.
+Each request is served by a thread of its own, which reads the engine's stream (the 2.51
+response iterator blocks) and answers the client's; `execute` only hands requests over.
 """
 
-import asyncio
 import json
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,8 +19,7 @@ from mixtral_triton.serving.engine_request import ENGINE_OUTPUTS, engine_inputs,
 from mixtral_triton.serving.tensors import strings
 from mixtral_triton.text import token_table
 
-# Each running stream waits for its next engine response in a thread of its own (the 2.51
-# response iterator blocks); this bounds them well above any sensible batch size.
+# Streams served at once; more wait for a thread. Far above any sensible engine batch.
 MAX_STREAMS = 1024
 
 
@@ -40,33 +41,32 @@ class TritonPythonModel:
                                                   trust_remote_code=False)
         self.table = token_table(tokenizer)  # once: per token, a lookup
         self.engine = params["engine_model"]
-        self.pool = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="engine-stream")
+        self.pool = ThreadPoolExecutor(MAX_STREAMS, thread_name_prefix="stream")
+        self.lock = threading.Lock()
         self.running: dict[str, list[_Running]] = {}
-        self.tasks = set()
 
-    async def execute(self, requests):
+    def execute(self, requests):
         for request in requests:
-            task = asyncio.ensure_future(self._serve(request))
-            self.tasks.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(self.tasks.discard)
+            self.pool.submit(self._serve, request)
         return None
 
-    async def _serve(self, request):
+    def _serve(self, request):
         sender = request.get_response_sender()
         try:
             inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
             if inputs["STOP"].reshape(-1)[0]:
-                await self._cancel(request.request_id())
+                self._cancel(request.request_id())
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                return
-            await self._generate(request.request_id(), inputs, sender)
+            else:
+                self._generate(request.request_id(), inputs, sender)
         except Exception as exc:  # the stream must end with the error, never hang
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {exc}")),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    async def _generate(self, client_id, inputs, sender):
+    def _generate(self, client_id, inputs, sender):
         run = _Running()
-        self.running.setdefault(client_id, []).append(run)
+        with self.lock:
+            self.running.setdefault(client_id, []).append(run)
         try:
             completion = Completion(self.table, strings(inputs, "STOP_STRINGS"),
                                     int(inputs["REQUEST_OUTPUT_LEN"].reshape(-1)[0]),
@@ -74,52 +74,48 @@ class TritonPythonModel:
             streaming = bool(inputs["STREAMING"].reshape(-1)[0])
             pieces = []
             stop_sent = False
-            async for outputs in self._engine_stream(engine_inputs(inputs), run.engine_id):
+            for outputs in self._engine_stream(engine_inputs(inputs), run.engine_id):
                 text = completion.add(new_token_ids(outputs["output_ids"], outputs.get("sequence_length")))
                 if completion.stopped and not stop_sent:
                     stop_sent = True
-                    await self._stop_engine(run.engine_id)
-                if not text:
-                    continue
-                if streaming:
+                    self._stop_engine(run.engine_id)
+                if text and streaming:
                     sender.send(self._response(text, "", completion))
-                else:
+                elif text:
                     pieces.append(text)
             tail, reason = completion.finish(cancelled=run.cancelled)
             pieces.append(tail)
-            sender.send(self._response("".join(pieces) if not streaming else tail, reason, completion),
+            sender.send(self._response("".join(pieces), reason, completion),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
-            runs = self.running[client_id]
-            runs.remove(run)
-            if not runs:
-                del self.running[client_id]
+            with self.lock:
+                runs = self.running[client_id]
+                runs.remove(run)
+                if not runs:
+                    del self.running[client_id]
 
-    async def _engine_stream(self, arrays, engine_id):
+    def _engine_stream(self, arrays, engine_id):
         request = pb_utils.InferenceRequest(
             model_name=self.engine, request_id=engine_id, requested_output_names=list(ENGINE_OUTPUTS),
             inputs=[pb_utils.Tensor(name, array) for name, array in arrays.items()])
-        responses = await request.async_exec(decoupled=True)
-        loop = asyncio.get_running_loop()
-        while True:
-            response = await loop.run_in_executor(self.pool, next, responses, None)
-            if response is None:
-                return
+        for response in request.exec(decoupled=True):
             if response.has_error():
                 raise RuntimeError(response.error().message())
             outputs = {name: pb_utils.get_output_tensor_by_name(response, name) for name in ENGINE_OUTPUTS}
             if outputs["output_ids"] is not None:  # the final response may carry nothing
                 yield {name: t.as_numpy() for name, t in outputs.items() if t is not None}
 
-    async def _stop_engine(self, engine_id):
-        async for _ in self._engine_stream(stop_inputs(), engine_id):
+    def _stop_engine(self, engine_id):
+        for _ in self._engine_stream(stop_inputs(), engine_id):
             pass
 
-    async def _cancel(self, client_id):
-        for run in self.running.get(client_id, []):
-            if not run.cancelled:
+    def _cancel(self, client_id):
+        with self.lock:
+            runs = [run for run in self.running.get(client_id, []) if not run.cancelled]
+            for run in runs:
                 run.cancelled = True
-                await self._stop_engine(run.engine_id)
+        for run in runs:
+            self._stop_engine(run.engine_id)
 
     @staticmethod
     def _response(text, finish_reason, completion):

@@ -17,6 +17,9 @@ from mixtral_triton.reference import Engine, ReferenceModel
 from mixtral_triton.reference.contract import is_stop_request, output_arrays, request_from_inputs
 
 CANCELLATION_CHECK_PERIOD_S = 0.05
+# The C++ backend's request gauge, same name and labels, so dashboards, autoscaling and
+# tests read one metric on either engine.
+REQUEST_METRICS = "nv_trt_llm_request_metrics"
 
 
 class TritonPythonModel:
@@ -29,6 +32,12 @@ class TritonPythonModel:
                              max_seq_len=int(params["max_seq_len"]))
         self.lock = threading.Lock()
         self.live = {}  # engine request id -> (triton request, its Triton request id)
+        family = pb_utils.MetricFamily(name=REQUEST_METRICS, description="TRT LLM request metrics",
+                                       kind=pb_utils.MetricFamily.GAUGE)
+        self.active_gauge = family.Metric(labels={"model": "tensorrt_llm", "request_type": "active"})
+        family.Metric(labels={"model": "tensorrt_llm", "request_type": "max"}).set(
+            int(params["max_batch_size"]))
+        self.metric_family = family  # metrics live as long as their family
         self.closing = threading.Event()
         self.watcher = threading.Thread(target=self._watch_cancellations, daemon=True)
         self.watcher.start()
@@ -71,6 +80,7 @@ class TritonPythonModel:
             if event.finished:
                 with self.lock:
                     self.live.pop(event.request_id, None)
+                    self.active_gauge.set(len(self.live))
 
         with self.lock:  # hold the lock so on_event cannot pop before we register
             try:
@@ -81,6 +91,7 @@ class TritonPythonModel:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             self.live[handle.id] = (request, request.request_id())
+            self.active_gauge.set(len(self.live))
 
     def _cancel_by_triton_id(self, triton_id):
         with self.lock:

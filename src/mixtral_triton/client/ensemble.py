@@ -1,0 +1,113 @@
+"""The ensemble's wire format for both client flavours: the request's tensors, the cancel
+request, and what one streamed response says."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from mixtral_triton.protocol import FIELDS, PredictRequest, RequestError, ensemble_inputs
+
+ENSEMBLE = "ensemble"
+OUTPUTS = ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")
+_DATATYPES = {np.dtype(object): "BYTES", np.dtype(np.bool_): "BOOL", np.dtype(np.int32): "INT32",
+              np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64"}
+
+
+class ServerError(RuntimeError):
+    """The server refused or failed the request; `status` is the gRPC status name
+    (INVALID_ARGUMENT for a bad request, UNAVAILABLE when the server is gone)."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece. `finish_reason` ("stop", "length", "cancelled") is set on the
+    last one only; the counts are those so far."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole completion (`stream=False`)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def new_request_id() -> str:
+    """Every request carries an id: it is what a cancel names."""
+    return f"mt-{uuid.uuid4().hex}"
+
+
+def _infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), _DATATYPES[array.dtype])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def request_inputs(request: PredictRequest) -> list[grpcclient.InferInput]:
+    return _infer_inputs(ensemble_inputs(request))
+
+
+def cancel_inputs() -> list[grpcclient.InferInput]:
+    """`stop: true` cancels the running request of the same id (its text is ignored)."""
+    return _infer_inputs({"text_input": np.array([[b""]], dtype=object),
+                          "max_tokens": np.array([[1]], np.int32),
+                          "stop": np.array([[True]], np.bool_)})
+
+
+def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
+    return [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+
+
+def is_final(result) -> bool:
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+def chunk_of(result) -> Chunk | None:
+    """The chunk a response carries, or None for the empty final marker."""
+    if not result.get_response().outputs:
+        return None
+    reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+    return Chunk(text=result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
+                 finish_reason=reason or None,
+                 prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
+                 completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]))
+
+
+# Triton's gRPC stream carries an error's message but not its status code, and the ensemble
+# prefixes the message with its own name. A request the tokenizer model refused reads as
+# mixtral_triton.protocol writes it: the field (or ensemble input) name first.
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+_REQUEST_ERROR = re.compile(r"^(?P<field>[a-z_]+)(\[\d+\])? (must|is required)")
+_FIELD_OF_INPUT = {spec.tensor: spec.name for spec in FIELDS}
+
+
+def server_error(error) -> Exception:
+    """The RequestError (naming the predict field) for a refused request; else a
+    ServerError with the gRPC status where the transport gave one."""
+    message = error.message() if hasattr(error, "message") else str(error)
+    message = _ENSEMBLE_PREFIX.sub("", message)
+    refused = _REQUEST_ERROR.match(message)
+    if refused:
+        field = refused.group("field")
+        return RequestError(_FIELD_OF_INPUT.get(field, field), message)
+    status = error.status() if hasattr(error, "status") else None
+    return ServerError(message, status.removeprefix("StatusCode.") if status else None)
