@@ -1,0 +1,66 @@
+"""`scripts/serve.sh`: the embedded default served on this machine (CPU, tiny model).
+
+Writes the tiny random-weight Mixtral (on-hub layout, real tokenizer) once, converts it
+to a TP=4 TensorRT-LLM checkpoint and fills the CPU model repository (both resumable),
+then runs the real Triton server and the HTTP gateway until Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from mixtral_triton.errors import one_line_errors
+from mixtral_triton.launcher import Ports, TritonServer, free_ports
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/serve.sh", description=__doc__.splitlines()[0])
+    p.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "serve",
+                   help="where the fixture, converted checkpoint and repository are kept")
+    p.add_argument("--host", default="127.0.0.1", help="address Triton listens on")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--free-ports", action="store_true", help="pick free ports instead")
+    p.add_argument("--tp", type=int, default=4, help="tensor parallel ranks simulated (default 4)")
+    return p
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from mixtral_triton.fixture import write_checkpoint
+    from mixtral_triton.pipeline import build_repository
+
+    ports = free_ports() if args.free_ports else Ports(args.http_port, args.grpc_port, args.metrics_port)
+    ports.check_free(args.host)  # before minutes of work, not after
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.work_dir / "hub" / "tiny"
+    if not (checkpoint / "config.json").exists():
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing the tiny Mixtral fixture to {checkpoint}", flush=True)
+        write_checkpoint(checkpoint)
+    repository = build_repository(checkpoint, args.work_dir, tp=args.tp, log=lambda *_: None)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with TritonServer(repository, ports, args.host, args.work_dir / "triton.log"):
+        print(f"triton ready: http {args.host}:{ports.http}  grpc {args.host}:{ports.grpc}  "
+              f"metrics {args.host}:{ports.metrics}\n"
+              f"  repository {repository}\n  log {args.work_dir / 'triton.log'}\n"
+              f"  try: curl -s -X POST {args.host}:{ports.http}/v2/models/ensemble/generate "
+              """-d '{"text_input": "What is the mistral wind?", "max_tokens": 32}'\n"""
+              "Ctrl-C stops.", flush=True)
+        stop.wait()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
