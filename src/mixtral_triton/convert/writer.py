@@ -1,0 +1,219 @@
+"""Write the TensorRT-LLM checkpoint folder: rank{r}.safetensors, manifest.json, config.json.
+
+Memory stays bounded whatever the model size: source tensors are read a block of at most
+`chunk_bytes` at a time and each rank file is streamed to disk tensor by tensor, with the
+safetensors header written first from the layout (safetensors' own save_file would need
+every tensor of a rank in memory at once).
+
+Crash safety: a rank is written under a temporary name, fsynced and renamed; only then does
+manifest.json record its size and sha256. A rerun trusts a rank file only if the manifest
+lists it with a matching size and hash, so a rank cut off mid-way is written again.
+config.json is removed while work is pending and written last, so a folder that has one is
+complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import torch
+
+from mixtral_triton.errors import UserError
+from mixtral_triton.convert.audit import audit, enforce, fp16_sources
+from mixtral_triton.convert.layout import (DTYPES, SAFETENSORS_NAMES, Output, SourceCheckpoint, iter_values,
+                                           rank_layout, trtllm_config)
+from mixtral_triton.convert.mapping import Parallel, check_model
+
+CHUNK_BYTES = 16 * 2**20
+# Peak memory of one worker in chunks, as measured on a real-shaped Mixtral (hidden 6144):
+# the touched pages of the mapped source rows, the cast result, the audit's masks and the
+# allocator's slack. Larger chunks buy little speed and cost more than proportionally.
+WORKER_PEAK_CHUNKS = 12
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16", workers: int = 1,
+            memory_budget: int | None = None, clamp_fp16: bool = False, chunk_bytes: int = CHUNK_BYTES,
+            log: Callable[[str], None] = print) -> dict:
+    """Convert SRC into OUT (created if needed; resumed if it holds an unfinished run of the
+    same conversion). Returns the manifest."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    workers = _workers_within_budget(workers, memory_budget, chunk_bytes, log)
+    source = SourceCheckpoint(src)
+    check_model(parallel, source.model)
+    layouts = [rank_layout(source.model, parallel, rank, dtype) for rank in range(parallel.world_size)]
+    for outputs in layouts:
+        source.check(outputs)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise UserError(f"parent folder {out.parent} does not exist")
+
+    settings = {"source": _fingerprint(source), "dtype": dtype, "tp_size": parallel.tp, "pp_size": parallel.pp,
+                "moe_tp_size": parallel.moe_tp, "moe_ep_size": parallel.moe_ep, "clamp_fp16": clamp_fp16}
+    manifest = load_manifest(out)
+    if manifest is not None and manifest["settings"] != settings:
+        raise UserError(f"{out} holds a conversion with other options or of another source; "
+                        "remove it or choose another output folder")
+    if manifest is None:
+        manifest = {"format": MANIFEST_FORMAT, "settings": settings, "audit": None, "ranks": {}}
+    if dtype == "float16" and manifest["audit"] is None:
+        result = audit(source, fp16_sources(layouts), workers, chunk_bytes)
+        log(result.summary())
+        enforce(result, clamp_fp16)
+        manifest["audit"] = result.to_json()
+
+    out.mkdir(exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # left by a run that was killed
+        stale.unlink()
+    todo = [rank for rank in range(parallel.world_size) if not _finished(out, manifest, rank)]
+    if todo:
+        (out / "config.json").unlink(missing_ok=True)
+    _write_json_atomic(out / MANIFEST, manifest)
+    for rank in sorted(set(range(parallel.world_size)) - set(todo)):
+        log(f"rank {rank}: already written and verified")
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+        futures = {pool.submit(write_rank, out, rank, layouts[rank], source, clamp_fp16, chunk_bytes): rank
+                   for rank in todo}
+        try:
+            for future in as_completed(futures):
+                rank, entry = futures[future], future.result()
+                manifest["ranks"][str(rank)] = entry
+                _write_json_atomic(out / MANIFEST, manifest)
+                log(f"rank {rank}: wrote {entry['file']} ({entry['bytes']} bytes)")
+        except BaseException:
+            # A failed rank (or Ctrl-C) stops the ranks not yet started; those running finish
+            # but stay out of the manifest, so a rerun writes them again.
+            for pending in futures:
+                pending.cancel()
+            raise
+    _write_json_atomic(out / "config.json", trtllm_config(source.hf_config, source.model, parallel, dtype))
+    log(f"wrote a TensorRT-LLM checkpoint for {parallel.world_size} ranks to {out}")
+    return manifest
+
+
+def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckpoint, clamp_fp16: bool,
+               chunk_bytes: int) -> dict:
+    """Stream one rank file; returns its manifest entry."""
+    final, tmp = out / f"rank{rank}.safetensors", out / f".rank{rank}.safetensors.tmp"
+    header, offset = {}, 0
+    for tensor in outputs:
+        header[tensor.name] = {"dtype": SAFETENSORS_NAMES[DTYPES[tensor.dtype]], "shape": list(tensor.shape),
+                               "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # as safetensors does: the data starts 8-byte aligned
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for piece in (struct.pack("<Q", len(head)), head):
+                f.write(piece)
+                digest.update(piece)
+            for tensor in outputs:
+                write_tensor(f, digest, tensor, source, clamp_fp16, chunk_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        size = tmp.stat().st_size
+        if size != 8 + len(head) + offset:
+            raise RuntimeError(f"{tmp} has {size} bytes, expected {8 + len(head) + offset}")
+        os.replace(tmp, final)
+        _fsync_dir(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"file": final.name, "bytes": size, "sha256": digest.hexdigest()}
+
+
+def write_tensor(f: BinaryIO, digest, tensor: Output, source: SourceCheckpoint, clamp_fp16: bool,
+                 chunk_bytes: int) -> None:
+    written = 0
+    for values in iter_values(tensor, source, clamp_fp16, chunk_bytes):
+        data = values.view(torch.uint8).numpy()
+        f.write(data)
+        digest.update(data)
+        written += data.nbytes
+        del values, data  # free this chunk before the next is computed
+    if written != tensor.nbytes:
+        raise RuntimeError(f"{tensor.name}: wrote {written} bytes, the layout says {tensor.nbytes}")
+
+
+def load_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path} is not a manifest this converter wrote; remove {out} or choose another folder")
+    return manifest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 * 2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _finished(out: Path, manifest: dict, rank: int) -> bool:
+    """A rank counts as written only if the manifest has it and the file still matches."""
+    entry = manifest["ranks"].get(str(rank))
+    path = out / f"rank{rank}.safetensors"
+    if entry and path.is_file() and path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]:
+        return True
+    manifest["ranks"].pop(str(rank), None)
+    return False
+
+
+def _workers_within_budget(workers: int, memory_budget: int | None, chunk_bytes: int, log) -> int:
+    if memory_budget is None:
+        return workers
+    per_worker = WORKER_PEAK_CHUNKS * chunk_bytes
+    if memory_budget < per_worker:
+        raise UserError(f"--memory-budget {memory_budget} bytes is below the {per_worker} bytes one worker needs")
+    allowed = min(workers, memory_budget // per_worker)
+    if allowed < workers:
+        log(f"--memory-budget allows {allowed} of the {workers} workers")
+    return allowed
+
+
+def _fingerprint(source: SourceCheckpoint) -> str:
+    """Identifies the source for resuming: its config, index and shard names and sizes."""
+    digest = hashlib.sha256()
+    for path in [source.folder / "config.json", source.folder / "model.safetensors.index.json"]:
+        if path.is_file():
+            digest.update(path.read_bytes())
+    for path in source.files:
+        digest.update(f"{path.name}:{path.stat().st_size};".encode())
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=4)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
