@@ -10,6 +10,7 @@ Every step is resumable: a rerun skips the converted, verified ranks.
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 from pathlib import Path
 
@@ -42,18 +43,18 @@ def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: 
 
 def _engine(trtllm_checkpoint: Path, engine_dir: Path, gpu: str, max_input_len: int,
             max_output_len: int, log) -> Path:
-    from mixtral_triton import trtllm_build
+    from mixtral_triton.trtllm_build import prepare_build, run_build
 
-    argv = ["engine", "--checkpoint-dir", str(trtllm_checkpoint), "--output-dir", str(engine_dir),
-            "--gpu", gpu, "--max-input-len", str(max_input_len),
-            "--max-output-len", str(max_output_len)]
+    if (engine_dir / "config.json").is_file():
+        log(f"engine already built: {engine_dir}")
+        return engine_dir
+    build = prepare_build(trtllm_checkpoint, engine_dir, gpu, max_input_len, max_output_len, 1)
     if shutil.which("trtllm-build") is None:
-        log("trtllm-build is not installed here: the engine is built inside "
-            "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 with:")
-        argv.append("--dry-run")
-    if trtllm_build.main(argv) != 0:
-        raise UserError("the engine build failed (see above)")
-    engine_dir.mkdir(parents=True, exist_ok=True)
+        log("trtllm-build is not installed here: build the engine inside "
+            f"nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 with:\n  {shlex.join(build.command)}")
+        engine_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        log(run_build(build))
     return engine_dir
 
 
