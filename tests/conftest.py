@@ -9,6 +9,18 @@ import pytest
 from mixtral_triton.fixture import write_checkpoint
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's matrices are too small to share: on a busy 2-core runner a second
+    intra-op thread makes every step many times slower (tests using the model in-process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The default tiny Mixtral (base tokenizer, vocabulary 32000) in the on-hub layout."""

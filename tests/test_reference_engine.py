@@ -12,18 +12,9 @@ from mixtral_triton.convert import convert, resolve
 from mixtral_triton.errors import UserError
 from mixtral_triton.reference import Engine, ReferenceModel, Request, SamplingParams, TokenSampler
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = [[1, 415, 2936, 9060, 285, 1142], [1, 22557], [1, 851, 349, 264, 1369, 302, 272, 11843], [1, 5, 6]]
 TIMEOUT = 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matrices are too small to share: on a busy 2-core runner a second
-    intra-op thread makes every step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

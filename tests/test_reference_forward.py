@@ -26,18 +26,9 @@ LAYOUTS = {
     "tp2ep2": dict(tp=4, moe_tp=2, moe_ep=2),  # hybrid: half of 4 experts' intermediate per rank
     "tp8pp2": dict(tp=8, pp=2),  # 4 KV heads copied to 8 ranks; one layer per pipeline stage
 }
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = [[1, 415, 2936, 9060, 285, 1142], [1, 22557],
            [1, 851, 349, 264, 1369, 302, 272, 11843, 1587, 28723, 13, 1014]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matrices are too small to share: on a busy 2-core runner a second
-    intra-op thread makes every step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
