@@ -13,6 +13,8 @@ import tritonclient.grpc as grpcclient
 from mixtral_triton.protocol import FIELDS, PredictRequest, RequestError, ensemble_inputs
 
 ENSEMBLE = "ensemble"
+# How long a cancel waits for the server to end both the stop and the cancelled request.
+CANCEL_WAIT_S = 10.0
 OUTPUTS = ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")
 _DATATYPES = {np.dtype(object): "BYTES", np.dtype(np.bool_): "BOOL", np.dtype(np.int32): "INT32",
               np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64"}
@@ -75,6 +77,31 @@ def cancel_inputs() -> list[grpcclient.InferInput]:
 
 def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
     return [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+
+
+# Every request on a stream asks for the empty final response, so that the client knows
+# when a request has ended (a stop request answers with that marker only).
+_EMPTY_FINAL = {"triton_enable_empty_final_response": True}
+
+
+def generation_call(request: PredictRequest, request_id: str) -> dict:
+    """One request on a stream, as the keyword arguments of tritonclient's stream calls:
+    the blocking client's `async_stream_infer(**call)` and the dicts that the asyncio
+    client's `stream_infer` request iterator yields."""
+    return {"model_name": ENSEMBLE, "inputs": request_inputs(request),
+            "outputs": requested_outputs(), "request_id": request_id,
+            "parameters": dict(_EMPTY_FINAL)}
+
+
+def cancel_call(request_id: str) -> dict:
+    """The `stop` request for `request_id`, sent on the stream that carries the request."""
+    return {"model_name": ENSEMBLE, "inputs": cancel_inputs(), "request_id": request_id,
+            "parameters": dict(_EMPTY_FINAL)}
+
+
+def ends_request(result, error) -> bool:
+    """Whether a streamed response is the last of its request (an error always is)."""
+    return error is not None or is_final(result)
 
 
 def is_final(result) -> bool:

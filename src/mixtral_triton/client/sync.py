@@ -8,11 +8,9 @@ from typing import Iterator
 import tritonclient.grpc as grpcclient
 
 from mixtral_triton.client.ensemble import (
-    ENSEMBLE, Chunk, Completion, ServerError, cancel_inputs, chunk_of, is_final, new_request_id,
-    request_inputs, requested_outputs, server_error)
+    CANCEL_WAIT_S, Chunk, Completion, ServerError, cancel_call, chunk_of, ends_request,
+    generation_call, is_final, new_request_id, server_error)
 from mixtral_triton.protocol import PredictRequest, parse_request
-
-CANCEL_WAIT_S = 10.0
 
 
 class PredictClient:
@@ -46,8 +44,11 @@ class PredictClient:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         finished = False
         try:
-            client.async_stream_infer(ENSEMBLE, request_inputs(request), request_id=request_id,
-                                      outputs=requested_outputs(), enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(**generation_call(request, request_id))
+            except grpcclient.InferenceServerException as exc:
+                finished = True  # the stream broke before the request went out
+                raise _stream_error(responses, exc) from None
             while not finished:
                 result, error = _next(responses, self.timeout_s)
                 if error is not None:
@@ -68,14 +69,22 @@ class PredictClient:
         """Send `stop` for the request on its own stream, and wait (briefly) until both the
         stop and the cancelled generation have ended, so the engine has let go of it."""
         try:
-            client.async_stream_infer(ENSEMBLE, cancel_inputs(), request_id=request_id,
-                                      enable_empty_final_response=True)
+            client.async_stream_infer(**cancel_call(request_id))
             finals = 0
             while finals < 2:
-                result, error = _next(responses, CANCEL_WAIT_S)
-                finals += 1 if error is not None or is_final(result) else 0
+                finals += ends_request(*_next(responses, CANCEL_WAIT_S))
         except (ServerError, grpcclient.InferenceServerException):
             pass  # the server is gone or the request already ended: nothing left to cancel
+
+
+def _stream_error(responses: queue.Queue, exc: Exception) -> Exception:
+    """The stream's own error (the server unreachable, say), which tritonclient hands to the
+    callback while its enqueue only says that the stream is broken."""
+    try:
+        _, error = responses.get(timeout=1.0)
+    except queue.Empty:
+        error = None
+    return server_error(error if error is not None else exc)
 
 
 def _next(responses: queue.Queue, timeout_s: float):

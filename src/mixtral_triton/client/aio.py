@@ -1,0 +1,180 @@
+"""The asyncio client: one gRPC stream per request over `tritonclient.grpc.aio`, one channel
+per client object (the gateway keeps one for all its requests).
+
+The wire format (tensors, the `stop` request, reading a response, errors) is
+client/ensemble.py's, shared with the blocking client. A generation that does not run to
+its end (the task is cancelled, the consumer stops iterating, an exception) is cancelled
+on the server by `stop` sent on the same stream, as the blocking client does: gRPC
+cancellation does not reach the models of an ensemble (docs/cpu-triton-stack.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from mixtral_triton.client.ensemble import (
+    CANCEL_WAIT_S, ENSEMBLE, Chunk, Completion, ServerError, cancel_call, chunk_of, ends_request,
+    generation_call, is_final, new_request_id, server_error)
+from mixtral_triton.protocol import PredictRequest, parse_request
+
+_END = object()  # the request iterator's last item: half-closes the stream
+CLOSE_WAIT_S = 2.0  # how long an ended request's stream may take to close before it is cut
+
+
+class AsyncPredictClient:
+    """`await predict()` with the Truss schema, against Triton's gRPC port.
+
+        async with AsyncPredictClient("localhost:8001") as client:
+            async for piece in await client.predict("What is mistral wind?", max_tokens=64):
+                print(piece, end="", flush=True)
+            completion = await client.predict("Hi", stream=False)
+
+    Stopping early (leaving the `async for`, cancelling the task, an exception) cancels
+    the request on the server: the engine stops generating for it. Use one client from
+    one event loop.
+    """
+
+    def __init__(self, url: str = "localhost:8001", timeout_s: float = 300.0):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client: grpcaio.InferenceServerClient | None = None
+
+    def _grpc(self) -> grpcaio.InferenceServerClient:
+        if self._client is None:  # made inside the running loop: the channel binds to it
+            self._client = grpcaio.InferenceServerClient(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def __aenter__(self) -> "AsyncPredictClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def is_ready(self, timeout_s: float = 2.0) -> bool:
+        """Triton is ready and so is the ensemble model."""
+        client = self._grpc()
+        try:
+            return bool(await client.is_server_ready(client_timeout=timeout_s)
+                        and await client.is_model_ready(ENSEMBLE, client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def predict(self, prompt: str, stream: bool = True,
+                      **fields) -> AsyncIterator[str] | Completion:
+        """Text chunks as they come (stream=True) or the whole Completion (stream=False).
+        The fields and their rules are mixtral_triton.protocol's; a bad one raises
+        RequestError here, before anything is sent."""
+        request = parse_request({"prompt": prompt, "stream": stream, **fields})
+        if stream:
+            return (chunk.text async for chunk in self.generate(request) if chunk.text)
+        last = None
+        async for last in self.generate(request):
+            pass
+        return Completion(last.text, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    async def generate(self, request: PredictRequest,
+                       request_id: str | None = None) -> AsyncIterator[Chunk]:
+        """The ensemble's responses for one request, the last with its finish reason."""
+        request_id = request_id or new_request_id()
+        outbox: asyncio.Queue = asyncio.Queue()
+        inbox: asyncio.Queue = asyncio.Queue()
+        outbox.put_nowait(generation_call(request, request_id))
+        try:
+            call = self._grpc().stream_infer(_requests(outbox))
+        except InferenceServerException as exc:
+            raise server_error(exc) from None
+        # The responses are read by a task of their own, so that neither a timeout nor the
+        # consumer's cancellation interrupts a read of the gRPC call (which would end the
+        # stream before the stop could be sent on it).
+        reader = asyncio.create_task(_read(call, inbox), name=f"stream-{request_id}")
+        finished = False  # the server has ended the request (its finish reason came, or an error)
+        try:
+            while not finished:
+                result, error = await _next(inbox, self.timeout_s)
+                if error is not None:
+                    finished = True
+                    raise server_error(error)
+                chunk = chunk_of(result)
+                finished = is_final(result) or (chunk is not None and chunk.finish_reason is not None)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            end = _end_stream(call, reader, outbox, inbox, None if finished else request_id)
+            await _unless_cancelled_again(end)
+
+
+async def _requests(outbox: asyncio.Queue):
+    while (item := await outbox.get()) is not _END:
+        yield item
+
+
+async def _read(call, inbox: asyncio.Queue) -> None:
+    try:
+        async for item in call:
+            inbox.put_nowait(item)
+        inbox.put_nowait((None, ServerError("the server closed the stream", "UNAVAILABLE")))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the call failed (server gone, stream cancelled): say why
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        status = str(exc.code()) if hasattr(exc, "code") else None
+        inbox.put_nowait((None, InferenceServerException(msg=details, status=status)))
+
+
+async def _next(inbox: asyncio.Queue, timeout_s: float):
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+    # arrives as the awaited item does, and the generation would then never be cancelled.
+    try:
+        async with asyncio.timeout(timeout_s):
+            result, error = await inbox.get()
+    except TimeoutError:
+        raise ServerError(f"no response from the server within {timeout_s:.0f} s",
+                          "DEADLINE_EXCEEDED") from None
+    if isinstance(error, ServerError):
+        raise error
+    return result, error
+
+
+async def _end_stream(call, reader: asyncio.Task, outbox: asyncio.Queue, inbox: asyncio.Queue,
+                      cancel_id: str | None) -> None:
+    """Cancel an unfinished request (send `stop` on its stream and wait, briefly, until both
+    the stop and the cancelled generation have ended, so the engine has let go of it), then
+    close the stream."""
+    try:
+        if cancel_id is not None and not reader.done():
+            outbox.put_nowait(cancel_call(cancel_id))
+            finals = 0
+            while finals < 2:
+                finals += ends_request(*await _next(inbox, CANCEL_WAIT_S))
+        # Half-close: the server ends the stream once it has answered all its requests
+        # (the empty final marker may still be on its way).
+        outbox.put_nowait(_END)
+        async with asyncio.timeout(CLOSE_WAIT_S):
+            await asyncio.shield(reader)
+    except (ServerError, InferenceServerException, TimeoutError):
+        pass  # the server is gone or the request already ended: nothing left to cancel
+    finally:
+        outbox.put_nowait(_END)
+        call.cancel()
+        reader.cancel()
+
+
+async def _unless_cancelled_again(coroutine) -> None:
+    """Run the stream's ending to completion even if the task that ends it (already being
+    cancelled, or closing the generator) is cancelled once more meanwhile."""
+    task = asyncio.ensure_future(coroutine)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise

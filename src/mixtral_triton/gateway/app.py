@@ -1,0 +1,204 @@
+"""The gateway's routes (FastAPI). What they accept and answer is gateway/protocol.py's; how
+a generation runs is gateway/serving.py's.
+
+    POST /predict               the Truss contract: text/plain stream, or JSON with stream false
+    POST /v1/completions        OpenAI completions (SSE with `stream`)
+    POST /v1/chat/completions   OpenAI chat, with the checkpoint's chat template
+    GET  /v1/models             the served model
+    GET  /health                live
+    GET  /ready                 Triton and the ensemble model ready (503 otherwise)
+    GET  /metrics               Prometheus
+
+With an API key configured, every route but /health, /ready, /metrics and the OpenAPI
+document needs `Authorization: Api-Key <key>` (as Truss) or `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
+
+from mixtral_triton.gateway import protocol as p
+from mixtral_triton.gateway.metrics import Metrics, MetricsMiddleware
+from mixtral_triton.gateway.serving import GatewaySettings, Serving, log
+from mixtral_triton.protocol import RequestError, parse_request
+
+_AUTH_SCHEMES = ("api-key", "bearer")
+
+
+def _error_response(error: p.GatewayError, openai: bool) -> JSONResponse:
+    return JSONResponse(error.body(openai), status_code=error.status, headers=error.headers)
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def _errors(*statuses: int) -> dict:
+    words = {400: "Invalid request (the field is named)", 401: "Missing or wrong API key",
+             404: "No such model", 429: "Too many generations in flight (see Retry-After)",
+             500: "Generation failed", 503: "The model server is unavailable",
+             504: "The model server did not answer in time"}
+    return {status: {"model": p.ErrorResponse, "description": words[status]} for status in statuses}
+
+
+async def _json_body(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise p.GatewayError(400, "invalid_request_error", f"the request body is not valid JSON: {exc}")
+
+
+def _api_key_check(api_key: str):
+    """The dependency that every protected route carries when a key is configured."""
+    header = APIKeyHeader(name="Authorization", auto_error=False, scheme_name="ApiKey",
+                          description="`Api-Key <key>` (as Truss) or `Bearer <key>`")
+    # Compared as digests, in constant time: neither the key nor its length leaks.
+    expected = hashlib.sha256(api_key.encode("utf-8")).digest()
+
+    async def check(authorization: str | None = Depends(header)) -> None:
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        given_digest = hashlib.sha256(given.strip().encode("utf-8")).digest()
+        if scheme.lower() not in _AUTH_SCHEMES or not given.strip() \
+                or not hmac.compare_digest(given_digest, expected):
+            raise p.GatewayError(401, "authentication_error",
+                                 "a valid API key is required: send the header "
+                                 "'Authorization: Api-Key <key>' or 'Authorization: Bearer <key>'",
+                                 headers={"WWW-Authenticate": 'Bearer realm="mixtral-triton"'})
+
+    return check
+
+
+def create_app(settings: GatewaySettings, serving: Serving | None = None) -> FastAPI:
+    metrics = serving.metrics if serving else Metrics()
+    serving = serving or Serving(settings, metrics)
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await serving.close()
+
+    app = FastAPI(title="mixtral-triton gateway", version="0.1.0", lifespan=lifespan,
+                  description="Mixtral on Triton Inference Server: the Truss `predict` contract "
+                  "and OpenAI-compatible completions and chat.")
+    app.state.serving = serving
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    protected = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
+
+    @app.exception_handler(p.GatewayError)
+    async def gateway_error(request: Request, exc: p.GatewayError):
+        return _error_response(exc, _is_openai(request))
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return _error_response(p.GatewayError.of_request_error(exc), _is_openai(request))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+        return _error_response(p.GatewayError(400, "invalid_request_error",
+                                              first.get("msg", "invalid request"), field),
+                               _is_openai(request))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error_response(p.GatewayError(500, "server_error", "internal error"),
+                               _is_openai(request))
+
+    @app.post("/predict", dependencies=protected, response_model=None,
+              summary="Complete a prompt (the Truss predict contract)",
+              responses={200: {"model": p.PredictResponse, "description":
+                               "stream true: the completion's text as it is generated "
+                               "(text/plain); stream false: JSON",
+                               "content": {"text/plain": {"schema": {"type": "string"}}}},
+                         **_errors(400, 401, 429, 500, 503, 504)})
+    async def predict(request: Request):
+        body = await _json_body(request)
+        predict_request = parse_request(body)  # the predict API's validation, verbatim
+        fmt = p.PredictStream() if predict_request.stream else p.PredictWhole()
+        return serving.generation(predict_request, fmt, "/predict")
+
+    @app.post("/v1/completions", dependencies=protected, response_model=None,
+              summary="OpenAI completions",
+              responses={200: {"model": p.CompletionResponse, "description":
+                               "JSON, or with stream true server-sent events of the same "
+                               "object, text in pieces, ending with `data: [DONE]`",
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                         **_errors(400, 401, 404, 429, 500, 503, 504)})
+    async def completions(request: Request):
+        body = await _json_body(request)
+        try:
+            openai_request = p.parse_completion_request(body, settings.model_name)
+        except p.ModelNotFound as exc:
+            raise p.GatewayError(404, "not_found_error", str(exc), exc.field) from None
+        fmt = p.CompletionFormat(openai_request, settings.model_name)
+        return serving.generation(openai_request.predict, fmt, "/v1/completions")
+
+    @app.post("/v1/chat/completions", dependencies=protected, response_model=None,
+              summary="OpenAI chat completions (the model's chat template)",
+              responses={200: {"model": p.ChatCompletionResponse, "description":
+                               "JSON, or with stream true server-sent events of "
+                               "chat.completion.chunk objects ending with `data: [DONE]`",
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                         **_errors(400, 401, 404, 429, 500, 503, 504)})
+    async def chat_completions(request: Request):
+        body = await _json_body(request)
+        try:
+            openai_request = p.parse_chat_request(body, settings.model_name, serving.chat.render)
+        except p.ModelNotFound as exc:
+            raise p.GatewayError(404, "not_found_error", str(exc), exc.field) from None
+        fmt = p.ChatFormat(openai_request, settings.model_name)
+        return serving.generation(openai_request.predict, fmt, "/v1/chat/completions")
+
+    @app.get("/v1/models", dependencies=protected, response_model=p.ModelList,
+             summary="The served model", responses=_errors(401))
+    async def models():
+        return p.ModelList(data=[p.ModelCard(id=settings.model_name, created=started)])
+
+    @app.get("/health", summary="Live: the gateway answers")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Ready: Triton and the ensemble model are ready",
+             responses={503: {"description": "Triton or the ensemble model is not ready"}})
+    async def ready():
+        is_ready = await serving.ready()
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus():
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    # The request bodies are documented as mixtral_triton.protocol's JSON Schema, verbatim:
+    # set after FastAPI has built the document, whose own models would turn 2**64 - 1 into a
+    # float and drop the null defaults.
+    bodies = {"/predict": p.predict_request_schema(),
+              "/v1/completions": p.completion_request_schema(),
+              "/v1/chat/completions": p.chat_request_schema()}
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version,
+                                   description=app.description, routes=app.routes)
+            for path, schema in bodies.items():
+                document["paths"][path]["post"]["requestBody"] = {
+                    "required": True, "content": {"application/json": {"schema": schema}}}
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app

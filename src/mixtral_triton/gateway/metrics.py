@@ -1,0 +1,66 @@
+"""The gateway's Prometheus metrics (GET /metrics), in a registry of the app's own so that
+two gateways in one process (tests) keep separate counts."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# Routes are labelled by their path template; anything else is "other" (bounded labels).
+ROUTES = ("/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+          "/ready", "/metrics", "/openapi.json", "/docs")
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mixtral_gateway_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "mixtral_gateway_time_to_first_token_seconds",
+            "From a generation's start to the engine's first response", ["route"],
+            buckets=_TTFT_BUCKETS, registry=self.registry)
+        self.inter_token_latency = Histogram(
+            "mixtral_gateway_inter_token_latency_seconds",
+            "Between successive streamed responses of a generation, per token", ["route"],
+            buckets=_ITL_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("mixtral_gateway_generations_in_flight",
+                               "Generations running now (bounded by --max-concurrency)",
+                               registry=self.registry)
+        self.disconnects = Counter("mixtral_gateway_client_disconnects",
+                                   "Generations cancelled because the client went away", ["route"],
+                                   registry=self.registry)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def route_label(scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if path in ROUTES else "other"
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route and final status (pure ASGI, so streaming and
+    disconnects pass through untouched)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]  # if the app fails before answering, the server answers 500
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(route_label(scope), str(status[0])).inc()

@@ -1,0 +1,265 @@
+"""The Python clients (blocking and asyncio) and client/predict.py against the real Triton
+server: equal texts, every validation rule naming its field, cancellation that reaches
+the engine (its `active` request gauge returns to 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mixtral_triton.client import AsyncPredictClient, Completion, PredictClient
+from mixtral_triton.protocol import FIELDS, MAX_STOP_CHARS, MAX_STOPS, RequestError
+from mixtral_triton.protocol.predict import FLOAT32_MAX
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "What is mistral wind?"
+LONG = 1800  # tokens: about 15 s of generation on the CPU engine, cut short by every test
+
+
+# ---------------------------------------------------------------------------------------
+# Shared with tests/test_gateway.py
+
+
+def invalid_values() -> list[tuple[str, object]]:
+    """(field, value) pairs that break each rule of mixtral_triton.protocol.FIELDS, derived
+    from the table itself: wrong types, each bound and its exclusive edge, the stop limits."""
+    cases: list[tuple[str, object]] = []
+    for spec in FIELDS:
+        name = spec.name
+        if spec.kind == "string":
+            cases += [(name, ""), (name, 5)]
+        elif spec.kind == "boolean":
+            cases += [(name, "yes"), (name, 1)]
+        elif spec.kind == "stop":
+            cases += [(name, 5), (name, [""]), (name, [1]), (name, ["x"] * (MAX_STOPS + 1)),
+                      (name, "x" * (MAX_STOP_CHARS + 1))]
+        else:
+            cases += [(name, "1"), (name, True)]
+            if spec.kind == "integer":
+                cases.append((name, 1.5))
+            else:
+                cases.append((name, FLOAT32_MAX * 10))  # finite JSON, not an FP32
+            step = 1 if spec.kind == "integer" else 0.5
+            if spec.minimum is not None:
+                cases.append((name, spec.minimum if spec.exclusive_minimum else spec.minimum - step))
+            if spec.maximum is not None:
+                cases.append((name, spec.maximum if spec.exclusive_maximum else spec.maximum + step))
+    return cases
+
+
+def case_id(case) -> str:
+    name, value = case
+    return f"{name}={str(value)[:20]}"
+
+
+def active_requests(server) -> float:
+    """The engine's `nv_trt_llm_request_metrics{request_type="active"}` gauge."""
+    with urllib.request.urlopen(f"http://{server.host}:{server.ports.metrics}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    match = re.search(r'^nv_trt_llm_request_metrics\{[^}]*request_type="active"[^}]*\} (\S+)$',
+                      text, re.MULTILINE)
+    assert match, "the engine's active-request gauge is missing"
+    return float(match.group(1))
+
+
+def wait_active(server, predicate, timeout_s: float = 10.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = active_requests(server)
+        if predicate(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def greedy_whole(server, max_tokens: int = 24, prompt: str = PROMPT) -> Completion:
+    """The ensemble's own non-streamed answer (stream=False on the wire), greedy."""
+    return PredictClient(server.grpc_url).predict(prompt, stream=False, max_tokens=max_tokens,
+                                                  temperature=0)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_sync_and_async_streams_equal_the_whole_completion(triton_server):
+    whole = greedy_whole(triton_server)
+    assert whole.finish_reason == "length" and whole.completion_tokens == 24
+    assert any(ord(c) > 127 for c in whole.text)  # the random model writes non-ASCII too
+
+    pieces = list(PredictClient(triton_server.grpc_url).predict(PROMPT, max_tokens=24, temperature=0))
+    assert len(pieces) > 1 and "".join(pieces) == whole.text
+
+    async def run():
+        async with AsyncPredictClient(triton_server.grpc_url) as client:
+            assert await client.is_ready()
+            streamed = [p async for p in await client.predict(PROMPT, max_tokens=24, temperature=0)]
+            completion = await client.predict(PROMPT, stream=False, max_tokens=24, temperature=0)
+            return streamed, completion
+
+    streamed, completion = asyncio.run(run())
+    assert len(streamed) > 1 and "".join(streamed) == whole.text
+    assert completion == whole
+
+
+@pytest.mark.parametrize("case", invalid_values(), ids=case_id)
+def test_every_rule_names_its_field_in_both_clients(triton_server, case):
+    name, value = case
+    fields = {name: value}
+    prompt = fields.pop("prompt", PROMPT)
+    with pytest.raises(RequestError) as sync_error:
+        PredictClient(triton_server.grpc_url).predict(prompt, **fields)
+    assert sync_error.value.field == name
+
+    async def run():
+        async with AsyncPredictClient(triton_server.grpc_url) as client:
+            await client.predict(prompt, **fields)
+
+    with pytest.raises(RequestError) as async_error:
+        asyncio.run(run())
+    assert async_error.value.field == name
+    assert str(async_error.value) == str(sync_error.value)
+
+
+def test_unknown_field_is_named(triton_server):
+    with pytest.raises(RequestError) as error:
+        PredictClient(triton_server.grpc_url).predict(PROMPT, max_new_tokens=3)
+    assert error.value.field == "max_new_tokens"
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"max_tokens": 2**31 - 1}, "max_tokens"),  # valid JSON, more than the engine's room
+    ({"prompt": "wind " * 1100}, "prompt"),  # more than max_input_len tokens
+], ids=["max_tokens", "prompt"])
+def test_the_servers_own_checks_come_back_naming_the_field(triton_server, fields, field):
+    prompt = fields.pop("prompt", PROMPT)
+    with pytest.raises(RequestError) as sync_error:
+        list(PredictClient(triton_server.grpc_url).predict(prompt, **fields))
+    assert sync_error.value.field == field and "engine" in str(sync_error.value)
+
+    async def run():
+        async with AsyncPredictClient(triton_server.grpc_url) as client:
+            await client.predict(prompt, stream=False, **fields)
+
+    with pytest.raises(RequestError) as async_error:
+        asyncio.run(run())
+    assert async_error.value.field == field and str(async_error.value) == str(sync_error.value)
+
+
+def test_async_client_cancels_when_the_consumer_stops_or_the_task_is_cancelled(triton_server):
+    assert wait_active(triton_server, lambda v: v == 0) == 0
+
+    async def run():
+        async with AsyncPredictClient(triton_server.grpc_url) as client:
+            # 1. the consumer leaves the loop (the generator is closed)
+            stream = client.generate(_request(LONG))
+            await anext(stream)
+            assert await asyncio.to_thread(wait_active, triton_server, lambda v: v >= 1) >= 1
+            await stream.aclose()
+            assert await asyncio.to_thread(wait_active, triton_server, lambda v: v == 0, 5) == 0
+
+            # 2. the task is cancelled
+            started = asyncio.Event()
+
+            async def consume():
+                async for _ in await client.predict(PROMPT, max_tokens=LONG, temperature=0):
+                    started.set()
+
+            task = asyncio.create_task(consume())
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await asyncio.to_thread(wait_active, triton_server, lambda v: v == 0, 5) == 0
+
+            # 3. the client still works on the same channel
+            completion = await client.predict(PROMPT, stream=False, max_tokens=4, temperature=0)
+            assert completion.completion_tokens == 4
+
+    asyncio.run(run())
+
+
+def test_async_client_against_no_server():
+    from mixtral_triton.client import ServerError
+    from mixtral_triton.launcher import free_ports
+
+    url = f"127.0.0.1:{free_ports().grpc}"
+
+    async def run():
+        async with AsyncPredictClient(url, timeout_s=10) as client:
+            assert not await client.is_ready()
+            async for _ in await client.predict(PROMPT):
+                pass
+
+    with pytest.raises(ServerError) as error:
+        asyncio.run(run())
+    assert error.value.status == "UNAVAILABLE"
+
+
+def _request(max_tokens: int):
+    from mixtral_triton.protocol import parse_request
+
+    return parse_request({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+
+
+# ---------------------------------------------------------------------------------------
+# client/predict.py
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "client" / "predict.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_cli_prints_the_stream_and_the_whole(triton_server):
+    whole = greedy_whole(triton_server, 16)
+    streamed = _cli(PROMPT, "--max-tokens", "16", "--temperature", "0", "--url",
+                    triton_server.grpc_url, "--usage")
+    not_streamed = _cli(PROMPT, "--max-tokens", "16", "--temperature", "0", "--url",
+                        triton_server.grpc_url, "--no-stream")
+    out, err = streamed.communicate(timeout=60)
+    assert streamed.returncode == 0, err.decode()
+    assert out.decode("utf-8") == whole.text + "\n"
+    assert "finish_reason=length" in err.decode() and "completion_tokens=16" in err.decode()
+    out, err = not_streamed.communicate(timeout=60)
+    assert not_streamed.returncode == 0, err.decode()
+    assert out.decode("utf-8") == whole.text + "\n"
+
+
+def test_cli_errors_are_one_line(triton_server):
+    from mixtral_triton.launcher import free_ports
+
+    bad = _cli(PROMPT, "--top-p", "2", "--url", triton_server.grpc_url)
+    too_long = _cli(PROMPT, "--max-tokens", "100000", "--url", triton_server.grpc_url)
+    no_server = _cli(PROMPT, "--url", f"127.0.0.1:{free_ports().grpc}")
+    for process, words in ((bad, "top_p must be > 0 and <= 1, got 2.0"),
+                           (too_long, "max_tokens must be <= "),
+                           (no_server, "failed to connect")):
+        out, err = process.communicate(timeout=60)
+        lines = err.decode().strip().splitlines()
+        assert process.returncode == 2 and len(lines) == 1, err.decode()
+        assert lines[0].startswith("predict.py: error: ") and words in lines[0]
+
+
+def test_cli_ctrl_c_cancels_on_the_server_and_exits_130(triton_server):
+    assert wait_active(triton_server, lambda v: v == 0) == 0
+    process = _cli(PROMPT, "--max-tokens", str(LONG), "--temperature", "0", "--url",
+                   triton_server.grpc_url, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert process.stdout.read(1)  # the stream has begun
+        assert wait_active(triton_server, lambda v: v >= 1) >= 1
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err.decode()
+    assert "[cancelled]" in err.decode() and "Traceback" not in err.decode()
+    assert wait_active(triton_server, lambda v: v == 0, 5) == 0  # not 15 s: the engine stopped
