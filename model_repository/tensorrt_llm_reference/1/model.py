@@ -68,6 +68,14 @@ class TritonPythonModel:
         def on_event(event):
             generated[0] += len(event.tokens)
             flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if event.finished else 0
+            if event.finished:
+                # Forget the request before its final response: sending it frees the
+                # request's response factory in the server, and is_cancelled() on it
+                # afterwards is a use-after-free that kills the server (SIGSEGV in
+                # TRITONBACKEND_ResponseFactoryIsCancelled). See _watch_cancellations.
+                with self.lock:
+                    self.live.pop(event.request_id, None)
+                    self.active_gauge.set(len(self.live))
             if event.finish_reason == "error":
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("engine step failed")),
                             flags=flags)
@@ -77,10 +85,6 @@ class TritonPythonModel:
                     output_tensors=[pb_utils.Tensor(n, a) for n, a in arrays.items()]), flags=flags)
             else:
                 sender.send(flags=flags)
-            if event.finished:
-                with self.lock:
-                    self.live.pop(event.request_id, None)
-                    self.active_gauge.set(len(self.live))
 
         with self.lock:  # hold the lock so on_event cannot pop before we register
             try:
@@ -103,11 +107,13 @@ class TritonPythonModel:
         """A client that cancels its gRPC stream marks the request cancelled; the engine
         hears of it within one period, as the C++ backend's cancellation_check_period_ms."""
         while not self.closing.wait(CANCELLATION_CHECK_PERIOD_S):
+            # Asked under the lock: a request still in `live` has not had its final
+            # response sent (on_event removes it first), so its response factory exists.
             with self.lock:
-                live = list(self.live.items())
-            for engine_id, (request, _) in live:
-                if request.is_cancelled():
-                    self.engine.cancel(engine_id)
+                cancelled = [engine_id for engine_id, (request, _) in self.live.items()
+                             if request.is_cancelled()]
+            for engine_id in cancelled:
+                self.engine.cancel(engine_id)
 
     def finalize(self):
         self.closing.set()

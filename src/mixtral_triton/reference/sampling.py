@@ -16,6 +16,7 @@ sampling layers) as far as a single-beam request can see them:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,6 +55,13 @@ class SamplingParams:
         return self.top_k == 1 or self.temperature == 0.0 or (self.top_k == 0 and self.top_p == 0.0)
 
 
+def generator_seed(seed: int) -> int:
+    """The torch seed for a request's 64-bit seed. torch's CPU generator (mt19937) uses only
+    the low 32 bits of its seed, so seeds that differ above bit 31 (0 and 2**32) would
+    sample alike, while TensorRT-LLM's curand uses all 64: fold all of them into those 32."""
+    return int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
+
+
 class TokenSampler:
     """Chooses the next tokens of one request; keeps its sequence, token counts and generator."""
 
@@ -67,7 +75,7 @@ class TokenSampler:
         self._penalised = (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
                            or params.frequency_penalty != 0.0)
         self._counts = torch.bincount(torch.tensor(prompt, dtype=torch.long), minlength=vocab_size).float()
-        self._generator = torch.Generator().manual_seed(params.seed)
+        self._generator = torch.Generator().manual_seed(generator_seed(params.seed))
 
     def choose(self, logits: torch.Tensor) -> int:
         """Pick the next token from the float32 [vocab] logits and record it as generated."""
