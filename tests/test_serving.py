@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixtral_triton.client import PredictClient
-from mixtral_triton.client.ensemble import ENSEMBLE, cancel_inputs, requested_outputs, server_error
+from mixtral_triton.client.ensemble import ENSEMBLE, cancel_inputs, infer_inputs, requested_outputs, server_error
 from mixtral_triton.launcher import TritonServer
 from mixtral_triton.launcher.perf import check_perf_analyzer, perf_analyzer_environment
 from mixtral_triton.protocol import RequestError, parse_request
@@ -47,20 +47,7 @@ GREEDY_PROMPTS = {
 }
 GREEDY_TOKENS = 24
 
-_DATATYPES = {np.dtype(object): "BYTES", np.dtype(np.bool_): "BOOL", np.dtype(np.int32): "INT32",
-              np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64"}
-
-
 # ---------------------------------------------------------------------------- helpers
-
-def _infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), _DATATYPES[array.dtype])
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
 
 def _stream(url: str, model: str, inputs, request_id: str, outputs=None, timeout_s: float = 60):
     """All responses of one request on a gRPC stream: (results, error or None)."""
@@ -93,7 +80,7 @@ def engine_token_ids(url: str, prompt_ids: list[int], max_tokens: int, end_id: i
     backend's tensors (streaming: one response per token, output_ids [1, 1, n]). Greedy
     (runtime_top_k 1) unless `sampling` (engine input name -> value) says otherwise."""
     sampling = {"runtime_top_k": 1, **sampling}
-    inputs = _infer_inputs({
+    inputs = infer_inputs({
         "input_ids": np.array([prompt_ids], np.int32),
         "input_lengths": np.array([[len(prompt_ids)]], np.int32),
         "request_output_len": np.array([[max_tokens]], np.int32),
@@ -123,7 +110,7 @@ def whole_text(table, ids: list[int]) -> str:
 
 def ensemble_raw(url: str, arrays: dict[str, np.ndarray], request_id: str = "raw"):
     """One ensemble request with exactly these tensors; the error as the client reports it."""
-    results, error = _stream(url, ENSEMBLE, _infer_inputs(arrays), request_id, requested_outputs())
+    results, error = _stream(url, ENSEMBLE, infer_inputs(arrays), request_id, requested_outputs())
     return results, (server_error(error) if error is not None else None)
 
 
@@ -424,7 +411,7 @@ def test_engine_model_hears_a_cancelled_grpc_stream(triton_server):
     responses: queue.Queue = queue.Queue()
     grpc = grpcclient.InferenceServerClient(triton_server.grpc_url)
     grpc.start_stream(callback=lambda result, error: responses.put((result, error)))
-    grpc.async_stream_infer("tensorrt_llm", _infer_inputs({
+    grpc.async_stream_infer("tensorrt_llm", infer_inputs({
         "input_ids": np.array([[1, 415, 5565, 302]], np.int32), "input_lengths": np.array([[4]], np.int32),
         "request_output_len": np.array([[LONG]], np.int32), "streaming": np.array([[True]], np.bool_)}),
         request_id="engine-cancel")

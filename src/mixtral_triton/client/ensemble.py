@@ -55,7 +55,8 @@ def new_request_id() -> str:
     return f"mt-{uuid.uuid4().hex}"
 
 
-def _infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """gRPC inputs from numpy arrays, the Triton data type taken from each array's dtype."""
     inputs = []
     for name, array in arrays.items():
         tensor = grpcclient.InferInput(name, list(array.shape), _DATATYPES[array.dtype])
@@ -65,12 +66,12 @@ def _infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
 
 
 def request_inputs(request: PredictRequest) -> list[grpcclient.InferInput]:
-    return _infer_inputs(ensemble_inputs(request))
+    return infer_inputs(ensemble_inputs(request))
 
 
 def cancel_inputs() -> list[grpcclient.InferInput]:
     """`stop: true` cancels the running request of the same id (its text is ignored)."""
-    return _infer_inputs({"text_input": np.array([[b""]], dtype=object),
+    return infer_inputs({"text_input": np.array([[b""]], dtype=object),
                           "max_tokens": np.array([[1]], np.int32),
                           "stop": np.array([[True]], np.bool_)})
 
