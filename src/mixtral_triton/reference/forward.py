@@ -17,6 +17,16 @@ Every rank holds only its shard (the layout of TensorRT-LLM's Llama/Mixtral conv
 So a wrong split in the converter shows up as wrong logits, whatever ``tp``/``moe_tp``/
 ``moe_ep``/``pp`` the checkpoint was written for. Weights are read memory-mapped from the
 safetensors files and computed in float32; the model is meant for small checkpoints.
+
+To keep a packed step cheap on CPU, the rank shards are joined once at load where the
+parallel math is a pure gather or sum, so that one matmul does the work of all ranks
+(see ``_join_ranks``): the column-parallel slices (qkv heads, vocabulary slices) are
+concatenated in rank order, which is what gathering the ranks' outputs gives; the
+row-parallel slices (dense, and each expert's ``moe_tp`` slices of fc/proj) are
+concatenated along the split dimension, so the one product sums the ranks' partial
+products as the all-reduce does (in another summation order: float32 rounding only).
+Each rank's shard is split into its parts (q/k/v, the w3/w1 halves of fc) before joining,
+so a shard with a wrong layout still gives wrong logits.
 """
 
 from __future__ import annotations
@@ -134,21 +144,87 @@ class _RankLayer:
     first_expert: int  # global index of this rank's expert 0
 
 
+@dataclass
+class _Layer:
+    """One decoder layer with the shards of all TP ranks joined (see ``_join_ranks``)."""
+
+    input_layernorm: torch.Tensor
+    qkv: torch.Tensor  # [hidden, (q_heads + 2 * kv_heads) * head_size], columns [q | k | v], heads in rank order
+    dense: torch.Tensor  # [q_heads * head_size, hidden], the ranks' row slices in rank order
+    post_layernorm: torch.Tensor
+    router: torch.Tensor  # [hidden, num_experts]
+    fc: torch.Tensor  # [num_experts, hidden, 2 * inter], columns [w3 | w1], moe_tp slices in rank order
+    proj: torch.Tensor  # [num_experts, inter, hidden], moe_tp slices in the same order
+    q_heads: int  # over all ranks
+    kv_heads: int  # over all ranks (with the ranks' copies of a KV head when fewer than ranks)
+
+
+def _join_ranks(ranks: list[_RankLayer], num_experts: int) -> _Layer:
+    """Join the ranks' shards of one layer so that one matmul computes what the ranks compute
+    and the all-gather / all-reduce combines:
+
+    * qkv (column-parallel): each rank's q, k and v heads, concatenated in rank order. Rank
+      r's query head i reads its KV head i // group; in the joined heads that is query head
+      r * q + i reading KV head (r * q + i) // group = r * kv + i // group, the same head.
+    * dense (row-parallel): the rows of all ranks concatenated, so (attention of all heads)
+      @ dense is the sum of the ranks' partial products.
+    * fc / proj per expert: the ``moe_tp`` ranks' intermediate slices of [w3; w1] and of
+      proj concatenated in the same order; silu(gate) * up is elementwise on the
+      intermediate dimension, so the one product is the sum of the ranks' partial outputs.
+      ``moe_ep`` ranks contribute their own experts.
+    * router and the norms are replicated: rank 0's copy.
+    """
+    first = ranks[0]
+    d = first.qkv.shape[1] // (first.q_heads + 2 * first.kv_heads)
+    parts = [r.qkv.split([r.q_heads * d, r.kv_heads * d, r.kv_heads * d], dim=1) for r in ranks]
+    qkv = torch.cat([p[0] for p in parts] + [p[1] for p in parts] + [p[2] for p in parts], dim=1)
+    ups: list[list[torch.Tensor]] = [[] for _ in range(num_experts)]
+    gates: list[list[torch.Tensor]] = [[] for _ in range(num_experts)]
+    projs: list[list[torch.Tensor]] = [[] for _ in range(num_experts)]
+    for r in ranks:  # in rank order: for one expert, ascending moe_tp rank
+        for local in range(r.fc.shape[0]):
+            up, gate = r.fc[local].chunk(2, dim=-1)  # fc is [w3; w1]
+            expert = r.first_expert + local
+            ups[expert].append(up)
+            gates[expert].append(gate)
+            projs[expert].append(r.proj[local])
+    fc = torch.stack([torch.cat(ups[e] + gates[e], dim=1) for e in range(num_experts)])
+    proj = torch.stack([torch.cat(projs[e], dim=0) for e in range(num_experts)])
+    return _Layer(
+        input_layernorm=first.input_layernorm,
+        qkv=qkv.contiguous(),
+        dense=torch.cat([r.dense for r in ranks], dim=0).contiguous(),
+        post_layernorm=first.post_layernorm,
+        router=first.router,
+        fc=fc.contiguous(),
+        proj=proj.contiguous(),
+        q_heads=sum(r.q_heads for r in ranks),
+        kv_heads=sum(r.kv_heads for r in ranks),
+    )
+
+
 class SequenceCache:
-    """The KV cache of one sequence: per layer and TP rank, that rank's K and V heads."""
+    """The KV cache of one sequence: per layer, the K and V heads of all TP ranks (rank r's
+    heads at [r * kv, (r + 1) * kv)), in a buffer that grows by doubling so that a decode
+    step writes in place instead of copying the whole cache."""
 
-    def __init__(self, num_layers: int, tp_size: int):
+    def __init__(self, num_layers: int):
         self.length = 0  # tokens already in the cache (= position of the next token)
-        self.keys: list[list[torch.Tensor | None]] = [[None] * tp_size for _ in range(num_layers)]
-        self.values: list[list[torch.Tensor | None]] = [[None] * tp_size for _ in range(num_layers)]
+        self.kv: list[torch.Tensor | None] = [None] * num_layers  # [2 (K, V), kv_heads, capacity, head_size]
 
-    def append(self, layer: int, rank: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the new [kv_heads, n, head_size] K/V; returns all of the sequence's K/V."""
-        if self.keys[layer][rank] is not None:
-            k = torch.cat([self.keys[layer][rank], k], dim=1)
-            v = torch.cat([self.values[layer][rank], v], dim=1)
-        self.keys[layer][rank], self.values[layer][rank] = k, v
-        return k, v
+    def append(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        """Write the new [2, kv_heads, n, head_size] K/V after the ``length`` cached tokens;
+        returns the buffer (valid up to ``length + n``)."""
+        n, buffer = kv.shape[2], self.kv[layer]
+        end = self.length + n
+        if buffer is None or buffer.shape[2] < end:
+            capacity = max(end, 2 * (0 if buffer is None else buffer.shape[2]), 32)
+            grown = kv.new_empty(2, kv.shape[1], capacity, kv.shape[3])
+            if buffer is not None:
+                grown[:, :, :self.length] = buffer[:, :, :self.length]
+            self.kv[layer] = buffer = grown
+        buffer[:, :, self.length:end] = kv
+        return buffer
 
 
 class ReferenceModel:
@@ -158,9 +234,12 @@ class ReferenceModel:
                  ln_f: torch.Tensor, lm_heads: list[torch.Tensor]):
         self.config = config
         self._embeddings = embeddings  # per TP rank
-        self._layers = layers  # [layer][tp_rank]
+        self._layers = [_join_ranks(ranks, config.num_experts) for ranks in layers]
         self._ln_f = ln_f
-        self._lm_heads = lm_heads  # per TP rank, vocabulary slices, [hidden, vocab / tp]
+        # lm_head is vocabulary-parallel: the product with the rank slices ([hidden, vocab / tp]
+        # each) concatenated in rank order is the all-gather of the ranks' logits. The padding
+        # columns of the last slice are dropped here once, as after the gather.
+        self._lm_head = torch.cat(lm_heads, dim=1)[:, :config.vocab_size].contiguous()
         # Computed like transformers' default RoPE so that the angles match to the last bit.
         self._inv_freq = 1.0 / (config.rotary_base
                                 ** (torch.arange(0, config.head_size, 2, dtype=torch.int64).float() / config.head_size))
@@ -194,7 +273,7 @@ class ReferenceModel:
         return cls(config, embeddings, layers, ln_f, lm_heads)
 
     def new_sequence(self) -> SequenceCache:
-        return SequenceCache(self.config.num_layers, self.config.tp_size)
+        return SequenceCache(self.config.num_layers)
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[Sequence[int]], caches: Sequence[SequenceCache],
@@ -210,18 +289,18 @@ class ReferenceModel:
         ids = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
         positions = torch.cat([torch.arange(c.length, c.length + n) for c, n in zip(caches, counts)])
         cos, sin = self._rope(positions)
+        plan = _AttentionPlan(counts, caches)
         h = self._embed(ids)
-        for index, ranks in enumerate(self._layers):
-            x = _rms_norm(h, ranks[0].input_layernorm, self.config.norm_epsilon)
-            h = h + sum(self._attention(index, rank, layer, x, cos, sin, counts, caches)
-                        for rank, layer in enumerate(ranks))
-            x = _rms_norm(h, ranks[0].post_layernorm, self.config.norm_epsilon)
-            h = h + sum(_moe(layer, x, self.config.top_k) for layer in ranks)
+        for index, layer in enumerate(self._layers):
+            x = _rms_norm(h, layer.input_layernorm, self.config.norm_epsilon)
+            h = h + self._attention(index, layer, x, cos, sin, plan)
+            x = _rms_norm(h, layer.post_layernorm, self.config.norm_epsilon)
+            h = h + _moe(layer, x, self.config.top_k)
         for cache, n in zip(caches, counts):
             cache.length += n
         if not all_positions:
             h = h[torch.tensor(counts).cumsum(0) - 1]
-        logits = self._lm_head(_rms_norm(h, self._ln_f, self.config.norm_epsilon))
+        logits = _rms_norm(h, self._ln_f, self.config.norm_epsilon) @ self._lm_head
         if not all_positions:
             return list(logits)
         return list(logits.split(counts))
@@ -256,52 +335,88 @@ class ReferenceModel:
             start += table.shape[0]
         return out
 
-    def _attention(self, index: int, rank: int, layer: _RankLayer, x: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, counts: list[int], caches: Sequence[SequenceCache]) -> torch.Tensor:
-        """One rank's attention over the packed tokens: its partial sum of the dense output."""
-        d = self.config.head_size
+    def _attention(self, index: int, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   plan: "_AttentionPlan") -> torch.Tensor:
+        """The attention of all ranks' heads over the packed tokens, through the joined dense:
+        the sum of the ranks' partial dense outputs."""
+        d, kv_heads = self.config.head_size, layer.kv_heads
+        group = layer.q_heads // kv_heads  # query head j reads KV head j // group (grouped-query attention)
         qkv = x @ layer.qkv
-        q, k, v = qkv.split([layer.q_heads * d, layer.kv_heads * d, layer.kv_heads * d], dim=-1)
+        q, k, v = qkv.split([layer.q_heads * d, kv_heads * d, kv_heads * d], dim=-1)
         q = _rotate(q.view(-1, layer.q_heads, d), cos, sin)
-        k = _rotate(k.view(-1, layer.kv_heads, d), cos, sin)
-        v = v.view(-1, layer.kv_heads, d)
-        group = layer.q_heads // layer.kv_heads
-        outputs, start = [], 0
-        for cache, n in zip(caches, counts):
-            keys, values = cache.append(index, rank, k[start:start + n].transpose(0, 1),
-                                        v[start:start + n].transpose(0, 1))
-            total = keys.shape[1]
-            # Query head j reads KV head j // group, as grouped-query attention does.
-            scores = q[start:start + n].transpose(0, 1) @ keys.repeat_interleave(group, 0).transpose(1, 2)
-            scores = scores / math.sqrt(d)
+        k = _rotate(k.view(-1, kv_heads, d), cos, sin)
+        new_kv = torch.stack([k, v.view(-1, kv_heads, d)]).transpose(1, 2)  # [2, kv_heads, tokens, d]
+        scale = math.sqrt(d)
+        out = x.new_empty(x.shape[0], layer.q_heads * d)
+        if plan.decodes:
+            # One new token per sequence: all of them in one masked product over the caches
+            # padded to the longest (the padding's scores are -inf, so its weights are 0).
+            longest = max(plan.decode_lengths)
+            padded = x.new_zeros(2, len(plan.decodes), kv_heads, longest, d)
+            for row, (seq, token) in enumerate(plan.decodes):
+                cache = plan.caches[seq]
+                buffer = cache.append(index, new_kv[:, :, token:token + 1])
+                padded[:, row, :, :cache.length + 1] = buffer[:, :, :cache.length + 1]
+            query = q[plan.decode_tokens].view(len(plan.decodes), kv_heads, group, d)
+            scores = (query @ padded[0].transpose(-1, -2)) / scale  # [batch, kv_heads, group, longest]
+            scores = scores.masked_fill(plan.decode_padding, float("-inf"))
+            attended = scores.softmax(dim=-1) @ padded[1]  # [batch, kv_heads, group, d]
+            out[plan.decode_tokens] = attended.reshape(len(plan.decodes), -1)
+        for seq, start, n in plan.prefills:
+            cache = plan.caches[seq]
+            buffer = cache.append(index, new_kv[:, :, start:start + n])
+            total = cache.length + n
+            keys, values = buffer[0, :, :total], buffer[1, :, :total]  # [kv_heads, total, d]
+            query = q[start:start + n].transpose(0, 1).reshape(kv_heads, group, n, d)
+            scores = (query @ keys[:, None].transpose(-1, -2)) / scale  # [kv_heads, group, n, total]
             query_pos = torch.arange(total - n, total)[:, None]
             scores = scores.masked_fill(torch.arange(total)[None, :] > query_pos, float("-inf"))
-            attended = scores.softmax(dim=-1) @ values.repeat_interleave(group, 0)
-            outputs.append(attended.transpose(0, 1).reshape(n, -1))
+            attended = scores.softmax(dim=-1) @ values[:, None]  # [kv_heads, group, n, d]
+            out[start:start + n] = attended.reshape(layer.q_heads, n, d).transpose(0, 1).reshape(n, -1)
+        return out @ layer.dense
+
+
+class _AttentionPlan:
+    """How one step's packed tokens split into decodes (one new token, batched) and prefills
+    (several, one sequence at a time); the same for every layer."""
+
+    def __init__(self, counts: list[int], caches: Sequence[SequenceCache]):
+        self.caches = caches
+        self.decodes: list[tuple[int, int]] = []  # (sequence, token index)
+        self.prefills: list[tuple[int, int, int]] = []  # (sequence, first token index, count)
+        start = 0
+        for seq, n in enumerate(counts):
+            if n == 1:
+                self.decodes.append((seq, start))
+            else:
+                self.prefills.append((seq, start, n))
             start += n
-        return torch.cat(outputs) @ layer.dense
+        self.decode_lengths = [caches[seq].length + 1 for seq, _ in self.decodes]
+        self.decode_tokens = torch.tensor([token for _, token in self.decodes], dtype=torch.long)
+        if self.decodes:
+            lengths = torch.tensor(self.decode_lengths)
+            # [batch, 1, 1, longest]: True where a position is past the sequence's length
+            self.decode_padding = (torch.arange(max(self.decode_lengths))[None, :] >= lengths[:, None])[:, None, None]
 
-    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.cat([x @ head for head in self._lm_heads], dim=-1)  # all-gather
-        return logits[:, :self.config.vocab_size]  # drop the padding rows of the last slice
 
-
-def _moe(layer: _RankLayer, x: torch.Tensor, top_k: int) -> torch.Tensor:
-    """One rank's MoE output for the packed tokens: its experts (or expert slices) only."""
+def _moe(layer: _Layer, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The MoE output for the packed tokens: the tokens grouped by expert, each expert (all
+    its ranks' slices joined) applied once to its tokens."""
     logits = x @ layer.router
     top_logits, top_experts = logits.topk(top_k, dim=-1)
     weights = top_logits.softmax(dim=-1)  # RENORMALIZE: softmax over the chosen experts
-    out = torch.zeros_like(x)
-    local_count = layer.fc.shape[0]
-    for expert in top_experts.unique().tolist():
-        local = expert - layer.first_expert
-        if not 0 <= local < local_count:
-            continue  # another EP rank owns this expert
-        token, slot = (top_experts == expert).nonzero(as_tuple=True)
-        up, gate = (x[token] @ layer.fc[local]).chunk(2, dim=-1)  # fc is [w3; w1]
-        y = (F.silu(gate) * up) @ layer.proj[local]
-        out.index_add_(0, token, y * weights[token, slot, None])
-    return out
+    flat = top_experts.flatten()
+    order = flat.argsort(stable=True)
+    token = order // top_k
+    routed = x[token]  # [tokens * top_k, hidden], grouped by expert
+    outputs, start = [], 0
+    for expert, count in enumerate(torch.bincount(flat, minlength=layer.fc.shape[0]).tolist()):
+        if count:
+            up, gate = (routed[start:start + count] @ layer.fc[expert]).chunk(2, dim=-1)  # fc is [w3; w1]
+            outputs.append((F.silu(gate) * up) @ layer.proj[expert])
+            start += count
+    y = torch.cat(outputs) * weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token, y)
 
 
 def _in_major(weight: torch.Tensor) -> torch.Tensor:
