@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -68,11 +69,23 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
                         "remove it or choose another output folder")
     if manifest is None:
         manifest = {"format": MANIFEST_FORMAT, "settings": settings, "audit": None, "ranks": {}}
+    created = not out.exists()
+    audit_pool = audit_job = gate = None
+    stop_audit = threading.Event()
     if dtype == "float16" and manifest["audit"] is None:
-        result = audit(source, fp16_sources(layouts), workers, chunk_bytes)
-        log(result.summary())
-        enforce(result, clamp_fp16)
-        manifest["audit"] = result.to_json()
+        def audited(threads: int) -> None:
+            result = audit(source, fp16_sources(layouts), threads, chunk_bytes, stop_audit)
+            log(result.summary())
+            enforce(result, clamp_fp16)
+            manifest["audit"] = result.to_json()
+        if memory_budget is None or memory_budget >= (workers + 1) * WORKER_PEAK_CHUNKS * chunk_bytes:
+            # The audit reads the source in one thread of its own (one more worker's memory)
+            # while the ranks are written, on another core; write_rank waits for it (`gate`)
+            # before publishing a rank, so a failed audit still leaves nothing trusted.
+            audit_pool = ThreadPoolExecutor(max_workers=1)
+            audit_job = audit_pool.submit(audited, 1)
+        else:
+            audited(workers)  # no memory to run both at once: audit first, as a separate pass
 
     out.mkdir(exist_ok=True)
     for stale in out.glob(".*.tmp"):  # left by a run that was killed
@@ -80,33 +93,50 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
     todo = [rank for rank in range(parallel.world_size) if not _finished(out, manifest, rank)]
     if todo:
         (out / "config.json").unlink(missing_ok=True)
-    _write_json_atomic(out / MANIFEST, manifest)
+    if audit_job is None:
+        _write_json_atomic(out / MANIFEST, manifest)
+    else:  # written, with the audit, once the audit has passed
+        gate = _Once(audit_job.result, lambda: _write_json_atomic(out / MANIFEST, manifest))
     for rank in sorted(set(range(parallel.world_size)) - set(todo)):
         log(f"rank {rank}: already written and verified")
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-        futures = {pool.submit(write_rank, out, rank, layouts[rank], source, clamp_fp16, chunk_bytes): rank
-                   for rank in todo}
-        try:
-            for future in as_completed(futures):
-                rank, entry = futures[future], future.result()
-                manifest["ranks"][str(rank)] = entry
-                _write_json_atomic(out / MANIFEST, manifest)
-                log(f"rank {rank}: wrote {entry['file']} ({entry['bytes']} bytes)")
-        except BaseException:
-            # A failed rank (or Ctrl-C) stops the ranks not yet started; those running finish
-            # but stay out of the manifest, so a rerun writes them again.
-            for pending in futures:
-                pending.cancel()
-            raise
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+            futures = {pool.submit(write_rank, out, rank, layouts[rank], source, clamp_fp16, chunk_bytes,
+                                   gate): rank
+                       for rank in todo}
+            try:
+                for future in as_completed(futures):
+                    rank, entry = futures[future], future.result()
+                    manifest["ranks"][str(rank)] = entry
+                    _write_json_atomic(out / MANIFEST, manifest)
+                    log(f"rank {rank}: wrote {entry['file']} ({entry['bytes']} bytes)")
+            except BaseException:
+                # A failed rank (or Ctrl-C) stops the ranks not yet started; those running finish
+                # but stay out of the manifest, so a rerun writes them again.
+                for pending in futures:
+                    pending.cancel()
+                raise
+        if gate is not None:
+            gate()  # no rank was left to write: the audit must still pass and be recorded
+    except BaseException:
+        if audit_pool is not None:
+            stop_audit.set()  # a failed conversion need not wait for the audit to finish
+            audit_pool.shutdown()
+            if created and not any(out.iterdir()):
+                out.rmdir()  # as when the audit ran first: a refused conversion leaves no folder
+        raise
+    if audit_pool is not None:
+        audit_pool.shutdown()
     _write_json_atomic(out / "config.json", trtllm_config(source.hf_config, source.model, parallel, dtype))
     log(f"wrote a TensorRT-LLM checkpoint for {parallel.world_size} ranks to {out}")
     return manifest
 
 
 def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckpoint, clamp_fp16: bool,
-               chunk_bytes: int) -> dict:
-    """Stream one rank file; returns its manifest entry."""
+               chunk_bytes: int, gate: Callable[[], None] | None = None) -> dict:
+    """Stream one rank file; returns its manifest entry. `gate` (the float16 audit) must
+    return before the file takes its final name."""
     final, tmp = out / f"rank{rank}.safetensors", out / f".rank{rank}.safetensors.tmp"
     header, offset = {}, 0
     for tensor in outputs:
@@ -115,7 +145,7 @@ def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckp
         offset += tensor.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # as safetensors does: the data starts 8-byte aligned
-    digest = hashlib.sha256()
+    digest = _BackgroundSha256()
     try:
         with open(tmp, "wb") as f:
             for piece in (struct.pack("<Q", len(head)), head):
@@ -128,12 +158,17 @@ def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckp
         size = tmp.stat().st_size
         if size != 8 + len(head) + offset:
             raise RuntimeError(f"{tmp} has {size} bytes, expected {8 + len(head) + offset}")
+        sha256 = digest.hexdigest()
+        if gate is not None:
+            gate()
         os.replace(tmp, final)
         _fsync_dir(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"file": final.name, "bytes": size, "sha256": digest.hexdigest()}
+    finally:
+        digest.close()
+    return {"file": final.name, "bytes": size, "sha256": sha256}
 
 
 def write_tensor(f: BinaryIO, digest, tensor: Output, source: SourceCheckpoint, clamp_fp16: bool,
@@ -141,12 +176,59 @@ def write_tensor(f: BinaryIO, digest, tensor: Output, source: SourceCheckpoint, 
     written = 0
     for values in iter_values(tensor, source, clamp_fp16, chunk_bytes):
         data = values.view(torch.uint8).numpy()
+        digest.update(data)  # hashed in another thread while this thread writes it
         f.write(data)
-        digest.update(data)
         written += data.nbytes
         del values, data  # free this chunk before the next is computed
     if written != tensor.nbytes:
         raise RuntimeError(f"{tensor.name}: wrote {written} bytes, the layout says {tensor.nbytes}")
+
+
+class _BackgroundSha256:
+    """sha256 computed in a second thread, so hashing a chunk overlaps writing it and casting
+    the next (hashlib releases the GIL for large buffers). Chunks are hashed in order; at most
+    one waits, and it holds its own buffer, so this keeps one extra chunk alive."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._thread = ThreadPoolExecutor(max_workers=1)
+        self._pending = None
+
+    def update(self, data) -> None:
+        self._wait()
+        self._pending = self._thread.submit(self._digest.update, data)
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._thread.shutdown(cancel_futures=True)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
+class _Once:
+    """Calls `first` then `then` once, whichever thread asks first; the others wait for it.
+    An error is raised again to every caller."""
+
+    def __init__(self, first: Callable[[], object], then: Callable[[], object] = lambda: None):
+        self._steps, self._lock, self._error, self._done = (first, then), threading.Lock(), None, False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if not self._done:
+                try:
+                    for step in self._steps:
+                        step()
+                except BaseException as exc:
+                    self._error = exc
+                self._done = True
+            if self._error is not None:
+                raise self._error
 
 
 def load_manifest(out: Path) -> dict | None:
