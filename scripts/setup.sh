@@ -37,6 +37,6 @@ pip_install() {
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install --upgrade pip
-pip_install -e "$root[test]"
+pip_install -e "${root}[test,bench]"
 echo "$want" > "$stamp"
 echo "setup: done"

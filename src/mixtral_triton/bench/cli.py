@@ -1,0 +1,131 @@
+"""`scripts/bench/run.py`: measure, write bench/results/latest.json, regenerate BENCHMARKS.md
+and bench/plots/*.png.
+
+    .venv/bin/python scripts/bench/run.py                 # everything (7-10 min on 2 cores)
+    .venv/bin/python scripts/bench/run.py --quick         # fewer cells (1-2 min)
+    .venv/bin/python scripts/bench/run.py --only serving  # or converter, perf_analyzer (repeatable)
+    .venv/bin/python scripts/bench/run.py --report-only   # re-render from latest.json
+
+With --only, the other sections of latest.json are kept as they were (each section records
+when, on which commit and how it was measured), so the report always covers every section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from mixtral_triton.errors import UserError, one_line_errors
+
+ROOT = Path(__file__).resolve().parents[3]
+SECTIONS = ("serving", "perf_analyzer", "converter")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/bench/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--only", action="append", choices=SECTIONS,
+                   help="measure only this section (repeatable); the others are kept from latest.json")
+    p.add_argument("--quick", action="store_true",
+                   help="one shape (128/128), concurrency 1 and 8, fewer requests, one conversion")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: re-render the report")
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    p.add_argument("--work-dir", type=Path, default=ROOT / "bench" / ".work",
+                   help="fixtures, converted checkpoints, repositories and logs (kept between runs, git-ignored)")
+    p.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--plots", type=Path, default=ROOT / "bench" / "plots")
+    return p
+
+
+def _load(path: Path) -> dict:
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            pass
+    return {}
+
+
+def _plans(quick: bool):
+    from mixtral_triton.bench.serving import ServingPlan
+    from mixtral_triton.bench.workload import Shape
+
+    if quick:
+        return ServingPlan(shapes=[Shape(128, 128)], concurrencies=[1, 8], requests_per_worker=2,
+                           min_requests=4, prompt_pool=8, perf_analyzer_concurrencies=(1,),
+                           in_process_batches=(1, 8)), (1,)
+    return ServingPlan(shapes=[Shape(128, 128), Shape(32, 256)], concurrencies=[1, 2, 4, 8, 16]), (1, 2)
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from mixtral_triton.bench import machine, report
+
+    results = _load(args.results)
+    if not args.report_only:
+        wanted = set(args.only or SECTIONS)
+        machine_info = machine.describe(ROOT)
+        results["schema"] = 1
+        results["machine"] = machine_info
+        results.setdefault("runs", {})
+        serving_plan, converter_workers = _plans(args.quick)
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        print(f"benchmark: {', '.join(s for s in SECTIONS if s in wanted)}{' (quick)' if args.quick else ''}; "
+              f"{machine_info['cores']} cores, load average {machine_info['load_average_at_start']}", flush=True)
+
+        def stamp(name: str, started: float) -> None:
+            results["runs"][name] = {"date_utc": machine_info["date_utc"], "quick": args.quick,
+                                     "duration_s": time.monotonic() - started, "machine": machine_info,
+                                     "load_average_at_end": machine.load_average()}
+
+        if "serving" in wanted or "perf_analyzer" in wanted:
+            from mixtral_triton.bench.serving import plan_dict, run_serving
+
+            serving_plan.run_paths = "serving" in wanted
+            serving_plan.perf_analyzer = "perf_analyzer" in wanted
+            started = time.monotonic()
+            print("serving" + (" + perf_analyzer" if serving_plan.perf_analyzer else ""), flush=True)
+            section = run_serving(ROOT, args.work_dir / "serving", serving_plan, log=_log)
+            pa = section.pop("perf_analyzer", None)
+            if serving_plan.run_paths:
+                section["plan"] = plan_dict(serving_plan)
+                results["serving"] = section
+                stamp("serving", started)
+            if pa is not None:
+                results["perf_analyzer"] = pa
+                stamp("perf_analyzer", started)
+        if "converter" in wanted:
+            from mixtral_triton.bench.converter import run_converter
+
+            started = time.monotonic()
+            print("converter", flush=True)
+            results["converter"] = run_converter(args.work_dir / "converter", workers=converter_workers, log=_log)
+            stamp("converter", started)
+        from mixtral_triton.bench.gpu import gpu_section
+
+        results["gpu"] = gpu_section()
+        results["targets"] = report.targets(results)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.results.with_name(f".{args.results.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, args.results)
+        print(f"wrote {args.results}", flush=True)
+    elif not results:
+        raise UserError(f"{args.results} does not exist: run without --report-only first")
+    for path in report.write_report(results, ROOT, args.plots, args.report):
+        print(f"wrote {path}", flush=True)
+    for row in results.get("targets") or report.targets(results):
+        verdict = "n/a" if row["ok"] is None else ("met" if row["ok"] else "MISSED")
+        print(f"  [{verdict:>6}] {row['target']}: {row['measured']}", flush=True)
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
