@@ -6,84 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from mixtral_triton.client import AsyncPredictClient, Completion, PredictClient
-from mixtral_triton.protocol import FIELDS, MAX_STOP_CHARS, MAX_STOPS, RequestError
-from mixtral_triton.protocol.predict import FLOAT32_MAX
+from helpers import LONG, PROMPT, case_id, greedy_whole, invalid_values, wait_active
+from mixtral_triton.client import AsyncPredictClient, PredictClient
+from mixtral_triton.protocol import RequestError
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "What is mistral wind?"
-LONG = 1800  # tokens: about 15 s of generation on the CPU engine, cut short by every test
-
-
-# ---------------------------------------------------------------------------------------
-# Shared with tests/test_gateway.py
-
-
-def invalid_values() -> list[tuple[str, object]]:
-    """(field, value) pairs that break each rule of mixtral_triton.protocol.FIELDS, derived
-    from the table itself: wrong types, each bound and its exclusive edge, the stop limits."""
-    cases: list[tuple[str, object]] = []
-    for spec in FIELDS:
-        name = spec.name
-        if spec.kind == "string":
-            cases += [(name, ""), (name, 5)]
-        elif spec.kind == "boolean":
-            cases += [(name, "yes"), (name, 1)]
-        elif spec.kind == "stop":
-            cases += [(name, 5), (name, [""]), (name, [1]), (name, ["x"] * (MAX_STOPS + 1)),
-                      (name, "x" * (MAX_STOP_CHARS + 1))]
-        else:
-            cases += [(name, "1"), (name, True)]
-            if spec.kind == "integer":
-                cases.append((name, 1.5))
-            else:
-                cases.append((name, FLOAT32_MAX * 10))  # finite JSON, not an FP32
-            step = 1 if spec.kind == "integer" else 0.5
-            if spec.minimum is not None:
-                cases.append((name, spec.minimum if spec.exclusive_minimum else spec.minimum - step))
-            if spec.maximum is not None:
-                cases.append((name, spec.maximum if spec.exclusive_maximum else spec.maximum + step))
-    return cases
-
-
-def case_id(case) -> str:
-    name, value = case
-    return f"{name}={str(value)[:20]}"
-
-
-def active_requests(server) -> float:
-    """The engine's `nv_trt_llm_request_metrics{request_type="active"}` gauge."""
-    with urllib.request.urlopen(f"http://{server.host}:{server.ports.metrics}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    match = re.search(r'^nv_trt_llm_request_metrics\{[^}]*request_type="active"[^}]*\} (\S+)$',
-                      text, re.MULTILINE)
-    assert match, "the engine's active-request gauge is missing"
-    return float(match.group(1))
-
-
-def wait_active(server, predicate, timeout_s: float = 10.0) -> float:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = active_requests(server)
-        if predicate(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
-
-
-def greedy_whole(server, max_tokens: int = 24, prompt: str = PROMPT) -> Completion:
-    """The ensemble's own non-streamed answer (stream=False on the wire), greedy."""
-    return PredictClient(server.grpc_url).predict(prompt, stream=False, max_tokens=max_tokens,
-                                                  temperature=0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -121,9 +121,10 @@ def test_image_requirements_cover_the_runtime_imports():
     test_named = {install_requirements.canonical(name) for name, _, _ in install_requirements.parse_requirements(
         (DEPLOY / "image" / "requirements-test.txt").read_text())}
     # Run in the image: everything but the CPU-only reference engine, the test fixture and the
-    # benchmark's load generator (run from a client machine, not in the serving image).
+    # load generators of the benchmark and the soak (run from a client machine, not in the
+    # serving image).
     test_only = {"fixture"}
-    skip = {"reference", "bench"}
+    skip = {"reference", "bench", "soak.py"}
     files = [p for p in (ROOT / "src" / "mixtral_triton").rglob("*.py")
              if not set(p.relative_to(ROOT / "src" / "mixtral_triton").parts[:1]) & (skip | test_only)]
     files += list((ROOT / "model_repository").glob("[!t]*/1/model.py"))  # not the reference engine

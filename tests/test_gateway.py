@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,51 +20,18 @@ import jsonschema
 import openai
 import pytest
 import requests
-import uvicorn
 
 from mixtral_triton.client import Chunk, PredictClient, ServerError
-from mixtral_triton.gateway import GatewaySettings, Serving, create_app
+from mixtral_triton.gateway import GatewaySettings, Serving
 from mixtral_triton.gateway.chat import ChatTemplate
 from mixtral_triton.gateway.metrics import Metrics
 from mixtral_triton.launcher import TritonServer, free_ports
 from mixtral_triton.protocol import json_schema
-from test_client import LONG, PROMPT, case_id, greedy_whole, invalid_values, wait_active
+from helpers import (LONG, PROMPT, Gateway, case_id, gateway, greedy_whole, invalid_values, metric,
+                     wait_active, wait_metric)
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-key"
-
-
-class Gateway:
-    """create_app() served by uvicorn on a free loopback port, in a thread."""
-
-    def __init__(self, settings: GatewaySettings, serving: Serving | None = None):
-        self.app = create_app(settings, serving)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))  # held, so no other process can take the port
-        self.port = self.socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                       daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.socket.close()
-
-
-@contextlib.contextmanager
-def gateway(**settings):
-    g = Gateway(GatewaySettings(**settings))
-    try:
-        yield g
-    finally:
-        g.stop()
 
 
 @pytest.fixture(scope="module")
@@ -104,21 +70,6 @@ def open_stream(g: Gateway, path: str, body: dict, headers: dict | None = None):
                                                         **(headers or {})})
     response = connection.getresponse()
     return connection, response
-
-
-def metric(g: Gateway, prefix: str) -> float:
-    text = requests.get(f"{g.url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(prefix))
-
-
-def wait_metric(g: Gateway, prefix: str, predicate, timeout_s: float = 5.0) -> float:
-    """A gateway metric once it satisfies predicate (a generation's slot is given back
-    just after its last byte, when its gRPC stream has closed)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate(value := metric(g, prefix)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,6 +391,9 @@ class _FailingClient:
         raise ServerError("the server closed the stream", "UNAVAILABLE")
 
     async def is_ready(self):
+        return True
+
+    async def answers(self):
         return True
 
     async def close(self):

@@ -14,9 +14,10 @@ import shlex
 import shutil
 from pathlib import Path
 
-from mixtral_triton.convert.mapping import resolve
+from mixtral_triton.convert.layout import SourceCheckpoint
+from mixtral_triton.convert.mapping import check_model, resolve
 from mixtral_triton.convert.writer import convert
-from mixtral_triton.errors import UserError, one_line_errors
+from mixtral_triton.errors import OneLineArgumentParser, UserError, one_line_errors
 from mixtral_triton.repository.fill import Settings, fill_repository
 
 
@@ -26,17 +27,23 @@ def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: 
     checkpoint, work_dir = Path(checkpoint).resolve(), Path(work_dir).resolve()
     if not (checkpoint / "config.json").is_file():
         raise UserError(f"{checkpoint} is not a Hugging Face checkpoint folder (no config.json)")
-    work_dir.mkdir(parents=True, exist_ok=True)
     trtllm_checkpoint = work_dir / f"trtllm-checkpoint-tp{tp}"
-    convert(checkpoint, trtllm_checkpoint, parallel=resolve(tp=tp), log=log)
+    engine_dir = work_dir / f"engine-tp{tp}"
     settings = dict(target=target, tokenizer_dir=checkpoint, max_input_len=max_input_len,
                     max_seq_len=max_seq_len)
     if target == "cpu":
         settings.update(checkpoint_dir=trtllm_checkpoint, max_batch_size=max_batch_size)
     else:
-        settings["engine_dir"] = _engine(trtllm_checkpoint, work_dir / f"engine-tp{tp}", gpu,
-                                         max_input_len, max_seq_len - max_input_len, log)
-    repository = fill_repository(Settings(**settings), work_dir / f"model_repository-{target}")
+        settings["engine_dir"] = engine_dir
+    settings = Settings(**settings)
+    settings.validate_limits()  # a bad option is refused before the conversion, not after
+    parallel = resolve(tp=tp)
+    check_model(parallel, SourceCheckpoint(checkpoint).model)  # e.g. a TP that cannot split it
+    work_dir.mkdir(parents=True, exist_ok=True)
+    convert(checkpoint, trtllm_checkpoint, parallel=parallel, log=log)
+    if target != "cpu":
+        _engine(trtllm_checkpoint, engine_dir, gpu, max_input_len, max_seq_len - max_input_len, log)
+    repository = fill_repository(settings, work_dir / f"model_repository-{target}")
     log(f"model repository ready: {repository}")
     return repository
 
@@ -60,7 +67,7 @@ def _engine(trtllm_checkpoint: Path, engine_dir: Path, gpu: str, max_input_len: 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mixtral-triton-build",
+    p = OneLineArgumentParser(prog="mixtral-triton-build",
                                 description="Checkpoint folder -> filled Triton model repository.")
     p.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint folder (safetensors)")
     p.add_argument("--work-dir", type=Path, required=True,

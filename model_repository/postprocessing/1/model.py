@@ -78,7 +78,7 @@ class TritonPythonModel:
                 text = completion.add(new_token_ids(outputs["output_ids"], outputs.get("sequence_length")))
                 if completion.stopped and not stop_sent:
                     stop_sent = True
-                    self._stop_engine(run.engine_id)
+                    self._try_stop_engine(run.engine_id)
                 if text and streaming:
                     sender.send(self._response(text, "", completion))
                 elif text:
@@ -109,13 +109,21 @@ class TritonPythonModel:
         for _ in self._engine_stream(stop_inputs(), engine_id):
             pass
 
+    def _try_stop_engine(self, engine_id):
+        """Stop the engine early, if it takes the stop: under a full queue (max_queue_size) it
+        may refuse it, and the generation then ends by itself; its text is cut already."""
+        try:
+            self._stop_engine(engine_id)
+        except RuntimeError as exc:
+            pb_utils.Logger.log_warn(f"could not stop engine request {engine_id} early: {exc}")
+
     def _cancel(self, client_id):
         with self.lock:
             runs = [run for run in self.running.get(client_id, []) if not run.cancelled]
             for run in runs:
                 run.cancelled = True
         for run in runs:
-            self._stop_engine(run.engine_id)
+            self._try_stop_engine(run.engine_id)
 
     @staticmethod
     def _response(text, finish_reason, completion):

@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.errors import UserError
 from mixtral_triton.reference import Engine, ReferenceModel
+from mixtral_triton.reference.engine import QueueFull
 from mixtral_triton.reference.contract import is_stop_request, output_arrays, request_from_inputs
 
 CANCELLATION_CHECK_PERIOD_S = 0.05
@@ -28,8 +29,12 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         model = ReferenceModel.from_trtllm_checkpoint(params["checkpoint_dir"])
+        # The queue bound of this model's dynamic_batching, which the C++ backend also
+        # applies to its executor: more requests waiting for a batch slot are refused.
+        queue_policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
         self.engine = Engine(model, max_batch_size=int(params["max_batch_size"]),
-                             max_seq_len=int(params["max_seq_len"]))
+                             max_seq_len=int(params["max_seq_len"]),
+                             max_queue_size=int(queue_policy.get("max_queue_size", 0)))
         self.lock = threading.Lock()
         self.live = {}  # engine request id -> (triton request, its Triton request id)
         family = pb_utils.MetricFamily(name=REQUEST_METRICS, description="TRT LLM request metrics",
@@ -89,6 +94,11 @@ class TritonPythonModel:
         with self.lock:  # hold the lock so on_event cannot pop before we register
             try:
                 handle = self.engine.submit(engine_request, on_event)
+            except QueueFull as exc:  # overload: the client may retry, unlike a bad request
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    str(exc), pb_utils.TritonError.UNAVAILABLE)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
             except UserError as exc:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     str(exc), pb_utils.TritonError.INVALID_ARG)),

@@ -68,6 +68,28 @@ class AsyncPredictClient:
         except InferenceServerException:
             return False
 
+    async def answers(self, timeout_s: float = 2.0) -> bool:
+        """The ensemble's Python models answer a request: a `stop` for an id that runs
+        nothing (no engine work). Triton 2.51 keeps reporting a model ready after its Python
+        stub process has died; this notices it."""
+        outbox: asyncio.Queue = asyncio.Queue()
+        inbox: asyncio.Queue = asyncio.Queue()
+        outbox.put_nowait(cancel_call(new_request_id()))
+        outbox.put_nowait(_END)
+        try:
+            call = self._grpc().stream_infer(_requests(outbox))
+        except InferenceServerException:
+            return False
+        reader = asyncio.create_task(_read(call, inbox))
+        try:
+            result, error = await _next(inbox, timeout_s)
+            return error is None and is_final(result)
+        except ServerError:
+            return False
+        finally:
+            call.cancel()
+            reader.cancel()
+
     async def predict(self, prompt: str, stream: bool = True,
                       **fields) -> AsyncIterator[str] | Completion:
         """Text chunks as they come (stream=True) or the whole Completion (stream=False).

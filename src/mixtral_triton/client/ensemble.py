@@ -126,6 +126,12 @@ def chunk_of(result) -> Chunk | None:
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 _REQUEST_ERROR = re.compile(r"^(?P<field>[a-z_]+)(\[\d+\])? (must|is required)")
 _FIELD_OF_INPUT = {spec.tensor: spec.name for spec in FIELDS}
+# A full queue (Triton's scheduler, or the engine's max_queue_size) is an overload to retry,
+# which the gRPC stream cannot say with a status either.
+_OVERLOADED = re.compile(r"exceeds maximum queue size|engine's queue is full", re.IGNORECASE)
+# A Python model's stub process died (Triton 2.51 neither restarts it nor stops reporting
+# the model ready): the server cannot serve until it is restarted.
+_STUB_DOWN = re.compile(r"Stub process '[^']*' is not healthy")
 
 
 def server_error(error) -> Exception:
@@ -137,5 +143,7 @@ def server_error(error) -> Exception:
     if refused:
         field = refused.group("field")
         return RequestError(_FIELD_OF_INPUT.get(field, field), message)
+    if _OVERLOADED.search(message) or _STUB_DOWN.search(message):
+        return ServerError(message, "UNAVAILABLE")
     status = error.status() if hasattr(error, "status") else None
     return ServerError(message, status.removeprefix("StatusCode.") if status else None)

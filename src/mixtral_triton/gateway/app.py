@@ -45,18 +45,76 @@ def _is_openai(request: Request) -> bool:
 
 def _errors(*statuses: int) -> dict:
     words = {400: "Invalid request (the field is named)", 401: "Missing or wrong API key",
-             404: "No such model", 429: "Too many generations in flight (see Retry-After)",
+             404: "No such model", 413: "The request body is over --max-body-size",
+             429: "Too many generations in flight (see Retry-After)",
              500: "Generation failed", 503: "The model server is unavailable",
              504: "The model server did not answer in time"}
     return {status: {"model": p.ErrorResponse, "description": words[status]} for status in statuses}
 
 
-async def _json_body(request: Request):
-    raw = await request.body()
+def _sse(chunk: str) -> dict:
+    """An event stream's media type entry. In OpenAPI 3.1 its schema describes each event
+    (as 3.2's itemSchema does): `data` holds one JSON chunk (or an error object, should the
+    server fail mid-stream), and the last event's is `[DONE]`."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    data = {"type": "string", "if": {"const": "[DONE]"}, "then": True,
+            "else": {"contentMediaType": "application/json", "contentSchema": payload}}
+    return {"schema": {"type": "object", "required": ["data"], "properties": {"data": data},
+                       "description": "one server-sent event"}}
+
+
+def _too_large(limit: int) -> p.GatewayError:
+    return p.GatewayError(413, "invalid_request_error", f"the request body is larger than this "
+                          f"gateway's limit of {limit} bytes (--max-body-size)")
+
+
+async def _json_body(request: Request, limit: int):
+    """The decoded JSON body, read up to `limit` bytes (413 beyond: a body announced as
+    larger is refused before it is read). Invalid UTF-8 inside a string is kept as lone
+    surrogates (surrogateescape), so that parse_request refuses it naming its field."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    too_deep = p.GatewayError(400, "invalid_request_error", f"the request body is JSON nested "
+                              f"deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw)
+        try:
+            body = json.loads(raw)
+        except UnicodeDecodeError:
+            body = json.loads(raw.decode("utf-8", "surrogateescape"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise p.GatewayError(400, "invalid_request_error", f"the request body is not valid JSON: {exc}")
+    except RecursionError:  # [[[[...]]]]: json gives up at the interpreter's depth
+        raise too_deep from None
+    if _depth(body) > MAX_JSON_DEPTH:  # so that no check or message after this recurses deep
+        raise too_deep
+    return body
+
+
+# The deepest request is a chat message's content parts: body, messages, message, content,
+# part. Far deeper JSON is refused before anything walks it.
+MAX_JSON_DEPTH = 32
+
+
+def _depth(value) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((item, depth + 1) for item in value)
+    return deepest
 
 
 def _api_key_check(api_key: str):
@@ -124,9 +182,9 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
                                "stream true: the completion's text as it is generated "
                                "(text/plain); stream false: JSON",
                                "content": {"text/plain": {"schema": {"type": "string"}}}},
-                         **_errors(400, 401, 429, 500, 503, 504)})
+                         **_errors(400, 401, 413, 429, 500, 503, 504)})
     async def predict(request: Request):
-        body = await _json_body(request)
+        body = await _json_body(request, settings.max_body_bytes)
         predict_request = parse_request(body)  # the predict API's validation, verbatim
         fmt = p.PredictStream() if predict_request.stream else p.PredictWhole()
         return serving.generation(predict_request, fmt, "/predict")
@@ -136,10 +194,10 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
               responses={200: {"model": p.CompletionResponse, "description":
                                "JSON, or with stream true server-sent events of the same "
                                "object, text in pieces, ending with `data: [DONE]`",
-                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                         **_errors(400, 401, 404, 429, 500, 503, 504)})
+                               "content": {"text/event-stream": _sse("CompletionResponse")}},
+                         **_errors(400, 401, 404, 413, 429, 500, 503, 504)})
     async def completions(request: Request):
-        body = await _json_body(request)
+        body = await _json_body(request, settings.max_body_bytes)
         try:
             openai_request = p.parse_completion_request(body, settings.model_name)
         except p.ModelNotFound as exc:
@@ -152,10 +210,10 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
               responses={200: {"model": p.ChatCompletionResponse, "description":
                                "JSON, or with stream true server-sent events of "
                                "chat.completion.chunk objects ending with `data: [DONE]`",
-                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                         **_errors(400, 401, 404, 429, 500, 503, 504)})
+                               "content": {"text/event-stream": _sse("ChatCompletionChunk")}},
+                         **_errors(400, 401, 404, 413, 429, 500, 503, 504)})
     async def chat_completions(request: Request):
-        body = await _json_body(request)
+        body = await _json_body(request, settings.max_body_bytes)
         try:
             openai_request = p.parse_chat_request(body, settings.model_name, serving.chat.render)
         except p.ModelNotFound as exc:
@@ -197,6 +255,11 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
             for path, schema in bodies.items():
                 document["paths"][path]["post"]["requestBody"] = {
                     "required": True, "content": {"application/json": {"schema": schema}}}
+            # the chat chunk is referenced only by the event stream's schema
+            chunk = p.ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(chunk.pop("$defs", {}))
+            schemas["ChatCompletionChunk"] = chunk
             app.openapi_schema = document
         return app.openapi_schema
 

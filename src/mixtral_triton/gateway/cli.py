@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
                    "/v1/chat/completions uses (without it, chat answers 400)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for each response of the engine (default 300)")
+    p.add_argument("--max-body-size", type=int, default=1 << 20, metavar="BYTES",
+                   help="the largest request body accepted; larger ones are answered 413 "
+                   "without being read (default 1048576, 1 MiB)")
     p.add_argument("--log-prompts", action="store_true",
                    help="log prompt text (off by default: prompts are the users' data)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     if args.max_concurrency < 1:
         raise UserError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    if args.max_body_size < 1:
+        raise UserError(f"--max-body-size must be at least 1 byte, got {args.max_body_size}")
     if args.timeout <= 0:
         raise UserError(f"--timeout must be positive, got {args.timeout}")
     from mixtral_triton.launcher.ports import port_is_free
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings(triton_grpc_url=args.triton_grpc_url, max_concurrency=args.max_concurrency,
                                api_key=api_key or None, model_name=args.model_name,
                                tokenizer_dir=args.tokenizer_dir, log_prompts=args.log_prompts,
-                               timeout_s=args.timeout)
+                               timeout_s=args.timeout, max_body_bytes=args.max_body_size)
     app = create_app(settings)
     print(f"gateway: http://{args.host}:{args.port} -> triton grpc {args.triton_grpc_url} "
           f"(model {args.model_name}, max {args.max_concurrency} generations, "

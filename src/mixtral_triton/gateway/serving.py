@@ -49,6 +49,7 @@ class GatewaySettings:
     log_prompts: bool = False
     timeout_s: float = 300.0  # the longest wait for one response from the engine
     retry_after_s: int = 1
+    max_body_bytes: int = 1 << 20  # larger request bodies are answered 413, unread
 
 
 class StreamAborted(Exception):
@@ -69,7 +70,9 @@ class Serving:
         self.in_flight = 0
 
     async def ready(self) -> bool:
-        return await self.client.is_ready()
+        """Triton and the ensemble are ready, and its Python models answer (a dead stub
+        process leaves Triton reporting ready: docs/reliability.md)."""
+        return await self.client.is_ready() and await self.client.answers()
 
     async def close(self) -> None:
         await self.client.close()
@@ -90,12 +93,14 @@ class Serving:
         self.metrics.in_flight.dec()
 
 
-def server_error_status(exc: ServerError) -> GatewayError:
+def server_error_status(exc: ServerError, retry_after_s: int = 1) -> GatewayError:
     status, type_ = _SERVER_ERRORS.get(exc.status or "", (500, "server_error"))
     message = str(exc)
-    if status == 503:
+    headers = {}
+    if status == 503:  # gone or overloaded: worth retrying, as a 429
         message = f"the model server is unavailable: {message}"
-    return GatewayError(status, type_, message)
+        headers["Retry-After"] = str(retry_after_s)
+    return GatewayError(status, type_, message, headers=headers)
 
 
 def json_response_events(status: int, body: dict, headers: dict[str, str] | None = None):
@@ -165,7 +170,7 @@ class GenerationResponse(Response):
             except Exception as exc:
                 error = self._error(exc)
                 for event in json_response_events(error.status, error.body(fmt.openai),
-                                                  {"X-Request-Id": self.request_id}):
+                                                  {"X-Request-Id": self.request_id, **error.headers}):
                     await send(event)
                 log.info("%s %s: %d %s", self.route, self.request_id, error.status, error.message)
                 return
@@ -221,7 +226,7 @@ class GenerationResponse(Response):
         except Exception as exc:
             error = self._error(exc)
             for event in json_response_events(error.status, error.body(self.fmt.openai),
-                                              {"X-Request-Id": self.request_id}):
+                                              {"X-Request-Id": self.request_id, **error.headers}):
                 await send(event)
             return
         body = self.fmt.whole("".join(texts), last)
@@ -237,7 +242,7 @@ class GenerationResponse(Response):
         if isinstance(exc, RequestError):
             return GatewayError.of_request_error(self.fmt.rename(exc))
         if isinstance(exc, ServerError):
-            return server_error_status(exc)
+            return server_error_status(exc, self.serving.settings.retry_after_s)
         if isinstance(exc, StopAsyncIteration):
             return GatewayError(502, "server_error", "the model server ended the stream early")
         raise exc

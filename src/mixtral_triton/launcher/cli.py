@@ -10,14 +10,14 @@ import signal
 import threading
 from pathlib import Path
 
-from mixtral_triton.errors import UserError, one_line_errors
+from mixtral_triton.errors import OneLineArgumentParser, UserError, one_line_errors
 from mixtral_triton.launcher.cpu import TritonServer, cpu_server_command
 from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, mpi_server_command
 from mixtral_triton.launcher.ports import Ports, free_ports
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="mixtral-triton-launch",
         description="Start Triton Inference Server on a filled model repository. "
         "--target cpu runs the server from the nvidia-pytriton wheel on this machine; "
@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     repo = args.model_repository.resolve()
     if not repo.is_dir():
         raise UserError(f"--model-repository {args.model_repository} is not a folder")
+    if args.exit_timeout_secs < 0:
+        raise UserError(f"--exit-timeout-secs must not be negative, got {args.exit_timeout_secs}")
+    if args.log_verbose < 0:
+        raise UserError(f"--log-verbose must not be negative, got {args.log_verbose}")
+    if args.log_file is not None and not args.log_file.resolve().parent.is_dir():
+        raise UserError(f"--log-file {args.log_file}: its folder does not exist")
     ports = free_ports() if args.free_ports else Ports(args.http_port, args.grpc_port, args.metrics_port)
 
     if args.target == "gpu":

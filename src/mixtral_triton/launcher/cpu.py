@@ -121,6 +121,7 @@ class TritonServer:
         self.host = host
         self.log_file = Path(log_file) if log_file else Path(
             tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.exit_timeout_s = exit_timeout_s
         self.command = cpu_server_command(self.model_repository, self.ports, host,
                                           exit_timeout_s, log_verbose)
         self.process: subprocess.Popen | None = None
@@ -181,12 +182,20 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
+    def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM (Triton drains in-flight requests up to its exit timeout), then SIGKILL
-        whatever is left of the process group. Returns the server's exit code."""
+        whatever is left of the process group. Returns the server's exit code.
+
+        Waits at most `timeout_s` (default: the exit timeout plus 5 s) before the SIGKILL:
+        with streams in flight, Triton 2.51 reports "Exit timeout expired. Exiting
+        immediately." and then keeps serving them to their end (minutes, for long
+        generations), so its own exit timeout does not bound a stop."""
         if self.process is None:
             return None
+        if timeout_s is None:
+            timeout_s = self.exit_timeout_s + 5.0
         pgid = self.process.pid  # start_new_session: the group id is the server's pid
+        regions = _stub_shm_regions(self.process.pid)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -195,6 +204,8 @@ class TritonServer:
                 pass
         _kill_group(pgid)
         self.process.wait()
+        for region in regions:  # a killed stub leaves its region (1 MiB or more) in /dev/shm
+            region.unlink(missing_ok=True)
         return self.process.returncode
 
     def __enter__(self) -> "TritonServer":
@@ -202,6 +213,25 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _stub_shm_regions(pid: int) -> list[Path]:
+    """The shared-memory files of a server's Python stubs (each stub's second argument)."""
+    regions = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 2 \
+                    and re.fullmatch(rb"[\w.-]+", argv[2]):
+                regions.append(Path("/dev/shm") / argv[2].decode())
+    return regions
 
 
 def _kill_group(pgid: int) -> None:

@@ -143,6 +143,8 @@ def _check(spec: FieldSpec, value: Any) -> Any:
     if spec.kind == "string":
         if not isinstance(value, str) or not value:
             raise fail("a non-empty string")
+        if not _is_unicode(value):
+            raise fail(VALID_TEXT)
         return value
     if spec.kind == "boolean":
         if not isinstance(value, bool):
@@ -168,11 +170,26 @@ def _check_stop(spec: FieldSpec, value: Any, fail) -> tuple[str, ...]:
     if not isinstance(stops, list) or len(stops) > MAX_STOPS:
         raise fail(f"a string or a list of at most {MAX_STOPS} strings")
     for i, stop in enumerate(stops):
+        where = spec.name if isinstance(value, str) else f"{spec.name}[{i}]"
         if not isinstance(stop, str) or not stop or len(stop) > MAX_STOP_CHARS:
-            where = spec.name if isinstance(value, str) else f"{spec.name}[{i}]"
             raise RequestError(spec.name, f"{where} must be a non-empty string of at most "
                                f"{MAX_STOP_CHARS} characters, got {_show(stop)}")
+        if not _is_unicode(stop):
+            raise RequestError(spec.name, f"{where} must be {VALID_TEXT}, got {_show(stop)}")
     return tuple(stops)
+
+
+# JSON can spell a lone UTF-16 surrogate ("\ud800"), and a body of invalid UTF-8 decoded
+# with surrogateescape holds them too: neither is text that UTF-8 (the wire) can carry.
+VALID_TEXT = "valid UTF-8 text (no lone surrogates or invalid bytes)"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _within(spec: FieldSpec, value: float) -> bool:
@@ -270,7 +287,12 @@ def _number(x: float) -> str:
 def _show(value: Any, limit: int = 60) -> str:
     """The value as JSON would spell it, cut short so that a huge prompt stays out of logs."""
     try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+            if not _is_unicode(text):  # lone surrogates: spelled as JSON escapes instead
+                text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = repr(value)
+    except RecursionError:
+        text = f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= limit else text[:limit] + "..."

@@ -148,20 +148,29 @@ class _Active:
         return sent, reason
 
 
+class QueueFull(UserError):
+    """``submit`` while ``max_queue_size`` requests already wait for a batch slot."""
+
+
 class Engine:
     """In-flight batching over a ReferenceModel; thread-safe ``submit`` and ``cancel``.
 
     ``max_seq_len`` (default: unlimited) bounds prompt + generated tokens: a longer prompt
     is refused, and ``max_tokens`` is cut to fit, as TensorRT-LLM's executor does.
+    ``max_queue_size`` (default 0: unbounded) bounds the requests waiting for a batch slot,
+    as the executor's maxQueueSize: one more is refused with QueueFull, not queued.
     ``on_step`` is called with the request ids of every step's batch, before the step.
     """
 
     def __init__(self, model: ReferenceModel, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 on_step: Callable[[list[int]], None] | None = None):
+                 on_step: Callable[[list[int]], None] | None = None, max_queue_size: int = 0):
         if max_batch_size < 1:
             raise UserError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_size < 0:
+            raise UserError(f"max_queue_size must be >= 0, got {max_queue_size}")
         self._model = model
         self._max_batch_size = max_batch_size
+        self._max_queue_size = max_queue_size
         self._max_seq_len = max_seq_len
         self._on_step = on_step
         self._ids = itertools.count(1)
@@ -180,6 +189,11 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise UserError("the engine is shut down")
+            # Waiting requests that a free batch slot takes at the next step are not queued.
+            queued = len(self._waiting) - max(0, self._max_batch_size - len(self._running))
+            if self._max_queue_size and queued >= self._max_queue_size:
+                raise QueueFull(f"the engine's queue is full: {queued} requests already wait for "
+                                f"a batch slot (max_queue_size {self._max_queue_size}); retry later")
             handle = RequestHandle(next(self._ids), self, on_event)
             active = _Active(handle, request, max_tokens, self._model.config.vocab_size)
             self._waiting.append(active)

@@ -68,8 +68,7 @@ class Settings:
     postprocessing_instance_count: int = 1
 
     def validate(self) -> None:
-        if self.target not in MODELS:
-            raise UserError(f"unknown target {self.target!r}: choose one of {', '.join(MODELS)}")
+        self.validate_limits()
         _require_dir("tokenizer directory", self.tokenizer_dir)
         if not any((self.tokenizer_dir / f).is_file()
                    for f in ("tokenizer.json", "tokenizer.model")):
@@ -81,6 +80,12 @@ class Settings:
         if getattr(self, wanted) is None:
             raise UserError(f"--target {self.target} needs --{_flag(wanted)}")
         _require_dir(wanted.replace("_", " "), getattr(self, wanted))
+
+    def validate_limits(self) -> None:
+        """The checks that need no folder (the target, the limits, the choices): a build can
+        make them before it writes the checkpoint and the engine the folders hold."""
+        if self.target not in MODELS:
+            raise UserError(f"unknown target {self.target!r}: choose one of {', '.join(MODELS)}")
         for name in ("triton_max_batch_size", "max_batch_size", "max_input_len", "max_seq_len",
                      "max_beam_width", "preprocessing_instance_count",
                      "postprocessing_instance_count"):

@@ -1,0 +1,229 @@
+"""Helpers shared by several test modules: the field-rule table, the engine's request gauge,
+an in-process gateway, raw gRPC streams on any model, and one-line CLI errors."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import socket
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import numpy as np
+import requests
+import tritonclient.grpc as grpcclient
+import uvicorn
+from tritonclient.utils import np_to_triton_dtype
+
+from mixtral_triton.client import Completion, PredictClient
+from mixtral_triton.gateway import GatewaySettings, Serving, create_app
+from mixtral_triton.protocol import FIELDS, MAX_STOP_CHARS, MAX_STOPS
+from mixtral_triton.protocol.predict import FLOAT32_MAX
+
+PROMPT = "What is mistral wind?"
+LONG = 1800  # tokens: about 15 s of generation on the CPU engine, cut short by every test
+
+
+# ---------------------------------------------------------------------------------------
+# The field rules
+
+
+def invalid_values() -> list[tuple[str, object]]:
+    """(field, value) pairs that break each rule of mixtral_triton.protocol.FIELDS, derived
+    from the table itself: wrong types, each bound and its exclusive edge, the stop limits."""
+    cases: list[tuple[str, object]] = []
+    for spec in FIELDS:
+        name = spec.name
+        if spec.kind == "string":
+            cases += [(name, ""), (name, 5)]
+        elif spec.kind == "boolean":
+            cases += [(name, "yes"), (name, 1)]
+        elif spec.kind == "stop":
+            cases += [(name, 5), (name, [""]), (name, [1]), (name, ["x"] * (MAX_STOPS + 1)),
+                      (name, "x" * (MAX_STOP_CHARS + 1))]
+        else:
+            cases += [(name, "1"), (name, True)]
+            if spec.kind == "integer":
+                cases.append((name, 1.5))
+            else:
+                cases.append((name, FLOAT32_MAX * 10))  # finite JSON, not an FP32
+            step = 1 if spec.kind == "integer" else 0.5
+            if spec.minimum is not None:
+                cases.append((name, spec.minimum if spec.exclusive_minimum else spec.minimum - step))
+            if spec.maximum is not None:
+                cases.append((name, spec.maximum if spec.exclusive_maximum else spec.maximum + step))
+    return cases
+
+
+def case_id(case) -> str:
+    name, value = case
+    return f"{name}={str(value)[:20]}"
+
+
+# ---------------------------------------------------------------------------------------
+# The engine's request gauge
+
+
+def active_requests(server) -> float:
+    """The engine's `nv_trt_llm_request_metrics{request_type="active"}` gauge."""
+    with urllib.request.urlopen(f"http://{server.host}:{server.ports.metrics}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    match = re.search(r'^nv_trt_llm_request_metrics\{[^}]*request_type="active"[^}]*\} (\S+)$',
+                      text, re.MULTILINE)
+    assert match, "the engine's active-request gauge is missing"
+    return float(match.group(1))
+
+
+def wait_active(server, predicate, timeout_s: float = 10.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = active_requests(server)
+        if predicate(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def greedy_whole(server, max_tokens: int = 24, prompt: str = PROMPT) -> Completion:
+    """The ensemble's own non-streamed answer (stream=False on the wire), greedy."""
+    return PredictClient(server.grpc_url).predict(prompt, stream=False, max_tokens=max_tokens,
+                                                  temperature=0)
+
+
+# ---------------------------------------------------------------------------------------
+# The gateway in this process
+
+
+class Gateway:
+    """create_app() served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, settings: GatewaySettings, serving: Serving | None = None):
+        self.app = create_app(settings, serving)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))  # held, so no other process can take the port
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.socket.close()
+
+
+@contextlib.contextmanager
+def gateway(**settings):
+    g = Gateway(GatewaySettings(**settings))
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def metric(g: Gateway, prefix: str) -> float:
+    text = requests.get(f"{g.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix))
+
+
+def wait_metric(g: Gateway, prefix: str, predicate, timeout_s: float = 5.0) -> float:
+    """A gateway metric once it satisfies predicate (a generation's slot is given back
+    just after its last byte, when its gRPC stream has closed)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate(value := metric(g, prefix)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Raw gRPC streams (tritonclient as is, past our client's checks)
+
+
+def raw_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """gRPC inputs of any numpy dtype (INT64, FP64 ... too: to send what a model refuses)."""
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+@dataclass
+class RawStream:
+    """One request on its own gRPC stream, read by tritonclient's callback thread."""
+
+    url: str
+    model: str
+    arrays: dict[str, np.ndarray]
+    request_id: str = ""
+    outputs: list | None = None
+    responses: queue.Queue = field(default_factory=queue.Queue)
+
+    def __post_init__(self):
+        self.client = grpcclient.InferenceServerClient(self.url)
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        try:
+            self.client.async_stream_infer(self.model, raw_inputs(self.arrays), request_id=self.request_id,
+                                           outputs=self.outputs, enable_empty_final_response=True)
+        except BaseException:  # an open stream would hold the server's shutdown
+            self.close(cancel=True)
+            raise
+
+    def send(self, arrays: dict[str, np.ndarray], request_id: str) -> None:
+        """Another request on the same stream (a `stop`, say)."""
+        self.client.async_stream_infer(self.model, raw_inputs(arrays), request_id=request_id,
+                                       enable_empty_final_response=True)
+
+    def next(self, timeout_s: float = 60.0):
+        """(result, error) of the next response."""
+        return self.responses.get(timeout=timeout_s)
+
+    def read_all(self, timeout_s: float = 60.0):
+        """Every response up to the final one: (results, error or None)."""
+        results = []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result, error = self.next(max(0.1, deadline - time.monotonic()))
+            if error is not None:
+                return results, error
+            results.append(result)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return results, None
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def raw_stream(url: str, model: str, arrays: dict[str, np.ndarray], request_id: str = "",
+               outputs=None, timeout_s: float = 60.0):
+    """All responses of one request: (results, error or None)."""
+    stream = RawStream(url, model, arrays, request_id, outputs)
+    try:
+        return stream.read_all(timeout_s)
+    finally:
+        stream.close()
+
+
+def text_of(results) -> str:
+    """The ensemble's text over its responses (the empty final marker carries none)."""
+    return b"".join(r.as_numpy("text_output").reshape(-1)[0] for r in results
+                    if r.get_response().outputs).decode("utf-8")
+
+
+def ensemble_arrays(prompt: bytes | str = PROMPT, max_tokens: int = 4, **extra) -> dict[str, np.ndarray]:
+    """The ensemble's tensors for one request, batch of one; `extra` are numpy arrays."""
+    if isinstance(prompt, str):
+        prompt = prompt.encode("utf-8")
+    return {"text_input": np.array([[prompt]], dtype=object),
+            "max_tokens": np.array([[max_tokens]], np.int32), **extra}

@@ -1,0 +1,198 @@
+"""Property tests (issue 7) for what test_protocol and test_text leave open:
+
+- parse_request and the gateway's OpenAI mappers on arbitrary JSON-like input (any
+  structure, unknown keys, lone surrogates, NaN): only RequestError, with a message that
+  UTF-8 can carry (it goes out in JSON and logs); what they accept satisfies the published
+  JSON Schema and becomes the ensemble's tensors;
+- the tokenizer model's checks (Preprocessor.prepare) on arbitrary tensors of the
+  ensemble's types, invalid UTF-8 included: only RequestError, naming a field first, the
+  way the clients read it;
+- the detokenizer's per-request state (serving.completion.Completion): text, finish reason
+  and token count, however the engine's tokens are chunked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mixtral_triton.client.ensemble import _REQUEST_ERROR
+from mixtral_triton.gateway import protocol as gateway_protocol
+from mixtral_triton.protocol import FIELDS, RequestError, ensemble_inputs, json_schema, parse_request
+from mixtral_triton.serving.completion import Completion
+from mixtral_triton.text import TextStream, token_table
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NAMES = [spec.name for spec in FIELDS]
+
+# Text with everything JSON can spell, lone surrogates included.
+_text = st.text(st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF), max_size=12) | \
+    st.text(st.sampled_from("ab \x00é日🙂\ud800\udfff\udcc3"), max_size=6)
+_scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | _text)
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) |
+                     st.dictionaries(_text, inner, max_size=4), max_leaves=12)
+# Plausible values for the known fields, so that a good share of bodies is accepted.
+_plausible = {
+    "prompt": _text.filter(bool) | _json,
+    "stream": st.booleans() | _json,
+    "max_tokens": st.integers(-2, 2**31 + 2) | _json,
+    "temperature": st.floats(-1, 3) | _json,
+    "top_p": st.floats(-0.5, 1.5) | _json,
+    "top_k": st.integers(-1, 100) | _json,
+    "stop": st.lists(_text, max_size=18) | _text | _json,
+    "seed": st.integers(-1, 2**64) | _json,
+    "repetition_penalty": st.floats(-1, 3) | _json,
+    "presence_penalty": st.floats(-3, 3) | _json,
+    "frequency_penalty": st.floats(-3, 3) | _json,
+}
+_bodies = (st.fixed_dictionaries({}, optional=_plausible) |
+           st.dictionaries(st.sampled_from(NAMES) | _text, _json, max_size=5) | _json)
+
+
+def _sendable(message: str) -> None:
+    message.encode("utf-8")  # strict: an error must survive JSON and the log
+
+
+@FUZZ
+@given(_bodies)
+def test_parse_request_raises_only_request_errors_that_can_be_sent(body):
+    jsonschema = pytest.importorskip("jsonschema")
+    try:
+        request = parse_request(body)
+    except RequestError as error:
+        _sendable(str(error))
+        assert error.field is None or isinstance(error.field, str)
+        if isinstance(body, dict) and error.field is not None:
+            assert str(error).startswith(error.field) or str(error).startswith("unknown field")
+        return
+    # accepted: the published schema agrees, and it becomes the ensemble's tensors
+    jsonschema.validate(body, json_schema())
+    inputs = ensemble_inputs(request)
+    assert inputs["text_input"].reshape(-1)[0].decode("utf-8") == request.prompt
+    for spec in FIELDS:
+        value = getattr(request, spec.name)
+        if isinstance(value, float):
+            assert math.isfinite(value)
+
+
+def _render(messages) -> str:
+    return "".join(f"[{m['role']}] {m['content']}" for m in messages)
+
+
+@FUZZ
+@given(_bodies, st.sampled_from(["completions", "chat"]), st.booleans())
+def test_the_openai_mappers_raise_only_request_errors(body, route, as_chat_body):
+    if isinstance(body, dict) and as_chat_body and "prompt" in body:
+        body = {**{k: v for k, v in body.items() if k != "prompt"},
+                "messages": [{"role": "user", "content": body["prompt"]}]}
+    try:
+        if route == "completions":
+            parsed = gateway_protocol.parse_completion_request(body, "mixtral")
+        else:
+            parsed = gateway_protocol.parse_chat_request(body, "mixtral", _render)
+    except RequestError as error:  # ModelNotFound is one
+        _sendable(str(error))
+        return
+    ensemble_inputs(parsed.predict)
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenizer model's checks, on raw tensors
+
+
+@pytest.fixture(scope="module")
+def preprocessor(tiny_checkpoint):
+    from mixtral_triton.serving.preprocess import Preprocessor
+
+    return Preprocessor(tiny_checkpoint, max_input_len=64, max_seq_len=128)
+
+
+_bytes = st.binary(max_size=12) | _text.map(lambda t: t.encode("utf-8", "surrogatepass"))
+_INPUTS = {  # the ensemble's optional inputs, each with its Triton type
+    "stream": st.booleans().map(lambda v: np.array([[v]], np.bool_)),
+    "temperature": st.floats(width=32, allow_nan=True).map(lambda v: np.array([[v]], np.float32)),
+    "top_k": st.integers(-2**31, 2**31 - 1).map(lambda v: np.array([[v]], np.int32)),
+    "top_p": st.floats(width=32, allow_nan=True).map(lambda v: np.array([[v]], np.float32)),
+    "seed": st.integers(0, 2**64 - 1).map(lambda v: np.array([[v]], np.uint64)),
+    "stop_words": st.lists(_bytes, min_size=1, max_size=18).map(lambda v: np.array([v], dtype=object)),
+    "bad_words": st.lists(_bytes, min_size=1, max_size=18).map(lambda v: np.array([v], dtype=object)),
+    "end_id": st.integers(-2**31, 2**31 - 1).map(lambda v: np.array([[v]], np.int32)),
+    "pad_id": st.integers(-5, 40000).map(lambda v: np.array([[v]], np.int32)),
+    "repetition_penalty": st.floats(width=32, allow_nan=True).map(lambda v: np.array([[v]], np.float32)),
+    "presence_penalty": st.floats(-3, 3, width=32).map(lambda v: np.array([[v]], np.float32)),
+    "frequency_penalty": st.floats(-3, 3, width=32).map(lambda v: np.array([[v]], np.float32)),
+    "min_tokens": st.integers(-3, 300).map(lambda v: np.array([[v]], np.int32)),
+    "beam_width": st.integers(-1, 3).map(lambda v: np.array([[v]], np.int32)),
+    "stop": st.just(np.array([[False]], np.bool_)),
+}
+_tensors = st.fixed_dictionaries({
+    "text_input": st.lists(_bytes, min_size=1, max_size=2).map(lambda v: np.array(v, dtype=object).reshape(-1, 1)),
+    "max_tokens": st.integers(-2**31, 2**31 - 1).map(lambda v: np.array([[v]], np.int32))
+    | st.integers(1, 80).map(lambda v: np.array([[v]], np.int32)),
+}, optional=_INPUTS)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_tensors)
+def test_the_tokenizer_model_refuses_only_with_request_errors_naming_a_field(preprocessor, inputs):
+    try:
+        prepared = preprocessor.prepare(inputs)
+    except RequestError as error:
+        _sendable(str(error))
+        # the form the clients recognise (mixtral_triton.client.ensemble.server_error)
+        assert _REQUEST_ERROR.match(str(error)), str(error)
+        return
+    assert prepared["input_lengths"].reshape(-1)[0] <= 64
+    assert prepared["input_lengths"].reshape(-1)[0] + prepared["request_output_len"].reshape(-1)[0] <= 128
+    for name in ("temperature", "runtime_top_p", "repetition_penalty"):
+        assert np.isfinite(prepared[name]).all()
+
+
+# ---------------------------------------------------------------------------------------
+# The detokenizer's per-request state
+
+
+@pytest.fixture(scope="module")
+def table(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    return token_table(AutoTokenizer.from_pretrained(str(tiny_checkpoint)))
+
+
+_BYTE0 = 3  # <0x00> in the Mistral vocabulary: byte tokens make split characters common
+_ids = st.lists(st.integers(_BYTE0 + 0x80, _BYTE0 + 0xFF) | st.integers(0, 31999), max_size=30)
+
+
+def _chunks(ids, cuts):
+    points = sorted({min(c, len(ids)) for c in cuts} | {0, len(ids)})
+    return [ids[a:b] for a, b in zip(points, points[1:])]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ids=_ids, cuts=st.lists(st.integers(0, 30), max_size=8),
+       stops=st.lists(st.text(st.sampled_from("ab é日\n"), min_size=1, max_size=3), max_size=3),
+       spare=st.integers(0, 3), cancelled=st.booleans())
+def test_a_completion_is_the_same_however_its_tokens_arrive(table, ids, cuts, stops, spare, cancelled):
+    max_tokens = len(ids) + spare  # the engine never sends more than max_tokens
+    completion = Completion(table, stops, max(1, max_tokens), prompt_tokens=7)
+    pieces = [completion.add(chunk) for chunk in _chunks(ids, cuts)]
+    tail, reason = completion.finish(cancelled=cancelled)
+    for piece in pieces + [tail]:
+        _sendable(piece)
+
+    stream = TextStream(table, stops)
+    expected = stream.push(ids) + stream.finish()  # all at once: the reference
+    if cancelled and not stream.stopped:
+        assert (tail, reason) == ("", "cancelled")
+        return
+    assert "".join(pieces) + tail == expected
+    if stream.stopped:
+        assert reason == "stop" and completion.completion_tokens <= len(ids)
+    else:
+        assert completion.completion_tokens == len(ids)
+        assert reason == ("length" if len(ids) >= max(1, max_tokens) else "stop")
+    assert completion.prompt_tokens == 7
