@@ -23,6 +23,7 @@ import dataclasses
 import json
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -409,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     from mixtral_triton.launcher import TritonServer
     from mixtral_triton.pipeline import build_repository
 
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so Triton and the gateway are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = args.work_dir / "hub" / "tiny-instruct"
     if not (checkpoint / "config.json").exists():
