@@ -35,6 +35,7 @@ import numpy as np
 
 from mixtral_triton.bench.workload import (EngineRequests, Prompt, Shape, ensemble_arrays,
                                            http_generate_body, make_prompts, predict_body)
+from mixtral_triton.client.ensemble import infer_inputs
 
 PATHS = ("engine_grpc", "ensemble_grpc", "ensemble_http", "gateway_predict")
 PATH_TITLES = {
@@ -43,12 +44,9 @@ PATH_TITLES = {
     "ensemble_http": "(c) ensemble, HTTP generate_stream",
     "gateway_predict": "(d) gateway /predict stream",
 }
-_GRPC_DTYPES = {np.dtype(object): "BYTES", np.dtype(np.bool_): "BOOL", np.dtype(np.int32): "INT32",
-                np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64"}
 # No request here takes more than a few seconds; one that does not end in this time is a
 # hung server (the part is then rerun on a restarted one).
 REQUEST_TIMEOUT_S = 60.0
-
 
 @dataclass
 class Record:
@@ -93,22 +91,12 @@ class _GrpcPath:
         if self.client is not None:
             await self.client.close()
 
-    def _inputs(self, arrays: dict[str, np.ndarray]):
-        import tritonclient.grpc as grpcclient
-
-        inputs = []
-        for name, array in arrays.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), _GRPC_DTYPES[array.dtype])
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        return inputs
-
     async def _stream(self, arrays: dict[str, np.ndarray], outputs: list[str], tokens_of) -> Record:
         import tritonclient.grpc as grpcclient
 
         self.sequence += 1
         done = asyncio.Event()
-        call_args = {"model_name": self.model, "inputs": self._inputs(arrays),
+        call_args = {"model_name": self.model, "inputs": infer_inputs(arrays),
                      "outputs": [grpcclient.InferRequestedOutput(n) for n in outputs],
                      "request_id": f"bench-{os.getpid()}-{self.sequence}",
                      "parameters": {"triton_enable_empty_final_response": True}}
