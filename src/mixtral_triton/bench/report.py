@@ -8,6 +8,7 @@ between figures of the same section, i.e. measured in the same run on the same m
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -230,7 +231,8 @@ def _run_line(info: dict | None) -> str:
 
 
 def markdown(results: dict, plot_dir: Path, root: Path) -> str:
-    rel = lambda p: str(Path(p).resolve().relative_to(root))  # noqa: E731
+    # Links relative to the repository, also for --results/--plots outside it.
+    rel = lambda p: os.path.relpath(Path(p).resolve(), root)  # noqa: E731
     m = results.get("machine") or {}
     runs = results.get("runs") or {}
     lines = ["# Benchmarks", "",
