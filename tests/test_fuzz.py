@@ -8,11 +8,14 @@
   ensemble's types, invalid UTF-8 included: only RequestError, naming a field first, the
   way the clients read it;
 - the detokenizer's per-request state (serving.completion.Completion): text, finish reason
-  and token count, however the engine's tokens are chunked.
+  and token count, however the engine's tokens are chunked;
+- the gateway's server-sent events: one `data:` line whatever the text (found by the soak:
+  a completion holding U+2028 or U+0085 was cut in two by clients that split lines there).
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -196,3 +199,20 @@ def test_a_completion_is_the_same_however_its_tokens_arrive(table, ids, cuts, st
         assert completion.completion_tokens == len(ids)
         assert reason == ("length" if len(ids) >= max(1, max_tokens) else "stop")
     assert completion.prompt_tokens == 7
+
+
+# ---------------------------------------------------------------------------------------
+# The gateway's server-sent events
+
+
+@FUZZ
+@given(st.text(st.characters(codec="utf-8") | st.sampled_from("\u2028\u2029\x85\r\n\x0b\x0c\x1c")))
+def test_an_sse_event_is_one_line_for_any_text(text):
+    """Every streamed chunk is one `data:` line whatever the completion's text holds, also
+    for clients that split lines at U+2028, U+0085 and the like (requests' iter_lines)."""
+    request = gateway_protocol.OpenAIRequest(parse_request({"prompt": "x", "stream": True}))
+    event = gateway_protocol.CompletionFormat(request, "mixtral").piece(text).decode("utf-8")
+    assert event.endswith("\n\n")
+    lines = event[:-2].splitlines()
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:])["choices"][0]["text"] == text

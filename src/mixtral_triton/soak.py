@@ -181,7 +181,8 @@ class Runner:
         text = raw.decode("utf-8")  # strict: no chunk may have split a character
         if job.interface == "predict":
             return "ok", f"{len(text)} characters"
-        events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        # SSE lines end at \n (str.splitlines would also split at U+2028 and the like)
+        events = [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
         if not text.rstrip().endswith("data: [DONE]") or not events:
             return "failed", f"the event stream did not end with [DONE]: {text[-120:]!r}"
         if "error" in events[-1]:

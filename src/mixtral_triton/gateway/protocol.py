@@ -423,6 +423,9 @@ class PredictWhole(Format):
         return {"result": text, "finish_reason": last.finish_reason, "usage": usage_of(last)}
 
 
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 class _OpenAIFormat(Format):
     openai = True
     object = ""
@@ -440,7 +443,11 @@ class _OpenAIFormat(Format):
         return self.request.rename(exc)
 
     def _event(self, data: dict) -> bytes:
-        return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode("utf-8")
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        # Escaped, as JSON allows: line splitters such as Python's str.splitlines (requests'
+        # iter_lines) break a line at these, which would cut an event's JSON in two.
+        text = text.translate(_LINE_BREAKS)
+        return f"data: {text}\n\n".encode("utf-8")
 
     def _head(self, object_: str) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
