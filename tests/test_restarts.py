@@ -154,8 +154,15 @@ def test_a_dead_python_stub_makes_the_gateway_unready(restartable):
     ensemble's Python models and goes false; requests are 503 with Retry-After."""
     server, g, _ = restartable
     assert requests.get(f"{g.url}/ready", timeout=30).status_code == 200
+    # a stream in flight when the stub dies is never ended by Triton: the client's own
+    # timeout must end it (and not wait for the stream to close)
+    in_flight = Reader(PredictClient(server.grpc_url, timeout_s=3).generate(parse_request(
+        {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0})))
+    in_flight.start()
+    assert in_flight.started_streaming.wait(30) and in_flight.error is None
     stub = serving_processes(server.process.pid)["stub:postprocessing"]
     os.kill(stub, signal.SIGKILL)
+    died = time.monotonic()
     deadline = time.monotonic() + 30
     while requests.get(f"{g.url}/ready", timeout=30).status_code == 200:
         assert time.monotonic() < deadline, "the gateway still reports ready"
@@ -170,3 +177,7 @@ def test_a_dead_python_stub_makes_the_gateway_unready(restartable):
     with pytest.raises(ServerError) as down:
         PredictClient(server.grpc_url, timeout_s=30).predict(PROMPT, stream=False, max_tokens=4)
     assert down.value.status == "UNAVAILABLE"
+    in_flight.join(25)  # its timeout (3 s), then at most 10 s for its `stop` to be answered
+    assert not in_flight.is_alive(), "the client waits for a stream the server will never end"
+    assert isinstance(in_flight.error, ServerError), in_flight.error
+    assert in_flight.ended_at - died < 20

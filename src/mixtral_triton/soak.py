@@ -360,8 +360,11 @@ def soak(runner: Runner, jobs: list[Job], processes: dict[str, int], concurrency
                     rss[label]["warm"] = value
                 warm_sampled.set()
 
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="soak") as pool:
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="soak")
+    try:
         list(pool.map(one, jobs))
+    finally:  # interrupted: what is queued is dropped, what runs ends within the runner's timeout
+        pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.monotonic() - started
     time.sleep(1.0)  # the last streams' slots and engine requests are let go just after
     for label, value in sample_rss(processes).items():

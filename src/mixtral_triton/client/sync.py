@@ -61,7 +61,9 @@ class PredictClient:
         finally:
             if not finished:
                 self._cancel(client, responses, request_id)
-            client.stop_stream()
+            # A request the server may never end (its stub died, no answer within timeout_s)
+            # must not be waited for: closing gracefully would block until it ends.
+            client.stop_stream(cancel_requests=not finished)
             client.close()
 
     @staticmethod
