@@ -198,10 +198,7 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
                          **_errors(400, 401, 404, 413, 429, 500, 503, 504)})
     async def completions(request: Request):
         body = await _json_body(request, settings.max_body_bytes)
-        try:
-            openai_request = p.parse_completion_request(body, settings.model_name)
-        except p.ModelNotFound as exc:
-            raise p.GatewayError(404, "not_found_error", str(exc), exc.field) from None
+        openai_request = p.parse_completion_request(body, settings.model_name)  # ModelNotFound: 404
         fmt = p.CompletionFormat(openai_request, settings.model_name)
         return serving.generation(openai_request.predict, fmt, "/v1/completions")
 
@@ -214,10 +211,7 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
                          **_errors(400, 401, 404, 413, 429, 500, 503, 504)})
     async def chat_completions(request: Request):
         body = await _json_body(request, settings.max_body_bytes)
-        try:
-            openai_request = p.parse_chat_request(body, settings.model_name, serving.chat.render)
-        except p.ModelNotFound as exc:
-            raise p.GatewayError(404, "not_found_error", str(exc), exc.field) from None
+        openai_request = p.parse_chat_request(body, settings.model_name, serving.chat.render)  # ModelNotFound: 404
         fmt = p.ChatFormat(openai_request, settings.model_name)
         return serving.generation(openai_request.predict, fmt, "/v1/chat/completions")
 

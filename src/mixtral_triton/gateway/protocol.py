@@ -49,6 +49,8 @@ class GatewayError(Exception):
 
     @classmethod
     def of_request_error(cls, exc: RequestError) -> "GatewayError":
+        if isinstance(exc, ModelNotFound):
+            return cls(404, "not_found_error", str(exc), exc.field)
         return cls(400, "invalid_request_error", str(exc), exc.field)
 
     def body(self, openai: bool) -> dict:
