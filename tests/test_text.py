@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from mixtral_triton.text import Detokenizer, StopMatcher, TextStream, token_table, word_token_ids, words_list
+from mixtral_triton.text import (Detokenizer, StopMatcher, TextStream, load_token_table, token_table,
+                                 word_token_ids, words_list)
 
 FFFD = "\ufffd"
 BYTE0 = 3  # id of '<0x00>' in the v1 vocabulary; byte b is BYTE0 + b
@@ -60,6 +61,18 @@ def test_every_token_of_the_vocabulary_decodes_as_hugging_face_does(checkpoint, 
     x = tok.convert_tokens_to_ids("x")
     decoded = tok.batch_decode([[x, i] for i in range(len(tok))], skip_special_tokens=True)
     assert [piece.decode("utf-8", "replace") for piece in table] == [text[1:] for text in decoded]
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "tiny_instruct_checkpoint"])
+def test_the_table_read_without_transformers_is_the_same(checkpoint, request, tmp_path):
+    folder = request.getfixturevalue(checkpoint)
+    expected = token_table(AutoTokenizer.from_pretrained(folder))
+    assert (folder / "tokenizer.json").is_file()
+    assert load_token_table(folder) == expected
+    # A folder with only the SentencePiece model is read through transformers instead.
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    assert load_token_table(tmp_path) == expected
 
 
 def test_special_tokens_are_empty_and_pieces_map_to_bytes(tokenizer, table):

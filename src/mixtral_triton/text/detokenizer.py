@@ -20,7 +20,9 @@ Compared with `tokenizer.decode(ids, skip_special_tokens=True)` of the same comp
 from __future__ import annotations
 
 import codecs
+import json
 import re
+from pathlib import Path
 from typing import Iterable, Sequence
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -36,6 +38,44 @@ def token_table(tokenizer) -> tuple[bytes, ...]:
     silent.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     return tuple(b"" if i in silent else _piece_bytes(piece) for i, piece in enumerate(pieces))
+
+
+def load_token_table(tokenizer_dir: str | Path) -> tuple[bytes, ...]:
+    """`token_table` of the tokenizer in a folder, read with the `tokenizers` library when
+    the folder has a tokenizer.json: the same table, without importing transformers (and
+    torch with it, ~300 MB and seconds per process; the detokenizer runs several)."""
+    folder = Path(tokenizer_dir)
+    if not (folder / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        return token_table(AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                         trust_remote_code=False))
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    silent = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    silent.update(i for i in map(tokenizer.token_to_id, _special_token_names(folder)) if i is not None)
+    pieces = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size(with_added_tokens=True))]
+    return tuple(b"" if i in silent or piece is None else _piece_bytes(piece)
+                 for i, piece in enumerate(pieces))
+
+
+def _special_token_names(folder: Path) -> set[str]:
+    """The tokens transformers counts special (bos, eos, unk, pad and the additional ones),
+    as the folder's tokenizer_config.json and special_tokens_map.json name them."""
+    names: set[str] = set()
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / file
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        values = [config.get(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token",
+                                              "sep_token", "cls_token", "mask_token")]
+        values += config.get("additional_special_tokens") or []
+        for value in values:
+            if isinstance(value, dict):  # {"content": "<s>", ...}
+                value = value.get("content")
+            if isinstance(value, str):
+                names.add(value)
+    return names
 
 
 def _piece_bytes(piece: str) -> bytes:
