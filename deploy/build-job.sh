@@ -278,7 +278,9 @@ if wanted fill; then
              --templates "$PROJECT_DIR/model_repository" --tokenizer-dir "$HF_DIR"
              --engine-dir "$ENGINE_DIR" --triton-max-batch-size "$PLAN_MAX_BATCH_SIZE"
              --max-input-len "$MAX_INPUT_LEN" --max-seq-len "$PLAN_MAX_SEQ_LEN"
-             --kv-cache-free-gpu-mem-fraction "$PLAN_KV_FRACTION" --max-queue-size "$MAX_QUEUE_SIZE")
+             --kv-cache-free-gpu-mem-fraction "$PLAN_KV_FRACTION" --max-queue-size "$MAX_QUEUE_SIZE"
+             # A detokenizer process per stream the engine batches, at most the gateway's 64.
+             --postprocessing-instance-count "$(( PLAN_MAX_BATCH_SIZE < 64 ? PLAN_MAX_BATCH_SIZE : 64 ))")
   FILL_STAMP="$STATE_DIR/filled-$ENGINE_TAG"
   if [ -f "$FILL_MARKER" ] && [ -f "$FILL_STAMP" ] && [ "$(cat "$FILL_STAMP")" = "${fill_args[*]}" ]; then
     log "fill: $REPO_DIR is filled with these settings, skipped"

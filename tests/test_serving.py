@@ -455,6 +455,71 @@ def test_stop_request_with_the_same_id_cancels_a_generation(triton_server, clien
     assert error is None, error
 
 
+def test_a_stop_acts_at_once_when_every_detokenizer_is_busy(cpu_repository, tiny_checkpoint, tmp_path):
+    """Two detokenizer instances, three long streams: the third waits in Triton's queue. A
+    stop is carried out by the tokenizer model, so it cancels a running stream at once even
+    though no detokenizer is free to answer it; the freed instance takes the queued stream."""
+    from mixtral_triton.repository.fill import Settings, fill_repository
+
+    settings = Settings(target="cpu", tokenizer_dir=tiny_checkpoint,
+                        checkpoint_dir=cpu_repository.parent / "trtllm-checkpoint-tp4",
+                        postprocessing_instance_count=2)
+    server = TritonServer(fill_repository(settings, tmp_path / "repository"), log_file=tmp_path / "triton.log")
+    server.start()
+    try:
+        client = PredictClient(server.grpc_url, timeout_s=60)
+        request = parse_request({"prompt": "Count slowly:", "max_tokens": LONG, "temperature": 0})
+        chunks: dict[str, list] = {name: [] for name in "abc"}
+        failures: list = []
+
+        def generate(name):
+            try:
+                for chunk in client.generate(request, request_id=name):
+                    chunks[name].append(chunk)
+            except Exception as exc:  # reported below
+                failures.append(exc)
+
+        def stop(name):
+            _, error = ensemble_raw(server.grpc_url, {
+                "text_input": np.array([[b""]], dtype=object), "max_tokens": np.array([[1]], np.int32),
+                "stop": np.array([[True]], np.bool_)}, request_id=name)
+            if error is not None:
+                failures.append(error)
+
+        threads = {name: threading.Thread(target=generate, args=(name,)) for name in "abc"}
+        for name in "abc":
+            threads[name].start()
+            time.sleep(0.5)  # a, then b, then c in Triton's queue
+        assert wait_until(lambda: chunks["a"] and chunks["b"] or failures, timeout_s=30)
+        time.sleep(1)
+        assert not chunks["c"] and not failures  # both detokenizers busy: c waits
+        started = time.monotonic()
+        stops = [threading.Thread(target=stop, args=("a",))]
+        stops[0].start()
+        threads["a"].join(10)
+        assert not threads["a"].is_alive() and chunks["a"][-1].finish_reason == "cancelled"
+        assert time.monotonic() - started < 5, "the stop waited for a free detokenizer"
+        assert wait_until(lambda: chunks["c"] or failures, timeout_s=10), "the queued stream never ran"
+        for name in "bc":
+            stops.append(threading.Thread(target=stop, args=(name,)))
+            stops[-1].start()
+        for thread in [*stops, threads["b"], threads["c"]]:
+            thread.join(30)
+            assert not thread.is_alive()
+        assert not failures, failures
+        assert [chunks[name][-1].finish_reason for name in "bc"] == ["cancelled", "cancelled"]
+        assert wait_until(lambda: active_requests(server) == 0, timeout_s=5)
+    finally:
+        server.stop()
+
+
+def test_a_stop_needs_the_request_id(client, triton_server):
+    _, error = ensemble_raw(triton_server.grpc_url, {
+        "text_input": np.array([[b""]], dtype=object), "max_tokens": np.array([[1]], np.int32),
+        "stop": np.array([[True]], np.bool_)}, request_id="")
+    assert error is not None and error.field == "stop" and "id" in str(error), error
+
+
 # ---------------------------------------------------------------------- 6. stop strings
 
 def test_stop_strings_cut_the_text_before_the_stop(client):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixtral_triton.errors import UserError
-from mixtral_triton.launcher.ports import Ports
+from mixtral_triton.launcher.ports import GRPC_URL_ENV, Ports
 
 NGC_TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
 ENGINE_MODEL = "tensorrt_llm"
@@ -24,7 +24,8 @@ def mpi_server_command(model_repository: Path, world_size: int, ports: Ports,
                        engine_model: str = ENGINE_MODEL) -> list[str]:
     if not 1 <= world_size <= 64:
         raise UserError(f"--world-size must be between 1 and 64, got {world_size}")
-    command = ["mpirun", "--allow-run-as-root"]
+    # The serving models reach the engine through the server's own gRPC endpoint (rank 0).
+    command = ["mpirun", "--allow-run-as-root", "-x", f"{GRPC_URL_ENV}=127.0.0.1:{ports.grpc}"]
     for rank in range(world_size):
         if rank:
             command.append(":")

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 
 from mixtral_triton.errors import UserError
 
+# Where the serving models reach the server they run in (its gRPC endpoint on loopback):
+# set by the launchers in the server's environment, which its Python stubs inherit.
+GRPC_URL_ENV = "MIXTRAL_TRITON_GRPC_URL"
+
 
 @dataclass(frozen=True)
 class Ports:

@@ -65,7 +65,9 @@ class Settings:
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
     preprocessing_instance_count: int = 1
-    postprocessing_instance_count: int = 1
+    # Streams detokenized at once (one per instance, see postprocessing/config.pbtxt): at
+    # least the engine's max batch size.
+    postprocessing_instance_count: int = 8
 
     def validate(self) -> None:
         self.validate_limits()

@@ -54,9 +54,12 @@ class Preprocessor:
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
 
-    def prepare(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def prepare(self, inputs: Mapping[str, np.ndarray], request_id: str = "") -> dict[str, np.ndarray]:
         """Engine inputs (each [1, ...]) plus `stop_strings` for the detokenizer."""
         if scalar(inputs, "stop"):
+            if not request_id:
+                raise RequestError("stop", "stop must come with the id of the request to cancel "
+                                   "(gRPC request_id, HTTP \"id\")")
             return self._cancel()
         body = {"prompt": scalar(inputs, "text_input")}
         for spec in FIELDS:
