@@ -381,9 +381,14 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     assert service["spec"]["selector"].items() <= _one(docs, "Deployment", "triton")["spec"]["template"]["metadata"]["labels"].items()
 
     # Probes: Triton's own health endpoints on the HTTP port; the startup probe outlasts an engine load.
-    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
-                        ("livenessProbe", "/v2/health/live")):
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready")):
         assert triton[probe]["httpGet"] == {"path": path, "port": "http"}
+    # Liveness also fails on a dead Python stub: the module exists and takes the live URL.
+    live = triton["livenessProbe"]["exec"]["command"]
+    assert live[:3] == ["python3", "-m", "mixtral_triton.launcher.liveness"]
+    assert live[3:] == ["--live-url", f"http://127.0.0.1:{args.http_port}/v2/health/live"]
+    from mixtral_triton.launcher import liveness
+    assert liveness.main(["--live-url", "http://127.0.0.1:9/v2/health/live"]) == 1  # nothing listens on 9
     startup = triton["startupProbe"]
     assert startup.get("initialDelaySeconds", 0) + startup["periodSeconds"] * startup["failureThreshold"] >= MIN_ENGINE_LOAD_S
     deployment = _one(docs, "Deployment", "triton")["spec"]

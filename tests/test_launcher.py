@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -157,3 +158,25 @@ def test_bad_world_size_is_a_one_line_error(tmp_path):
     error = _one_line_error(["--model-repository", str(tmp_path), "--target", "gpu",
                              "--world-size", "0", "--dry-run"])
     assert "--world-size must be between 1 and 64, got 0" in error
+
+
+def test_a_dead_stub_is_seen_until_it_is_reaped(tmp_path):
+    """A stub that died stays a zombie child of the server; the liveness check fails while
+    one exists (here: a copy of `sleep` under the stub's name, killed and not yet reaped)."""
+    from mixtral_triton.launcher import liveness, stubs
+
+    fake = tmp_path / stubs.STUB
+    shutil.copy(shutil.which("sleep"), fake)
+    process = subprocess.Popen([str(fake), "60"])
+    try:
+        assert stubs.dead_stubs(os.getpid()) == []
+        process.kill()
+        deadline = time.monotonic() + 10
+        while stubs.dead_stubs(os.getpid()) != [process.pid]:
+            assert time.monotonic() < deadline, "the killed stub never showed as dead"
+            time.sleep(0.05)
+        assert process.pid in stubs.dead_stubs() and liveness.main([]) == 1
+    finally:
+        process.kill()
+        process.wait()
+    assert stubs.dead_stubs(os.getpid()) == []

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,8 +25,8 @@ from helpers import LONG, PROMPT, gateway
 from mixtral_triton.client import AsyncPredictClient, PredictClient, ServerError
 from mixtral_triton.launcher import TritonServer
 from mixtral_triton.launcher.cpu import _stub_shm_regions
+from mixtral_triton.launcher.stubs import child_pids, stub_processes
 from mixtral_triton.protocol import parse_request
-from mixtral_triton.soak import serving_processes
 
 EXIT_TIMEOUT_S = 1  # this server's --exit-timeout-secs: how long Triton drains on SIGTERM
 # TritonServer.stop kills what is left 5 s after the exit timeout (Triton 2.51 itself keeps
@@ -87,7 +90,7 @@ def test_stop_mid_stream_then_restart_on_the_same_ports(restartable):
     assert grpc_reader.error is None and http_reader.error is None
 
     regions = _stub_shm_regions(server.process.pid)
-    assert len(regions) == 3  # one per Python model instance
+    assert len(regions) == len(stub_processes(server.process.pid))  # one per Python model instance
     stopped = time.monotonic()
     server.stop()  # SIGTERM, the drain, then SIGKILL of what is left
     print(f"\nTriton stopped in {time.monotonic() - stopped:.2f} s")
@@ -150,19 +153,12 @@ def test_stop_mid_stream_then_restart_on_the_same_ports(restartable):
 def test_a_dead_python_stub_makes_the_gateway_unready(restartable):
     """When a Python model's stub process dies (as Triton 2.51's did under the soak, see
     docs/reliability.md), Triton keeps reporting itself and the model ready and answers
-    every request with "Stub process ... is not healthy". The gateway's /ready probes the
-    ensemble's Python models and goes false; requests are 503 with Retry-After."""
+    that instance's requests with "Stub process ... is not healthy". The gateway's /ready
+    probes the tokenizer model and the engine and goes false; requests are 503 with
+    Retry-After. (Last in this module: the server stays broken.)"""
     server, g, _ = restartable
     assert requests.get(f"{g.url}/ready", timeout=30).status_code == 200
-    # a stream in flight when the stub dies is never ended by Triton: the client's own
-    # timeout must end it (and not wait for the stream to close)
-    in_flight = Reader(PredictClient(server.grpc_url, timeout_s=3).generate(parse_request(
-        {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0})))
-    in_flight.start()
-    assert in_flight.started_streaming.wait(30) and in_flight.error is None
-    stub = serving_processes(server.process.pid)["stub:postprocessing"]
-    os.kill(stub, signal.SIGKILL)
-    died = time.monotonic()
+    os.kill(stub_processes(server.process.pid)["preprocessing_0_0"], signal.SIGKILL)
     deadline = time.monotonic() + 30
     while requests.get(f"{g.url}/ready", timeout=30).status_code == 200:
         assert time.monotonic() < deadline, "the gateway still reports ready"
@@ -177,7 +173,41 @@ def test_a_dead_python_stub_makes_the_gateway_unready(restartable):
     with pytest.raises(ServerError) as down:
         PredictClient(server.grpc_url, timeout_s=30).predict(PROMPT, stream=False, max_tokens=4)
     assert down.value.status == "UNAVAILABLE"
-    in_flight.join(25)  # its timeout (3 s), then at most 10 s for its `stop` to be answered
-    assert not in_flight.is_alive(), "the client waits for a stream the server will never end"
-    assert isinstance(in_flight.error, ServerError), in_flight.error
-    assert in_flight.ended_at - died < 20
+
+
+def test_the_launcher_restarts_triton_when_a_stub_dies(cpu_repository, tmp_path):
+    """`mixtral-triton-launch` (and serve.sh) restart the server when a stub dies. Here every
+    detokenizer instance is killed while a stream runs: the stream's client gives up at its
+    own timeout (Triton never ends a stream whose stub died), the launcher restarts Triton
+    on the same ports, and requests succeed again."""
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "mixtral_triton.launcher.cli", "--model-repository", str(cpu_repository),
+         "--free-ports", "--exit-timeout-secs", str(EXIT_TIMEOUT_S), "--log-file", str(tmp_path / "triton.log")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in launch.stdout], daemon=True).start()
+    try:
+        ready = lines.get(timeout=180)
+        assert ready.startswith("triton ready: http 127.0.0.1:"), ready
+        grpc_url = ready.split()[5]
+        in_flight = Reader(PredictClient(grpc_url, timeout_s=3).generate(parse_request(
+            {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0})))
+        in_flight.start()
+        assert in_flight.started_streaming.wait(30) and in_flight.error is None
+        (server_pid,) = child_pids(launch.pid)
+        for name, pid in stub_processes(server_pid).items():
+            if name.startswith("postprocessing_"):
+                os.kill(pid, signal.SIGKILL)
+        died = time.monotonic()
+        assert "restarting tritonserver" in lines.get(timeout=30)
+        noticed_s = time.monotonic() - died
+        assert lines.get(timeout=180).strip() == "tritonserver ready again"
+        restarted_s = time.monotonic() - died
+        print(f"\nrestart began {noticed_s:.1f} s after the stubs died; serving again after {restarted_s:.1f} s")
+        in_flight.join(25)
+        assert not in_flight.is_alive() and isinstance(in_flight.error, ServerError), in_flight.error
+        after = PredictClient(grpc_url, timeout_s=60).predict(PROMPT, stream=False, max_tokens=4)
+        assert after.completion_tokens == 4
+    finally:
+        os.killpg(launch.pid, signal.SIGINT)
+        assert launch.wait(60) == 0

@@ -28,8 +28,8 @@ def gateway_process(triton_server, tmp_path_factory):
 
 def test_a_small_soak_has_no_failures_and_no_leak(triton_server, gateway_process):
     processes = serving_processes(triton_server.process.pid, gateway_process.pid)
-    assert {"tritonserver", "gateway", "stub:preprocessing", "stub:postprocessing",
-            "stub:tensorrt_llm"} <= set(processes), processes
+    assert {"tritonserver", "gateway", "stub:preprocessing_0_0", "stub:postprocessing_0_0",
+            "stub:tensorrt_llm_0_0"} <= set(processes), processes
     # seed 2: cancels and refusals on each of the three interfaces
     jobs = plan(REQUESTS, seed=2, chat=False, cancel_every=5, invalid_every=12)
     for kind in ("cancel", "invalid"):

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
               f"  try: curl -sN http://{args.host}:{gateway_port}/predict "
               """-d '{"prompt": "What is the mistral wind?", "max_tokens": 32}'\n"""
               "Ctrl-C stops.", flush=True)
-        stop.wait()
+        code = triton.serve(stop, log=lambda line: print(line, flush=True))
     print("stopped", flush=True)
-    return 0
+    return code
 
 
 @contextlib.contextmanager

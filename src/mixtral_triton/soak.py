@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixtral_triton.errors import OneLineArgumentParser, UserError, one_line_errors
+from mixtral_triton.launcher.stubs import stub_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERFACES = ("grpc", "predict", "completions", "chat")
@@ -218,30 +219,10 @@ def rss_kib(pid: int) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
-
-
 def serving_processes(triton_pid: int, gateway_pid: int | None = None) -> dict[str, int]:
-    """Label -> pid: tritonserver, its Python stubs (labelled by model), the gateway."""
+    """Label -> pid: tritonserver, its Python stubs (labelled by instance), the gateway."""
     processes = {"tritonserver": triton_pid}
-    for child in _children(triton_pid):
-        try:
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"triton_python_backend_stub"):
-            model = Path(argv[1].decode()).parent.parent.name if len(argv) > 1 else str(child)
-            label = f"stub:{model}"
-            while label in processes:
-                label += "'"
-            processes[label] = child
+    processes.update({f"stub:{name}": pid for name, pid in sorted(stub_processes(triton_pid).items())})
     if gateway_pid is not None:
         processes["gateway"] = gateway_pid
     return processes

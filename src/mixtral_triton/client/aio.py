@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from mixtral_triton.client.ensemble import (
     CANCEL_WAIT_S, ENSEMBLE, Chunk, Completion, ServerError, cancel_call, chunk_of, ends_request,
-    generation_call, is_final, new_request_id, server_error)
+    generation_call, is_final, new_request_id, probe_calls, server_error)
 from mixtral_triton.protocol import PredictRequest, parse_request
 
 _END = object()  # the request iterator's last item: half-closes the stream
@@ -69,12 +69,14 @@ class AsyncPredictClient:
             return False
 
     async def answers(self, timeout_s: float = 2.0) -> bool:
-        """The ensemble's Python models answer a request: a `stop` for an id that runs
-        nothing (no engine work). Triton 2.51 keeps reporting a model ready after its Python
-        stub process has died; this notices it."""
+        """The Python tokenizer model and the engine answer a request (no engine work; see
+        `probe_calls`). Triton 2.51 keeps reporting a model ready after its Python stub
+        process has died; this notices it for these two."""
+        calls = probe_calls(new_request_id())
         outbox: asyncio.Queue = asyncio.Queue()
         inbox: asyncio.Queue = asyncio.Queue()
-        outbox.put_nowait(cancel_call(new_request_id()))
+        for call in calls:
+            outbox.put_nowait(call)
         outbox.put_nowait(_END)
         try:
             call = self._grpc().stream_infer(_requests(outbox))
@@ -82,9 +84,13 @@ class AsyncPredictClient:
             return False
         reader = asyncio.create_task(_read(call, inbox))
         try:
-            result, error = await _next(inbox, timeout_s)
-            return error is None and is_final(result)
-        except ServerError:
+            async with asyncio.timeout(timeout_s):
+                for _ in calls:
+                    result, error = await _next(inbox, timeout_s)
+                    if error is not None or not is_final(result):
+                        return False
+            return True
+        except (ServerError, TimeoutError):
             return False
         finally:
             call.cancel()

@@ -100,6 +100,17 @@ def cancel_call(request_id: str) -> dict:
             "parameters": dict(_EMPTY_FINAL)}
 
 
+def probe_calls(request_id: str) -> list[dict]:
+    """A `stop` for an id that runs nothing, sent straight to the tokenizer model and to the
+    engine: both answer it at once, whatever the load. (Sent to the ensemble it would also
+    need a free detokenizer instance, which at full load may take a whole generation.)"""
+    from mixtral_triton.serving.engine_request import stop_inputs
+
+    return [{"model_name": "preprocessing", "inputs": cancel_inputs(), "request_id": request_id},
+            {"model_name": "tensorrt_llm", "inputs": infer_inputs(stop_inputs()),
+             "request_id": request_id, "parameters": dict(_EMPTY_FINAL)}]
+
+
 def ends_request(result, error) -> bool:
     """Whether a streamed response is the last of its request (an error always is)."""
     return error is not None or is_final(result)

@@ -80,15 +80,10 @@ def serve_until_signal(server: TritonServer) -> int:
     server.start()
     print(f"triton ready: http {server.http_url}  grpc {server.grpc_url}  "
           f"metrics {server.host}:{server.ports.metrics}  (log: {server.log_file})", flush=True)
-    while not stop.wait(0.5):
-        if server.process.poll() is not None:
-            print(f"tritonserver exited with code {server.process.returncode}; last log lines:\n"
-                  f"{server.log_tail()}", flush=True)
-            server.stop()
-            return 1
-    server.stop()
-    print("triton stopped", flush=True)
-    return 0
+    code = server.serve(stop, log=lambda line: print(line, flush=True))
+    if code == 0:
+        print("triton stopped", flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -20,13 +20,15 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from mixtral_triton.errors import UserError
-from mixtral_triton.launcher.ports import Ports, free_ports
+from mixtral_triton.launcher.ports import GRPC_URL_ENV, Ports, free_ports
+from mixtral_triton.launcher.stubs import dead_stubs
 
 # Logged as errors by every start on a machine without a GPU, and harmless there.
 _CPU_ONLY_NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML")
@@ -84,10 +86,12 @@ def backend_directory() -> Path:
     return target
 
 
-def server_environment() -> dict[str, str]:
+def server_environment(ports: Ports | None = None, host: str = "127.0.0.1") -> dict[str, str]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = library_path()
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    if ports is not None:  # where the serving models reach the server's own gRPC endpoint
+        env[GRPC_URL_ENV] = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{ports.grpc}"
     return env
 
 
@@ -139,7 +143,7 @@ class TritonServer:
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=server_environment(), start_new_session=True)
+                env=server_environment(self.ports, self.host), start_new_session=True)
         try:
             self.wait_ready(timeout_s)
         except BaseException:
@@ -207,6 +211,27 @@ class TritonServer:
         for region in regions:  # a killed stub leaves its region (1 MiB or more) in /dev/shm
             region.unlink(missing_ok=True)
         return self.process.returncode
+
+    def serve(self, stop: threading.Event, log=print, period_s: float = 0.5) -> int:
+        """Keep the started server serving until `stop` is set, then stop it; 1 if it exited
+        by itself. A dead Python stub process (which Triton 2.51 never restarts, and which
+        leaves it reporting ready) makes this restart the whole server: its in-flight
+        requests fail, and the ones after the restart succeed."""
+        while not stop.wait(period_s):
+            if self.process.poll() is not None:
+                log(f"tritonserver exited with code {self.process.returncode}; last log lines:\n"
+                    f"{self.log_tail()}")
+                self.stop()
+                return 1
+            dead = dead_stubs(self.process.pid)
+            if dead:
+                log(f"a Python stub process of tritonserver died (pid {', '.join(map(str, dead))}); "
+                    "restarting tritonserver")
+                self.stop()
+                self.start()
+                log("tritonserver ready again")
+        self.stop()
+        return 0
 
     def __enter__(self) -> "TritonServer":
         return self.start()
