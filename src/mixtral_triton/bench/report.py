@@ -519,25 +519,28 @@ def findings(results: dict) -> list[str]:
             out.append(
                 f"{len(out) + 1}. **Ensemble vs engine alone ({shape}, c={c}): {_x(r, 3)}.** Triton's CPU per "
                 f"token: {ca:.2f} ms on the engine path, {cb:.2f} ms through the ensemble ({cb - ca:+.2f} ms: "
-                "tokenizer, the detokenizer's BLS stream and text, the ensemble's extra hops). "
+                "tokenizer, the detokenizer's gRPC stream from the engine and its text, the ensemble's extra hops). "
                 + ("At c=1 that work runs beside the engine's stepping thread on the second core, so it costs "
                    "little unless the machine is busy (the load column; c=1 measured 0.88-1.25x in A/B rounds "
                    "while this benchmark was written). " if c == 1 else
                    "At c=8 the engine's stepping thread is the bottleneck, and it sends every response itself, "
                    "synchronously: `sender.send` in `model.py` `on_event` waits until the server process has "
-                   "handed the response on, and for the ensemble that means into the postprocessing stub's BLS "
-                   "stream (copied into that stub's shared memory) rather than onto a gRPC stream. py-spy on the "
-                   "engine stub at c=8 on a quiet machine: `sender.send` 21% of the stepping thread's time with "
-                   "the BLS consumer, 10% with a gRPC client (old forward, commit 284b01a); under heavy machine "
-                   "load 40-50% with either, as the server process waits for a core. Sending from a separate "
+                   "handed the response on. Since commit 0330518 the detokenizer reads the engine over a gRPC "
+                   "stream, as a client of the engine alone does; before, it read a BLS stream (copied into its "
+                   "stub's shared memory), and py-spy on the engine stub at c=8 on a quiet machine measured "
+                   "`sender.send` at 21% of the stepping thread's time with that BLS consumer against 10% with "
+                   "a gRPC client (old forward, commit 284b01a); under heavy machine load 40-50% with either, as "
+                   "the server process waits for a core. Sending from a separate "
                    "thread in the engine model gained ~6% in an A/B but twice produced a corrupted engine step "
                    "(`RuntimeError` in `forward.py` `SequenceCache.append`) under load with the 2.51 stub, so it "
                    "is not recommended as is; the GPU backend sends from its own C++ threads. The faster the "
                    "engine's step, the larger this fixed per-response cost looms: with the forward before commit "
                    "bed4adf (about 1.5x slower per step) this benchmark measured 0.84-1.00x at c=8, after it "
-                   "0.74-0.79x. ")
-                + "Per token, the detokenizer (postprocessing stub) itself costs 0.3-0.4 ms of CPU and Triton's "
-                "extra routing 0.1-0.2 ms (per-process CPU in the same A/B).")
+                   "0.74-0.79x with the BLS detokenizer, 0.94-0.95x with the gRPC one. ")
+                + "Per token, the detokenizer (postprocessing stub) itself cost 0.3-0.4 ms of CPU and Triton's "
+                "extra routing 0.1-0.2 ms (per-process CPU in an A/B with the BLS detokenizer); the gRPC stream "
+                "moves part of that into Triton's own process, so the server's CPU per token through the "
+                "ensemble is higher than before while tok/s is closer to the engine's.")
     gaps = []
     for shape in shapes:
         for c in (1, 8):
@@ -576,14 +579,16 @@ def findings(results: dict) -> list[str]:
         + ".")
     hangs = [c for c in crash if c.get("kind") == "hang"]
     out.append(
-        f"{len(out) + 1}. **A hang under heavy machine load, cause not established.** In one full run on this "
+        f"{len(out) + 1}. **A hang under heavy machine load, explained since.** In one full run on this "
         "machine (load average 3-4 from other sessions' soak tests and converter runs), right after the "
         "prescreen the postprocessing stub process was gone (defunct, nothing in Triton's log), and the engine "
         "stub's stepping thread sat in `sender.send` (`model.py` `on_event`) for 10 minutes with every "
         "tritonserver thread idle in a futex wait: no request could finish, no error came back. `dmesg` on "
         "this machine shows ~100 `triton_python_backend_stub ... segfault at 60` lines from the day's runs "
-        "(all sessions; many may be stubs ending at shutdown). Worth a look by whoever owns the serving path: "
-        "a stub that dies silently must fail its requests, not wedge the engine. The benchmark now gives each "
+        "(all sessions; many may be stubs ending at shutdown). The cause was the Python stub's heap corruption "
+        "under decoupled BLS (docs/reliability.md, *The crash, and its fix*): the detokenizer now reads the "
+        "engine over gRPC, so the engine no longer sends into a stub that can die, and the launchers restart "
+        "Triton when a stub dies. The benchmark still gives each "
         "request 60 s and restarts the server when one hangs"
         + (f"; this run hit {len(hangs)} hang(s): " + "; ".join(f"during {c['during']}" for c in hangs)
            if hangs else "; this run had none")
