@@ -179,11 +179,6 @@ class RawStream:
             self.close(cancel=True)
             raise
 
-    def send(self, arrays: dict[str, np.ndarray], request_id: str) -> None:
-        """Another request on the same stream (a `stop`, say)."""
-        self.client.async_stream_infer(self.model, raw_inputs(arrays), request_id=request_id,
-                                       enable_empty_final_response=True)
-
     def next(self, timeout_s: float = 60.0):
         """(result, error) of the next response."""
         return self.responses.get(timeout=timeout_s)

@@ -72,12 +72,11 @@ class AsyncPredictClient:
         """The Python tokenizer model and the engine answer a request (no engine work; see
         `probe_calls`). Triton 2.51 keeps reporting a model ready after its Python stub
         process has died; this notices it for these two."""
+        # One after the other: two requests answered at once on one stream can crash Triton
+        # 2.51's gRPC frontend (see _end_stream).
         calls = probe_calls(new_request_id())
         outbox: asyncio.Queue = asyncio.Queue()
         inbox: asyncio.Queue = asyncio.Queue()
-        for call in calls:
-            outbox.put_nowait(call)
-        outbox.put_nowait(_END)
         try:
             call = self._grpc().stream_infer(_requests(outbox))
         except InferenceServerException:
@@ -85,7 +84,8 @@ class AsyncPredictClient:
         reader = asyncio.create_task(_read(call, inbox))
         try:
             async with asyncio.timeout(timeout_s):
-                for _ in calls:
+                for request in calls:
+                    outbox.put_nowait(request)
                     result, error = await _next(inbox, timeout_s)
                     if error is not None or not is_final(result):
                         return False
@@ -93,6 +93,7 @@ class AsyncPredictClient:
         except (ServerError, TimeoutError):
             return False
         finally:
+            outbox.put_nowait(_END)
             call.cancel()
             reader.cancel()
 
@@ -136,7 +137,7 @@ class AsyncPredictClient:
                 if chunk is not None:
                     yield chunk
         finally:
-            end = _end_stream(call, reader, outbox, inbox, None if finished else request_id)
+            end = _end_stream(self._grpc(), call, reader, outbox, inbox, None if finished else request_id)
             await _unless_cancelled_again(end)
 
 
@@ -172,17 +173,25 @@ async def _next(inbox: asyncio.Queue, timeout_s: float):
     return result, error
 
 
-async def _end_stream(call, reader: asyncio.Task, outbox: asyncio.Queue, inbox: asyncio.Queue,
+async def _end_stream(grpc, call, reader: asyncio.Task, outbox: asyncio.Queue, inbox: asyncio.Queue,
                       cancel_id: str | None) -> None:
-    """Cancel an unfinished request (send `stop` on its stream and wait, briefly, until both
-    the stop and the cancelled generation have ended, so the engine has let go of it), then
-    close the stream."""
+    """Cancel an unfinished request (send `stop` and wait, briefly, until the cancelled
+    generation and then the stop have ended, so the engine has let go of it), then close
+    the stream. The stop goes on a call of its own: answered by another detokenizer instance
+    than the generation's, on the same stream its answer could be written at the same moment
+    as the generation's, which Triton 2.51's gRPC frontend does not survive."""
+    stop_call = stop_reader = None
     try:
         if cancel_id is not None and not reader.done():
-            outbox.put_nowait(cancel_call(cancel_id))
-            finals = 0
-            while finals < 2:
-                finals += ends_request(*await _next(inbox, CANCEL_WAIT_S))
+            stop_outbox: asyncio.Queue = asyncio.Queue()
+            stop_inbox: asyncio.Queue = asyncio.Queue()
+            stop_outbox.put_nowait(cancel_call(cancel_id))
+            stop_outbox.put_nowait(_END)
+            stop_call = grpc.stream_infer(_requests(stop_outbox))
+            stop_reader = asyncio.create_task(_read(stop_call, stop_inbox))
+            for answers in (inbox, stop_inbox):
+                while not ends_request(*await _next(answers, CANCEL_WAIT_S)):
+                    pass
         # Half-close: the server ends the stream once it has answered all its requests
         # (the empty final marker may still be on its way).
         outbox.put_nowait(_END)
@@ -194,6 +203,9 @@ async def _end_stream(call, reader: asyncio.Task, outbox: asyncio.Queue, inbox: 
         outbox.put_nowait(_END)
         call.cancel()
         reader.cancel()
+        if stop_call is not None:
+            stop_call.cancel()
+            stop_reader.cancel()
 
 
 async def _unless_cancelled_again(coroutine) -> None:

@@ -60,23 +60,31 @@ class PredictClient:
                     yield chunk
         finally:
             if not finished:
-                self._cancel(client, responses, request_id)
+                self._cancel(responses, request_id)
             # A request the server may never end (its stub died, no answer within timeout_s)
             # must not be waited for: closing gracefully would block until it ends.
             client.stop_stream(cancel_requests=not finished)
             client.close()
 
-    @staticmethod
-    def _cancel(client, responses: queue.Queue, request_id: str) -> None:
-        """Send `stop` for the request on its own stream, and wait (briefly) until both the
-        stop and the cancelled generation have ended, so the engine has let go of it."""
+    def _cancel(self, responses: queue.Queue, request_id: str) -> None:
+        """Send `stop` for the request, and wait (briefly) until the cancelled generation and
+        then the stop have ended, so the engine has let go of it. The stop goes on a stream
+        of its own: answered by another detokenizer instance than the generation's, on the
+        same stream its answer could be written at the same moment as the generation's,
+        which Triton 2.51's gRPC frontend does not survive (docs/cpu-triton-stack.md)."""
+        stop_responses: queue.Queue = queue.Queue()
+        stopper = grpcclient.InferenceServerClient(self.url)
         try:
-            client.async_stream_infer(**cancel_call(request_id))
-            finals = 0
-            while finals < 2:
-                finals += ends_request(*_next(responses, CANCEL_WAIT_S))
+            stopper.start_stream(callback=lambda result, error: stop_responses.put((result, error)))
+            stopper.async_stream_infer(**cancel_call(request_id))
+            for answers in (responses, stop_responses):
+                while not ends_request(*_next(answers, CANCEL_WAIT_S)):
+                    pass
         except (ServerError, grpcclient.InferenceServerException):
             pass  # the server is gone or the request already ended: nothing left to cancel
+        finally:
+            stopper.stop_stream(cancel_requests=True)
+            stopper.close()
 
 
 def _stream_error(responses: queue.Queue, exc: Exception) -> Exception:
