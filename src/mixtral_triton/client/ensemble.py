@@ -11,6 +11,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from mixtral_triton.protocol import FIELDS, PredictRequest, RequestError, ensemble_inputs
+from mixtral_triton.serving.engine_request import stop_inputs
 
 ENSEMBLE = "ensemble"
 # How long a cancel waits for the server to end both the stop and the cancelled request.
@@ -104,8 +105,6 @@ def probe_calls(request_id: str) -> list[dict]:
     """A `stop` for an id that runs nothing, sent straight to the tokenizer model and to the
     engine: both answer it at once, whatever the load. (Sent to the ensemble it would also
     need a free detokenizer instance, which at full load may take a whole generation.)"""
-    from mixtral_triton.serving.engine_request import stop_inputs
-
     return [{"model_name": "preprocessing", "inputs": cancel_inputs(), "request_id": request_id},
             {"model_name": "tensorrt_llm", "inputs": infer_inputs(stop_inputs()),
              "request_id": request_id, "parameters": dict(_EMPTY_FINAL)}]

@@ -76,8 +76,8 @@ class EngineClient:
             while not finished:
                 result = next_response()
                 if result.get_response().outputs:  # the final response may carry nothing
-                    yield {name: result.as_numpy(name) for name in ENGINE_OUTPUTS
-                           if result.as_numpy(name) is not None}
+                    arrays = {name: result.as_numpy(name) for name in ENGINE_OUTPUTS}
+                    yield {name: array for name, array in arrays.items() if array is not None}
         finally:
             try:
                 if not finished:
