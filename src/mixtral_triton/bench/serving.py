@@ -193,31 +193,38 @@ class _HttpPath:
         if self.session is not None:
             await self.session.close()
 
-
-class EnsembleHttp(_HttpPath):
-    async def request(self, prompt: Prompt, shape: Shape) -> Record:
+    async def _post(self, path: str, body: dict, read) -> Record:
+        """POST `body` and let `read(response, record)` record the streamed tokens; an HTTP
+        error status or an exception is recorded as the request's failure."""
         record = Record(sent=time.perf_counter())
-        so_far = 0
         try:
-            async with self.session.post(f"{self.base_url}/v2/models/ensemble/generate_stream",
-                                         json=http_generate_body(prompt, shape)) as response:
+            async with self.session.post(f"{self.base_url}{path}", json=body) as response:
                 if response.status != 200:
                     record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
                     return record
-                async for line in response.content:
-                    now = time.perf_counter()
-                    if not line.startswith(b"data:"):
-                        continue
-                    event = json.loads(line[5:])
-                    if "error" in event:
-                        record.error = str(event["error"])[:200]
-                        break
-                    total = int(_first(event.get("completion_tokens", so_far)))
-                    record.add(now, total - so_far)
-                    so_far = total
+                await read(response, record)
         except Exception as exc:  # noqa: BLE001 - recorded, counted as a failed request
             record.error = f"{type(exc).__name__}: {exc}"
         return record
+
+
+class EnsembleHttp(_HttpPath):
+    async def request(self, prompt: Prompt, shape: Shape) -> Record:
+        async def read(response, record):
+            so_far = 0
+            async for line in response.content:
+                now = time.perf_counter()
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    record.error = str(event["error"])[:200]
+                    break
+                total = int(_first(event.get("completion_tokens", so_far)))
+                record.add(now, total - so_far)
+                so_far = total
+
+        return await self._post("/v2/models/ensemble/generate_stream", http_generate_body(prompt, shape), read)
 
 
 class GatewayPredict(_HttpPath):
@@ -225,19 +232,12 @@ class GatewayPredict(_HttpPath):
         """Text chunks carry no token counts: each chunk counts as one token (the detokenizer
         sends one response per token unless it holds text back), and the total is checked
         against max_tokens by the caller from the chunk count and the prescreen."""
-        record = Record(sent=time.perf_counter())
-        try:
-            async with self.session.post(f"{self.base_url}/predict",
-                                         json=predict_body(prompt, shape)) as response:
-                if response.status != 200:
-                    record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
-                    return record
-                async for data, _ in response.content.iter_chunks():
-                    if data:
-                        record.add(time.perf_counter(), 1)
-        except Exception as exc:  # noqa: BLE001
-            record.error = f"{type(exc).__name__}: {exc}"
-        return record
+        async def read(response, record):
+            async for data, _ in response.content.iter_chunks():
+                if data:
+                    record.add(time.perf_counter(), 1)
+
+        return await self._post("/predict", predict_body(prompt, shape), read)
 
 
 def _first(value):
