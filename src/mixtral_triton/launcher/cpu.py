@@ -34,6 +34,9 @@ from mixtral_triton.launcher.stubs import dead_stubs
 _CPU_ONLY_NOISE = ("CudaDriverHelper has not been initialized", "Failed to initialize NVML")
 
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+# TritonServer.serve restarts a server that died at most this often before it gives up.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 300.0
 
 
 def _wheel_root() -> Path:
@@ -213,23 +216,30 @@ class TritonServer:
         return self.process.returncode
 
     def serve(self, stop: threading.Event, log=print, period_s: float = 0.5) -> int:
-        """Keep the started server serving until `stop` is set, then stop it; 1 if it exited
-        by itself. A dead Python stub process (which Triton 2.51 never restarts, and which
-        leaves it reporting ready) makes this restart the whole server: its in-flight
-        requests fail, and the ones after the restart succeed."""
+        """Keep the started server serving until `stop` is set, then stop it (0). A server
+        that exits by itself, or whose Python stub process dies (Triton 2.51 never restarts
+        a stub and keeps reporting ready; a stub killed while holding a shared-memory lock
+        also aborts the server), is restarted on the same ports: its in-flight requests fail,
+        the ones after the restart succeed. More than MAX_RESTARTS in RESTART_WINDOW_S
+        means it cannot stay up: this gives up and returns 1."""
+        restarts: list[float] = []
         while not stop.wait(period_s):
             if self.process.poll() is not None:
-                log(f"tritonserver exited with code {self.process.returncode}; last log lines:\n"
-                    f"{self.log_tail()}")
+                reason = (f"tritonserver exited with code {self.process.returncode}; last log lines:\n"
+                          f"{self.log_tail()}")
+            elif dead := dead_stubs(self.process.pid):
+                reason = f"a Python stub process of tritonserver died (pid {', '.join(map(str, dead))})"
+            else:
+                continue
+            restarts = [t for t in restarts if time.monotonic() - t < RESTART_WINDOW_S] + [time.monotonic()]
+            if len(restarts) > MAX_RESTARTS:
+                log(f"{reason}\ngiving up: {MAX_RESTARTS} restarts within {RESTART_WINDOW_S:.0f} s")
                 self.stop()
                 return 1
-            dead = dead_stubs(self.process.pid)
-            if dead:
-                log(f"a Python stub process of tritonserver died (pid {', '.join(map(str, dead))}); "
-                    "restarting tritonserver")
-                self.stop()
-                self.start()
-                log("tritonserver ready again")
+            log(f"{reason}\nrestarting tritonserver")
+            self.stop()
+            self.start()
+            log("tritonserver ready again")
         self.stop()
         return 0
 
