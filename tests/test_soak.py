@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-from mixtral_triton.soak import Runner, plan, running_gateway, serving_processes, soak
+from mixtral_triton.local_stack import GatewayProcess
+from mixtral_triton.soak import Runner, plan, serving_processes, soak
 
 REQUESTS, CONCURRENCY, WARMUP = 60, 8, 20
 RSS_GROWTH_BOUND_MIB = 64
@@ -22,7 +23,8 @@ RSS_GROWTH_BOUND_MIB = 64
 
 @pytest.fixture(scope="module")
 def gateway_process(triton_server, tmp_path_factory):
-    with running_gateway(triton_server.grpc_url, None, tmp_path_factory.mktemp("soak") / "gateway.log") as g:
+    with GatewayProcess(triton_server.grpc_url, tmp_path_factory.mktemp("soak") / "gateway.log",
+                        log_level="warning") as g:
         yield g
 
 
