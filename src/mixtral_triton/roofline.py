@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mixtral_triton.capacity import DTYPE_BYTES, GPU_MEMORY_BYTES, MIXTRAL_8X22B, ROUTER_BYTES, ModelShape, kv_bytes_per_token
+from mixtral_triton.capacity import (DTYPE_BYTES, GPU_MEMORY_BYTES, MIXTRAL_8X22B, ROUTER_BYTES, ModelShape,
+                                     kv_bytes_per_token)
 from mixtral_triton.errors import UserError
 
 
