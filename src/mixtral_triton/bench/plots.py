@@ -45,7 +45,7 @@ def plots(results: dict, out: Path) -> list[Path]:
                 ("ttft", "TTFT p50 (ms) (median of rounds, 95% interval)", "serving_ttft.png",
                  lambda c: _spread(c.get("ttft_p50_ms_estimate"))),
                 ("itl", "inter-token latency p50 (ms), all requests", "serving_itl.png",
-                 lambda c: (c["itl_ms"]["p50"], 0.0, 0.0))):
+                 lambda c: (c["itl_ms"]["p50"],) * 3)):
             fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
             for ax, shape in zip(axes[0], shapes):
                 for path in PATHS:

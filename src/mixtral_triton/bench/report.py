@@ -16,7 +16,7 @@ from pathlib import Path
 from mixtral_triton.bench.plots import SHORT, plots
 from mixtral_triton.bench.request_clients import PATH_TITLES, PATHS
 from mixtral_triton.bench.targets import TARGET_CONCURRENCIES, cell as _cell
-from mixtral_triton.bench.targets import rounds_of, show, show_change, targets
+from mixtral_triton.bench.targets import cores_needed, rounds_of, show, show_change, targets
 from mixtral_triton.bench.uncertainty import (CONFIDENCE, INCONCLUSIVE, MET, MISSED, median_interval,
                                               paired_ratio, unpaired_ratio)
 
@@ -292,6 +292,92 @@ def _converter(results: dict, plot_dir: Path, rel) -> list[str]:
     return lines
 
 
+def _scale(results: dict) -> list[str]:
+    scale = results.get("scale")
+    if not scale:
+        return []
+    mark = _mark(results, "scale")
+    setup, paced, anchor = scale["setup"], scale.get("paced") or {}, scale.get("anchor") or {}
+    ps = paced.get("setup") or {}
+    pacing = ps.get("pacing") or {}
+    plan = scale.get("plan") or {}
+    lines = ["## Scale: the pipeline in front of a stand-in engine" + mark, "",
+             f"- Engine: `mixtral_triton.standin`, tokens from a fixed table (spaces, accents, emoji), no math; "
+             f"{ps.get('model', '')}. Paced: each step lasts the decode roofline's step time of "
+             f"{pacing.get('gpu')} at TP={pacing.get('tp')} for the batch x {pacing.get('scale')} (this machine "
+             f"cannot stream at a GPU's pace), in-flight batching up to {ps.get('engine_max_batch_size')}; at a mean "
+             f"context of {ps.get('paced_context_tokens')} tokens that pace alone gives "
+             + ", ".join(f"{_f(v)} tok/s at c={c}" for c, v in (ps.get("paced_tokens_per_s") or {}).items()) + ".",
+             f"- Requests: {setup['shape']} (input/output tokens), closed loop as in the serving section, each cell in "
+             f"{setup['rounds']} rounds of " + ", ".join(f"{max(setup['min_requests'], setup['requests_per_worker'] * c)} "
+                                                         f"(c={c})" for c in setup["concurrencies"])
+             + " requests; the three paths interleaved within a round.",
+             "- Paths: the stand-in alone over gRPC (what it delivers with nothing in front of it), the ensemble over "
+             "gRPC, the gateway's /predict. CPU: seconds per 1,000 streamed tokens of Triton (server and every stub) "
+             "and of the gateway; memory: the peak proportional set size (shared pages split among their sharers) of "
+             "Triton, its stubs and, on its path, the gateway, sampled during each round.",
+             "- Capacity plan: " + (f"{plan['workload']} on {plan['gpu']}: batch {plan['batch']}, "
+                                   f"{_f(plan['tokens_per_s_replica'], 0)} decode tok/s per replica "
+                                   f"(`{plan['source']}`)" if plan.get("tokens_per_s_replica")
+                                   else plan.get("missing", "not available")) + ".", ""]
+    for why in (scale.get("missing") or {}).values():
+        lines.append(f"> **gateway MISSING**: {why}")
+    alone = paced.get("standin_alone") or {}
+    rows = [("stand-in alone", alone)] + [(SHORT.get(p, p), cells) for p, cells in (paced.get("paths") or {}).items()]
+    lines += ["| path | c | n | tok/s: median [95%] | of the stand-in alone (paired) | TTFT p50 / p90 / p99 ms | "
+              "ITL p50 / p90 / p99 ms | failed | CPU s/1k tok: Triton / gateway | peak memory MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in setup["concurrencies"]:
+        for title, cells in rows:
+            cell = cells.get(str(c))
+            if not cell:
+                continue
+            t, i = cell["ttft_ms"], cell["itl_ms"]
+            k = (cell["output_tokens"] or 1) / 1000
+            peaks = [r["peak_memory_bytes"] for r in cell.get("rounds") or [] if r.get("peak_memory_bytes")]
+            fraction = ("–" if cells is alone else
+                        show(paired_ratio(rounds_of(cell, "output_tokens_per_s"),
+                                          rounds_of(alone.get(str(c)), "output_tokens_per_s")), 2))
+            lines.append(f"| {title}{mark} | {c} | {len(cell.get('rounds') or [])} | "
+                         f"{_estimate_cell(cell.get('output_tokens_per_s_estimate'))} | {fraction} | "
+                         f"{_f(t['p50'])} / {_f(t['p90'])} / {_f(t['p99'])} | "
+                         f"{_f(i['p50'], 2)} / {_f(i['p90'], 2)} / {_f(i['p99'], 2)} | "
+                         f"{cell['failed']}/{cell['requests']} | {_f((cell['server_cpu_s'] or 0) / k, 2)} / "
+                         f"{_f(cell['gateway_cpu_s'] / k, 2) if cell.get('gateway_cpu_s') is not None else '–'} | "
+                         f"{_f(max(peaks) / 2**20, 0) if peaks else '–'} |")
+    lines.append("")
+    cores = [(p, cores_needed(scale, p)) for p in (paced.get("paths") or {})]
+    if any(e for _, e in cores):
+        lines += ["CPU cores a replica's pipeline needs at the capacity plan's throughput (CPU s per token at the "
+                  "highest concurrency x plan tok/s, round by round): "
+                  + "; ".join(f"{SHORT.get(p, p)}: {show(e, 1, '')}" for p, e in cores if e) + f"{mark}.", ""]
+    lines += ["### The no-op stand-in behind tensorrtllm_backend's ensemble and ours" + mark, ""]
+    if anchor.get("skipped"):
+        return lines + [f"Not measured: {anchor['skipped']}.", ""]
+    a = anchor["setup"]
+    source = a["anchor"]
+    lines += [f"Anchor: `{source['source']}` at {source['tag']} (commit `{(source.get('commit') or '?')[:12]}`), "
+              "all_models/inflight_batcher_llm preprocessing/postprocessing/ensemble, filled with "
+              + ", ".join(f"{k}={v}" for k, v in source.get("filled", {}).items() if k != "tokenizer_dir")
+              + f"; engine: {a['engine']}; request: {a['request']}; {a['shape']} tokens, {a['rounds']} rounds of "
+              + ", ".join(f"{n} (c={c})" for c, n in a["requests_per_round"].items())
+              + " requests, the two servers alternating within a round.", "",
+              "| pipeline | c | n | tok/s: median [95%] | TTFT p50 ms: median [95%] | ITL p50 / p99 ms | "
+              "Triton CPU s/1k tok: median [95%] | failed | byte-exact |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in a["concurrencies"]:
+        for side, title in (("ours", "ours"), ("anchor", "tensorrtllm_backend")):
+            cell = (anchor.get(side) or {}).get(str(c))
+            if not cell:
+                continue
+            lines.append(f"| {title}{mark} | {c} | {len(cell.get('rounds') or [])} | "
+                         f"{_estimate_cell(cell.get('output_tokens_per_s_estimate'))} | "
+                         f"{_estimate_cell(cell.get('ttft_p50_ms_estimate'))} | "
+                         f"{_f(cell['itl_ms']['p50'], 2)} / {_f(cell['itl_ms']['p99'], 2)} | "
+                         f"{_estimate_cell(cell.get('server_cpu_s_per_1k_tokens_estimate'), 2)} | "
+                         f"{cell['failed']}/{cell['requests']} | {cell['byte_exact_requests']}/{cell['requests']} |")
+    return lines + [""]
+
+
 def _gpu(results: dict, plot_dir: Path, rel) -> list[str]:
     gpu = results.get("gpu")
     if not gpu:
@@ -443,19 +529,64 @@ def findings(results: dict) -> list[str]:
             f"(mmap read, bf16->fp16 cast, sha256, write) and writes {default['output_bytes'] / conv['checkpoint']['source_bytes']:.2f}x "
             f"the bytes it reads; it used {cpu:.1f} s of CPU in {default['wall_s']:.1f} s with "
             f"workers={conv['default_workers']}: CPU work per byte, which more workers spread over more cores.")
-    out += scale_findings(results)
+    for text in scale_findings(results):
+        add(text)
     return out
 
 
 def scale_findings(results: dict) -> list[str]:
-    return []
+    scale = results.get("scale") or {}
+    paced, anchor = scale.get("paced") or {}, scale.get("anchor") or {}
+    mark = _mark(results, "scale")
+    out = []
+    alone = paced.get("standin_alone") or {}
+    for path, cells in (paced.get("paths") or {}).items():
+        top = str(max(int(c) for c in cells))
+        delivered = paired_ratio(rounds_of(cells[top], "output_tokens_per_s"),
+                                 rounds_of(alone.get(top), "output_tokens_per_s"))
+        ideal = (paced.get("setup") or {}).get("paced_tokens_per_s", {}).get(top)
+        cores = cores_needed(scale, path)
+        cpu = median_interval(rounds_of(cells[top], "server_cpu_s_per_1k_tokens"))
+        out.append(f"**{SHORT.get(path, path)} in front of the paced stand-in at c={top}{mark}**: "
+                   f"{show(delivered, 2)} of what the stand-in alone delivered "
+                   f"({_estimate_cell((alone.get(top) or {}).get('output_tokens_per_s_estimate'))} tok/s; its pace "
+                   f"alone would give {_f(ideal)} tok/s). Triton with every stub spent {show(cpu, 2, ' s')} of CPU "
+                   "per 1,000 streamed tokens"
+                   + (f"; at the capacity plan's {scale['plan']['workload']} throughput on {scale['plan']['gpu']} "
+                      f"({_f(scale['plan']['tokens_per_s_replica'], 0)} tok/s per replica) the pipeline needs "
+                      f"{show(cores, 1, ' cores')}" if cores else "")
+                   + ". The stand-in engine's own stub is inside that figure (see its row alone): on a GPU the "
+                   "engine runs in the C++ backend instead.")
+    for path, m in (paced.get("memory_per_stream") or {}).items():
+        e = m.get("estimate")
+        if e:
+            out.append(f"**Memory per additional stream, {SHORT.get(path, path)}{mark}**: "
+                       f"{e['median'] / 2**20:.2f} MiB [{e['low'] / 2**20:.2f}, {e['high'] / 2**20:.2f}] "
+                       f"(peak proportional set size of Triton, its stubs{' and the gateway' if path == 'gateway_predict' else ''}, "
+                       f"c={m['from_concurrency']} -> c={m['to_concurrency']}, per round).")
+    if anchor.get("skipped"):
+        out.append(f"**Beside tensorrtllm_backend's ensemble: not measured** ({anchor['skipped']}).")
+    for c, ours in (anchor.get("ours") or {}).items():
+        theirs = (anchor.get("anchor") or {}).get(c)
+        if not theirs:
+            continue
+        ratio = lambda key: paired_ratio(rounds_of(ours, key), rounds_of(theirs, key))  # noqa: E731
+        out.append(f"**No-op stand-in, ours against the anchor, c={c}{mark}**: streamed tok/s "
+                   f"{show(ratio('output_tokens_per_s'), 2)}, TTFT p50 {show(ratio('ttft_p50_ms'), 2)}, Triton CPU "
+                   f"per token {show(ratio('server_cpu_s_per_1k_tokens'), 2)}; text byte-exact in "
+                   f"{ours['byte_exact_requests']}/{ours['requests']} of ours and {theirs['byte_exact_requests']}/"
+                   f"{theirs['requests']} of the anchor's requests"
+                   + (f" (the anchor's begins {theirs['text_example']['got'][:60]!r} where the tokens stand for "
+                      f"{theirs['text_example']['expected'][:60]!r})" if theirs.get("text_example") else "") + ".")
+    return out
 
 
 def markdown(results: dict, plot_dir: Path, root: Path) -> str:
     # Links relative to the repository, also for --results/--plots outside it.
     rel = lambda p: os.path.relpath(Path(p).resolve(), root)  # noqa: E731
     lines = (_header(results, rel) + _targets(results) + _serving(results, plot_dir, rel)
-             + _perf_analyzer(results) + _converter(results, plot_dir, rel) + _gpu(results, plot_dir, rel))
+             + _perf_analyzer(results) + _converter(results, plot_dir, rel) + _scale(results)
+             + _gpu(results, plot_dir, rel))
     lines += ["## Findings", ""] + findings(results) + [""]
     return "\n".join(lines)
 

@@ -46,6 +46,7 @@ class Record:
     responses: int = 0
     error: str | None = None
     worker: int = 0
+    text: bytes | None = None  # the streamed text, where the client keeps it
 
     def add(self, now: float, tokens: int) -> None:
         """`tokens` new tokens arrived now; after the first, spread them over the gap."""
@@ -162,6 +163,39 @@ class EnsembleGrpc(_GrpcPath):
             return new, bool(reason)
 
         return await self._stream(arrays, ["text_output", "finish_reason", "completion_tokens"], tokens)
+
+
+class TextEnsembleGrpc(_GrpcPath):
+    """An ensemble over gRPC streaming, asked only for text_input, max_tokens and stream, that
+    keeps the streamed text (to check it byte for byte). This project's ensemble counts the
+    tokens it streamed (completion_tokens); tensorrtllm_backend's sends one response per
+    engine response, one token each when streaming, and says no count: `counted` False."""
+
+    model = "ensemble"
+
+    def __init__(self, url: str, counted: bool = True):
+        super().__init__(url)
+        self.counted = counted
+
+    async def request(self, prompt: Prompt, shape: Shape) -> Record:
+        arrays = {"text_input": np.array([[prompt.text.encode("utf-8")]], dtype=object),
+                  "max_tokens": np.array([[shape.output_tokens]], np.int32),
+                  "stream": np.array([[True]], np.bool_)}
+        chunks: list[bytes] = []
+        so_far = [0]
+
+        def tokens(result) -> tuple[int, bool]:
+            chunks.extend(bytes(t) for t in result.as_numpy("text_output").reshape(-1))
+            if not self.counted:
+                return 1, False
+            total = int(result.as_numpy("completion_tokens").reshape(-1)[0])
+            new, so_far[0] = total - so_far[0], total
+            return new, bool(result.as_numpy("finish_reason").reshape(-1)[0])
+
+        outputs = ["text_output", "finish_reason", "completion_tokens"] if self.counted else ["text_output"]
+        record = await self._stream(arrays, outputs, tokens)
+        record.text = b"".join(chunks)
+        return record
 
 
 class _HttpPath:

@@ -126,12 +126,30 @@ def converter_targets(results: dict) -> list[dict]:
     ]
 
 
+def cores_needed(scale: dict, path: str) -> Estimate | None:
+    """CPU cores a replica's pipeline needs at the capacity plan's throughput: the CPU seconds
+    per streamed token measured at the highest concurrency (Triton with every stub, plus the
+    gateway on its path), round by round, times the plan's tokens per second."""
+    paced = scale.get("paced") or {}
+    rate = (scale.get("plan") or {}).get("tokens_per_s_replica")
+    cells = (paced.get("paths") or {}).get(path) or {}
+    if not rate or not cells:
+        return None
+    top = cells[str(max(int(c) for c in cells))]
+    per_round = []
+    for r in top.get("rounds") or []:
+        server, gateway = r.get("server_cpu_s_per_1k_tokens"), r.get("gateway_cpu_s_per_1k_tokens")
+        if server is not None:
+            per_round.append((server + (gateway or 0.0)) / 1000 * rate)
+    return median_interval(per_round)
+
+
 def scale_targets(results: dict) -> list[dict]:
     scale = results.get("scale") or {}
     rows = []
     anchor = scale.get("anchor") or {}
     why = anchor.get("skipped") or ""
-    for c in (anchor.get("setup") or {}).get("concurrencies") or scale.get("anchor_concurrencies") or []:
+    for c in (scale.get("setup") or {}).get("anchor_concurrencies") or []:
         ours = (anchor.get("ours") or {}).get(str(c))
         theirs = (anchor.get("anchor") or {}).get(str(c))
 
@@ -159,11 +177,12 @@ def scale_targets(results: dict) -> list[dict]:
                      "verdict": exact_verdict(-failed, 0), "note": "; ".join(c.get("errors") or [])})
         delivered = paired_ratio(rounds_of(c, "output_tokens_per_s"),
                                  rounds_of(paced["standin_alone"][str(top)], "output_tokens_per_s"))
-        cores = (paced.get("cores_needed") or {}).get(path)
+        cores = cores_needed(scale, path)
         rows.append(_row("scale", f"paced stand-in, {path}, c={top}: delivered >= {DELIVERED_OVER_STANDIN}x the "
                                   "stand-in's own tok/s (or the cores needed reported)", delivered,
                          DELIVERED_OVER_STANDIN,
-                         note=(f"cores needed at the plan's throughput: {cores['cores']:.1f}" if cores else "")))
+                         note=(f"cores a replica needs at the plan's {scale['plan']['workload']} throughput: "
+                               f"{show(cores, 1, '')}" if cores else "")))
     memory = paced.get("memory_per_stream") or {}
     for path, m in memory.items():
         e = Estimate.from_dict(m.get("estimate"))
