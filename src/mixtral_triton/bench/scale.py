@@ -55,7 +55,7 @@ class ScalePlan:
 
     @classmethod
     def quick(cls) -> "ScalePlan":
-        return cls(concurrencies=(1, 16), rounds=2, anchor_rounds=3)
+        return cls(shape=Shape(128, 16), concurrencies=(1, 16), rounds=2, anchor_rounds=3)
 
     def count(self, concurrency: int) -> int:
         return max(self.min_requests, self.requests_per_worker * concurrency)

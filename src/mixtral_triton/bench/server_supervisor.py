@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from mixtral_triton.bench.process_stats import group_states
 from mixtral_triton.bench.request_clients import REQUEST_TIMEOUT_S, Record
+from mixtral_triton.errors import UserError
 from mixtral_triton.local_stack import GatewayDidNotStart, LocalStack
+
+
+# A server that dies while its many stubs start (seen on this machine under load: a stub
+# killed holding a shared-memory lock aborts tritonserver) is started again, this many times
+# in all, each failed start recorded in the section.
+STARTS = 3
 
 
 class SupervisedStack:
@@ -22,6 +29,17 @@ class SupervisedStack:
         return self.local.gateway
 
     def start(self) -> None:
+        for attempt in range(1, STARTS + 1):
+            try:
+                return self._start()
+            except UserError as exc:
+                if isinstance(exc, GatewayDidNotStart) or attempt == STARTS:
+                    raise
+                self.section.setdefault("server_crashes", []).append(
+                    {"during": "start", "kind": "exit", "errors": str(exc)[-1500:]})
+                self.log(f"  !! tritonserver did not start (attempt {attempt} of {STARTS}); starting it again")
+
+    def _start(self) -> None:
         try:
             self.local.start()
         except GatewayDidNotStart as exc:  # the section goes on without the gateway's path
