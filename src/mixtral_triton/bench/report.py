@@ -92,15 +92,18 @@ def _header(results: dict, rel) -> list[str]:
              f"{CONFIDENCE:.0%} bootstrap interval of that median in brackets (`median [low, high] n=k`). A ratio "
              "between two paths is taken round by round (the paths interleaved within a round, so this machine's "
              "load drifts fall on both). A target is **met** only when its whole interval clears it, **MISSED** "
-             "when the whole interval lies on the wrong side, *inconclusive* otherwise. This machine "
-             f"({m.get('cores')} cores, {(m.get('memory_bytes') or 0) / 2**30:.0f} GiB) is shared: read ratios, not "
-             "absolutes.", "",
+             "when the whole interval lies on the wrong side, *inconclusive* otherwise. "
+             + (f"This machine ({m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB) is shared: "
+                if m.get("cores") and m.get("memory_bytes") else "")
+             + "read ratios, not absolutes.", "",
              "| section | measured |", "|---|---|"]
     for name in ("serving", "perf_analyzer", "converter", "scale"):
         lines.append(f"| {name} | {_run_line(runs.get(name) or {})} |")
     pk = m.get("packages") or {}
-    lines += ["", f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, Python {m.get('python')}, "
-              + ", ".join(f"{k} {v}" for k, v in pk.items() if v) + ".", ""]
+    if m:
+        lines += ["", f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, Python {m.get('python')}, "
+                  + ", ".join(f"{k} {v}" for k, v in pk.items() if v) + "."]
+    lines.append("")
     return lines
 
 
