@@ -14,7 +14,7 @@ GPU_TYPE="${GPU_TYPE:-H100-80GB}"
 TP_SIZE="${TP_SIZE:-4}"
 MAX_INPUT_LEN="${MAX_INPUT_LEN:-4096}"
 MAX_OUTPUT_LEN="${MAX_OUTPUT_LEN:-1024}"
-WORKLOAD="${WORKLOAD:-128/128}"
+WORKLOAD="${WORKLOAD:-}"
 DETOKENIZER_PROCESSES="${DETOKENIZER_PROCESSES:-}"
 ENGINE_TAG="${ENGINE_TAG:-}"
 EXPECT_MAX_BATCH_SIZE="${EXPECT_MAX_BATCH_SIZE:-}"
@@ -57,11 +57,12 @@ Settings (environment variables, with defaults):
   TP_SIZE=4                      tensor parallel size = GPUs per replica
   MAX_INPUT_LEN=4096             longest prompt in tokens
   MAX_OUTPUT_LEN=1024            most generated tokens per request
-  WORKLOAD=128/128               request shape (input/output tokens) the engine's max_batch_size
-                                 is sized for; longer requests are still served, fewer at once
+  WORKLOAD=                      request shape INPUT/OUTPUT tokens the engine's max_batch_size is
+                                 sized for (default 128/128, or full length where the limits are
+                                 shorter); longer requests are still served, fewer at once
   DETOKENIZER_PROCESSES=         postprocessing processes (default: from this machine's cores;
                                  the overlays set it from the Triton container's cores)
-  ENGINE_TAG=<gpu>-tp<N>-in<I>-out<O>-w<IN>x<OUT>
+  ENGINE_TAG=<gpu>-tp<N>-in<I>-out<O>-b<max_batch_size of the plan>
                                  names engines/<tag> and model-repositories/<tag>; a new tag is a
                                  new engine beside the old one (rolling a new engine)
   EXPECT_MAX_BATCH_SIZE=         if set, the plan must give exactly these (the overlay's
@@ -116,28 +117,20 @@ else
   LOCAL_SOURCE=0
 fi
 MODEL_NAME="$(basename "$HF_DIR")"
-gpu_tag="$(printf '%s' "$GPU_TYPE" | tr '[:upper:]' '[:lower:]')"
-ENGINE_TAG="${ENGINE_TAG:-$gpu_tag-tp$TP_SIZE-in$MAX_INPUT_LEN-out$MAX_OUTPUT_LEN-w${WORKLOAD/\//x}}"
-case "$ENGINE_TAG" in */*|.*|"") refuse "ENGINE_TAG '$ENGINE_TAG' must be a plain folder name" ;; esac
 CKPT_DIR="$DATA_DIR/trtllm-checkpoints/$MODEL_NAME-tp$TP_SIZE-fp16"
-ENGINE_DIR="$DATA_DIR/engines/$ENGINE_TAG"
-REPO_DIR="$DATA_DIR/model-repositories/$ENGINE_TAG"
 STATE_DIR="$DATA_DIR/state"
-BUILD_RECORD="$ENGINE_DIR/mixtral_triton_build.json"  # written by build_engine.py after success
-FILL_MARKER="$REPO_DIR/.mixtral-triton-fill.json"     # written by fill_model_repository.py
 export HF_HOME="${HF_HOME:-$DATA_DIR/hf-home}"
 
 log "checkpoint $HF_DIR"
 log "trtllm checkpoint $CKPT_DIR"
-log "engine $ENGINE_DIR"
-log "model repository $REPO_DIR"
 [ "$DRY_RUN" = 1 ] && log "dry run: printing the commands of the steps still to do"
 
 # --- Capacity plan: refuse before spending hours ----------------------------------------------
 PLAN_FROM=""
 plan() {
   local args=("$PROJECT_DIR/build/plan_capacity.py" --gpu "$GPU_TYPE" --gpus "$TP_SIZE"
-              --max-input-len "$MAX_INPUT_LEN" --max-output-len "$MAX_OUTPUT_LEN" --workload "$WORKLOAD" --json)
+              --max-input-len "$MAX_INPUT_LEN" --max-output-len "$MAX_OUTPUT_LEN" --json)
+  [ -n "$WORKLOAD" ] && args+=(--workload "$WORKLOAD")
   PLAN_FROM="built-in Mixtral-8x22B shape"
   if [ -f "$HF_DIR/config.json" ]; then
     args+=(--model-config "$HF_DIR/config.json")
@@ -160,12 +153,23 @@ plan() {
       KV_CACHE_FREE_GPU_MEM_FRACTION) have="$PLAN_KV_FRACTION" ;;
     esac
     if [ -n "$want" ] && ! "$PY" -c 'import sys; sys.exit(float(sys.argv[1]) != float(sys.argv[2]))' "$want" "$have"; then
-      refuse "the deployment expects ${name,,} $want but the plan gives $have: update the overlay" \
-             "from 'build/plan_capacity.py --gpu $GPU_TYPE --json'"
+      refuse "the deployment expects ${name,,} $want but the plan gives $have: render the overlay" \
+             "again (build/plan_capacity.py --gpu $GPU_TYPE ... --render-overlay, deploy/k8s/README.md)"
     fi
   done
 }
 plan
+# The engine's folders, named by default after the plan's limits: an engine built with other
+# limits gets a folder of its own.
+gpu_tag="$(printf '%s' "$GPU_TYPE" | tr '[:upper:]' '[:lower:]')"
+ENGINE_TAG="${ENGINE_TAG:-$gpu_tag-tp$TP_SIZE-in$MAX_INPUT_LEN-out$MAX_OUTPUT_LEN-b$PLAN_MAX_BATCH_SIZE}"
+case "$ENGINE_TAG" in */*|.*|"") refuse "ENGINE_TAG '$ENGINE_TAG' must be a plain folder name" ;; esac
+ENGINE_DIR="$DATA_DIR/engines/$ENGINE_TAG"
+REPO_DIR="$DATA_DIR/model-repositories/$ENGINE_TAG"
+BUILD_RECORD="$ENGINE_DIR/mixtral_triton_build.json"  # written by build_engine.py after success
+FILL_MARKER="$REPO_DIR/.mixtral-triton-fill.json"     # written by fill_model_repository.py
+log "engine $ENGINE_DIR"
+log "model repository $REPO_DIR"
 if [ -z "$DETOKENIZER_PROCESSES" ]; then
   DETOKENIZER_PROCESSES="$("$PY" -c 'import os; from mixtral_triton.capacity import detokenizer_processes as d; print(d(len(os.sched_getaffinity(0))))')"
 fi
@@ -275,9 +279,11 @@ if wanted engine; then
     fi
     [ "$DRY_RUN" = 1 ] || mkdir -p "$(dirname "$ENGINE_DIR")"
     log "engine: trtllm-build $CKPT_DIR -> $ENGINE_DIR"
-    run "$PY" "$PROJECT_DIR/build/build_engine.py" --checkpoint-dir "$CKPT_DIR" --output-dir "$ENGINE_DIR" \
-      --gpu "$GPU_TYPE" --max-input-len "$MAX_INPUT_LEN" --max-output-len "$MAX_OUTPUT_LEN" \
-      --workload "$WORKLOAD" --workers "$BUILD_WORKERS" || fail "engine build; rerun to start it again"
+    args=("$PROJECT_DIR/build/build_engine.py" --checkpoint-dir "$CKPT_DIR" --output-dir "$ENGINE_DIR"
+          --gpu "$GPU_TYPE" --max-input-len "$MAX_INPUT_LEN" --max-output-len "$MAX_OUTPUT_LEN"
+          --workers "$BUILD_WORKERS")
+    [ -n "$WORKLOAD" ] && args+=(--workload "$WORKLOAD")
+    run "$PY" "${args[@]}" || fail "engine build; rerun to start it again"
   fi
 fi
 

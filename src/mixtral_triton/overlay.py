@@ -66,8 +66,8 @@ def limits(plan: CapacityPlan, base: dict) -> dict:
 
 
 def engine_tag(plan: CapacityPlan) -> str:
-    workload = plan.workload.replace("/", "x")
-    return f"{plan.gpu.lower()}-tp{plan.tp}-in{plan.max_input_len}-out{plan.max_output_len}-w{workload}"
+    """deploy/build-job.sh's default tag for this plan."""
+    return f"{plan.gpu.lower()}-tp{plan.tp}-in{plan.max_input_len}-out{plan.max_output_len}-b{plan.max_batch_size}"
 
 
 def render(plan: CapacityPlan, base: dict) -> str:
