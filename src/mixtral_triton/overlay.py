@@ -116,23 +116,7 @@ images:
 patches:
   # Schedule on nodes of this GPU (the label of NVIDIA's GPU feature discovery; adjust to your
   # nodes' exact product name, e.g. the PCIe variants, which lack NVLink between all 4 GPUs).
-  - target:
-      kind: Deployment
-      name: triton
-    patch: |-
-      - op: add
-        path: /spec/template/spec/nodeSelector
-        value:
-          nvidia.com/gpu.product: {product}
-  - target:
-      kind: Job
-      name: mixtral-build
-    patch: |-
-      - op: add
-        path: /spec/template/spec/nodeSelector
-        value:
-          nvidia.com/gpu.product: {product}
-  - target:
+{"".join(_node_selector(kind, name, product) for kind, name in (("Deployment", "triton"), ("Job", "mixtral-build")))}  - target:
       kind: HorizontalPodAutoscaler
       name: triton
     patch: |-
@@ -146,6 +130,19 @@ patches:
       - op: replace
         path: /spec/template/spec/containers/0/args/{base['gateway_max_concurrency_arg']}
         value: "{lim['gateway_max_concurrency']}"
+"""
+
+
+def _node_selector(kind: str, name: str, product: str) -> str:
+    return f"""\
+  - target:
+      kind: {kind}
+      name: {name}
+    patch: |-
+      - op: add
+        path: /spec/template/spec/nodeSelector
+        value:
+          nvidia.com/gpu.product: {product}
 """
 
 
