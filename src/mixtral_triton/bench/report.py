@@ -322,7 +322,7 @@ def _scale(results: dict) -> list[str]:
              "- Capacity plan: " + (f"{plan['workload']} on {plan['gpu']}: batch {plan['batch']}, "
                                    f"{_f(plan['tokens_per_s_replica'], 0)} decode tok/s per replica "
                                    f"(`{plan['source']}`)" if plan.get("tokens_per_s_replica")
-                                   else plan.get("missing", "not available")) + ".", ""]
+                                   else "not available") + ".", ""]
     for why in (scale.get("missing") or {}).values():
         lines.append(f"> **gateway MISSING**: {why}")
     alone = paced.get("standin_alone") or {}
@@ -424,12 +424,13 @@ def _gpu(results: dict, plot_dir: Path, rel) -> list[str]:
             lines.append(f"| {k['gpu']} | {k['isl']}/{k['osl']} | {k['weights_gb_per_gpu']:.1f} | "
                          f"{k['kv_cache_gb_per_gpu']:.1f} | {k['kv_kib_per_token_per_gpu']:.0f} | "
                          f"{k['kv_cache_tokens']:,} | {k['max_batch_size_full_length']} |")
+    from mixtral_triton.capacity import SEED_WORKLOAD
     from mixtral_triton.roofline import workload_plan, workload_plan_markdown
 
     lines += ["", "The capacity plan by workload (`build/plan_capacity.py --table`, rendered from the library "
-              "when this report is written): one engine per GPU type, max_batch_size sized for 128/128; "
+              f"when this report is written): one engine per GPU type, max_batch_size sized for {SEED_WORKLOAD}; "
               "the requests of each shape its KV cache admits, the batch it runs, and the roofline's decode "
-              "tok/s (docs/runbook.md, section 5):", "", workload_plan_markdown(workload_plan())]
+              "tok/s (docs/runbook.md):", "", workload_plan_markdown(workload_plan())]
     lines += ["", "Published reference figures: " + gpu["published_note"] + ". Checked:", ""]
     for p in gpu["published"]:
         lines.append(f"- [{p['what']}]({p['url']}): {p['finding']}")

@@ -33,7 +33,6 @@ from mixtral_triton.local_stack import GatewayOptions, LocalStack
 
 MAX_INPUT_LEN, MAX_SEQ_LEN = 1024, 2048
 PACED_PATHS = ("standin_alone", "ensemble_grpc", "gateway_predict")
-PLAN_WORKLOAD = "128/128"
 
 
 @dataclass
@@ -88,13 +87,12 @@ def run_scale(work: Path, plan: ScalePlan, anchor: Path | None, log=print) -> di
 
 
 def plan_throughput(gpu: str) -> dict:
-    """The capacity plan's decode tok/s per replica at the seed's 128/128 on `gpu`."""
-    try:
-        from mixtral_triton.roofline import workload_plan
-    except ImportError:  # a tree from before the workload plan
-        return {"missing": "this tree has no mixtral_triton.roofline.workload_plan"}
-    row = next(r for r in workload_plan(gpus=(gpu,)) if r["workload"] == PLAN_WORKLOAD)
-    return {"gpu": gpu, "workload": PLAN_WORKLOAD, "batch": row["batch"],
+    """The capacity plan's decode tok/s per replica at the seed's workload on `gpu`."""
+    from mixtral_triton.capacity import SEED_WORKLOAD
+    from mixtral_triton.roofline import workload_plan
+
+    row = next(r for r in workload_plan(gpus=(gpu,)) if r["workload"] == str(SEED_WORKLOAD))
+    return {"gpu": gpu, "workload": str(SEED_WORKLOAD), "batch": row["batch"],
             "tokens_per_s_replica": row["tokens_per_s_replica"], "source": "mixtral_triton.roofline.workload_plan"}
 
 
