@@ -325,6 +325,8 @@ def _scale(results: dict) -> list[str]:
                                    else "not available") + ".", ""]
     for why in (scale.get("missing") or {}).values():
         lines.append(f"> **gateway MISSING**: {why}")
+    if paced.get("error"):
+        lines += [f"> **The paced cells were not measured**: {paced['error']}", ""]
     alone = paced.get("standin_alone") or {}
     rows = [("stand-in alone", alone)] + [(SHORT.get(p, p), cells) for p, cells in (paced.get("paths") or {}).items()]
     lines += ["| path | c | n | tok/s: median [95%] | of the stand-in alone (paired) | TTFT p50 / p90 / p99 ms | "
@@ -549,6 +551,11 @@ def scale_findings(results: dict) -> list[str]:
     paced, anchor = scale.get("paced") or {}, scale.get("anchor") or {}
     mark = _mark(results, "scale")
     out = []
+    if paced.get("error"):
+        instances = (paced.get("setup") or {}).get("model_instances") or {}
+        out.append(f"**The paced stand-in's server did not start{mark}**: {paced['error']}. Its model "
+                   "repository starts " + ", ".join(f"{n} {m}" for m, n in instances.items())
+                   + " instance(s), each Python one a stub process of its own, all at once.")
     alone = paced.get("standin_alone") or {}
     for path, cells in (paced.get("paths") or {}).items():
         top = str(max(int(c) for c in cells))

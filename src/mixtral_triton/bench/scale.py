@@ -25,10 +25,11 @@ from pathlib import Path
 from mixtral_triton.bench.closed_loop import Measurement, Served, run_part
 from mixtral_triton.bench.path_sweep import describe_fixture
 from mixtral_triton.bench.request_clients import EngineGrpc, EnsembleGrpc, GatewayPredict, TextEnsembleGrpc
-from mixtral_triton.bench.server_supervisor import SupervisedStack
+from mixtral_triton.bench.server_supervisor import STARTS, SupervisedStack
 from mixtral_triton.bench.statistics import cell_summary
 from mixtral_triton.bench.uncertainty import median_interval
 from mixtral_triton.bench.workload import EngineRequests, Shape, make_prompts
+from mixtral_triton.errors import UserError
 from mixtral_triton.local_stack import GatewayOptions, LocalStack
 
 MAX_INPUT_LEN, MAX_SEQ_LEN = 1024, 2048
@@ -114,10 +115,18 @@ def _paced(work: Path, plan: ScalePlan, section: dict, log) -> dict:
                                     "the paced stand-in", "pacing": asdict(pacing), "engine_max_batch_size": top,
                            "paced_tokens_per_s": {str(c): c / pacing.step_seconds([context] * c)
                                                   for c in plan.concurrencies},
-                           "paced_context_tokens": context},
+                           "paced_context_tokens": context, "model_instances": _instances(local.repository)},
            "standin_alone": {}, "paths": {}}
     cells = _Cells()
-    with SupervisedStack(local, section, log) as stack:
+    stack = SupervisedStack(local, section, log)
+    try:
+        stack.start()
+    except UserError as exc:  # recorded: the report says the paced cells were not measured, and why
+        lines = str(exc).splitlines()
+        out["error"] = f"{lines[0]} ... {' '.join(lines[-2:])} ({STARTS} tries, engine max batch {top})"
+        log(f"  !! paced stand-in: {out['error']}")
+        return out
+    with stack:
         makers = {"standin_alone": lambda: EngineGrpc(stack.server.grpc_url, engine_requests),
                   "ensemble_grpc": lambda: EnsembleGrpc(stack.server.grpc_url),
                   "gateway_predict": lambda: GatewayPredict(stack.gateway_url)}
@@ -152,6 +161,18 @@ def _paced(work: Path, plan: ScalePlan, section: dict, log) -> dict:
                     f"TTFT p50 {summary['ttft_ms']['p50'] or 0:7.1f} ms  failed {summary['failed']}/{summary['requests']}")
     out["memory_per_stream"] = _memory_per_stream(cells, plan.concurrencies)
     return out
+
+
+def _instances(repository: Path) -> dict[str, int]:
+    """Instances of each model of a filled repository (each Python instance is a process)."""
+    from mixtral_triton.repository import load_config
+
+    counts = {}
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        model = load_config(config)
+        if model.instance_group:
+            counts[model.name] = sum(group.count for group in model.instance_group)
+    return counts
 
 
 def _memory_per_stream(cells: _Cells, concurrencies) -> dict:

@@ -52,7 +52,8 @@ class SupervisedStack:
         self.local.stop()
 
     def __enter__(self) -> "SupervisedStack":
-        self.start()
+        if self.server is None:  # not started yet
+            self.start()
         return self
 
     def __exit__(self, *exc) -> None:

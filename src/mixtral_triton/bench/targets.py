@@ -8,7 +8,7 @@ section was measured.
 
 from __future__ import annotations
 
-from mixtral_triton.bench.uncertainty import (Estimate, exact_verdict, median_interval, paired_ratio,
+from mixtral_triton.bench.uncertainty import (NOT_MEASURED, Estimate, exact_verdict, median_interval, paired_ratio,
                                               unpaired_ratio, verdict)
 
 # Serving on CPU (issue 9 and earlier): the ensemble's and the gateway's overhead, in-flight
@@ -166,6 +166,10 @@ def scale_targets(results: dict) -> list[dict]:
                                   f"the anchor's (c={c})", paired("server_cpu_s_per_1k_tokens"),
                          OURS_OVER_ANCHOR_CPU_PER_TOKEN, higher=False, note=why))
     paced = scale.get("paced") or {}
+    if paced.get("error"):
+        rows.append({"section": "scale", "target": "paced stand-in at the highest concurrency: no failed stream, "
+                     f"delivered >= {DELIVERED_OVER_STANDIN}x the stand-in's own tok/s", "estimate": None,
+                     "measured": "–", "verdict": NOT_MEASURED, "note": paced["error"]})
     top = max((int(c) for c in (paced.get("standin_alone") or {})), default=None)
     for path in ("ensemble_grpc", "gateway_predict"):
         c = ((paced.get("paths") or {}).get(path) or {}).get(str(top)) if top else None
