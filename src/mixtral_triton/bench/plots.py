@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mixtral_triton.bench.request_clients import PATHS
+from mixtral_triton.bench.statistics import ITL_WINDOW
 from mixtral_triton.bench.targets import CONVERTER_OVER_COPY, CONVERTER_PEAK_RSS_BYTES
 from mixtral_triton.bench.targets import cell as _cell
 
@@ -86,7 +87,7 @@ def plots(results: dict, out: Path) -> list[Path]:
                 cell = _cell(results, path, shape, 1)
                 series = cell.get("itl_by_position_ms") if cell else None
                 if series:
-                    window = 8
+                    window = ITL_WINDOW
                     smooth = [sum(series[max(0, i - window + 1):i + 1]) / len(series[max(0, i - window + 1):i + 1])
                               for i in range(len(series))]
                     ax.plot(range(2, len(series) + 2), smooth, label=f"{SHORT[path]} {shape}")
@@ -94,7 +95,7 @@ def plots(results: dict, out: Path) -> list[Path]:
         if drawn:
             ax.set_xlabel("token position")
             ax.set_ylabel("gap to previous token, ms")
-            ax.set_title("Inter-token latency by position, concurrency 1 (median over requests, 8-token mean; "
+            ax.set_title(f"Inter-token latency by position, concurrency 1 (median over requests, {ITL_WINDOW}-token mean; "
                          f"{provenance(results, 'serving')})", fontsize=8)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

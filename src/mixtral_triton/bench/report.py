@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mixtral_triton.bench.plots import SHORT, plots
 from mixtral_triton.bench.request_clients import PATH_TITLES, PATHS
+from mixtral_triton.bench.statistics import ITL_WINDOW
 from mixtral_triton.bench.targets import TARGET_CONCURRENCIES, cell as _cell
 from mixtral_triton.bench.targets import cores_needed, rounds_of, show, show_change, targets
 from mixtral_triton.bench.uncertainty import (CONFIDENCE, INCONCLUSIVE, MET, MISSED, median_interval,
@@ -196,8 +197,8 @@ def _serving(results: dict, plot_dir: Path, rel) -> list[str]:
         position = [(p, _cell(results, p, shape, 1)) for p in PATHS]
         position = [(p, c) for p, c in position if c and c.get("itl_window_256_ms")]
         if position:
-            lines += ["ITL by position at c=1 (median over requests of the mean gap over the 8 tokens ending at "
-                      "that token; exact single-token gaps in brackets; the change is per request, median [95%]):",
+            lines += [f"ITL by position at c=1 (median over requests of the mean gap over the {ITL_WINDOW} tokens "
+                      "ending at that token; exact single-token gaps in brackets; the change is per request, median [95%]):",
                       "", "| path | token 16 ms | token 256 ms | 256 vs 16 |", "|---|---|---|---|"]
             for p, c in position:
                 lines.append(f"| {SHORT[p]}{mark} | {_f(c['itl_window_16_ms'], 2)} ({_f(c['itl_token_16_ms'], 2)}) | "

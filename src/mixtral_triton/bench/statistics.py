@@ -11,6 +11,8 @@ from mixtral_triton.bench.request_clients import Record
 from mixtral_triton.bench.uncertainty import median_interval
 from mixtral_triton.bench.workload import Shape
 
+ITL_WINDOW = 8  # tokens: the ITL at a position is the mean gap over the window ending there
+
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict:
     if not values:
@@ -20,7 +22,7 @@ def percentiles(values: list[float], scale: float = 1000.0) -> dict:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
 
 
-def window_itl(record: Record, token: int, window: int = 8) -> float | None:
+def window_itl(record: Record, token: int, window: int = ITL_WINDOW) -> float | None:
     """Mean gap (s) over the `window` tokens ending at the 1-based `token`."""
     t = record.token_times
     if len(t) < token or token - window < 1:
