@@ -184,6 +184,8 @@ def _serving(results: dict, plot_dir: Path, rel) -> list[str]:
                                          rounds_of(_cell(results, q, shape, c), key)), 2)
 
             def scale(p: str):
+                if c == 1:
+                    return "–"
                 return show(unpaired_ratio(rounds_of(_cell(results, p, shape, c), "output_tokens_per_s"),
                                            rounds_of(_cell(results, p, shape, 1), "output_tokens_per_s")), 2)
 
