@@ -391,11 +391,15 @@ def results_markdown(data: dict, source: str) -> str:
              f"`{(machine.get('git_commit') or 'unknown')[:12]}` on {tree}, {machine['date_utc']}; "
              f"{machine['cores']} cores, Python {machine['python']}, nvidia-pytriton "
              f"{machine['packages'].get('nvidia-pytriton')}, torch {machine['packages'].get('torch')}; "
-             f"load average {machine.get('load_average_at_start')} at the start, "
-             f"{data.get('load_average_at_end')} at the end."]
+             f"load average (1, 5, 15 min) {_loads(machine.get('load_average_at_start'))} at the start, "
+             f"{_loads(data.get('load_average_at_end'))} at the end."]
     if data.get("note"):
         lines[0] += f" {data['note']}"
     return "\n".join(lines) + "\n\n" + Report.from_json(data["report"]).markdown()
+
+
+def _loads(values: list[float] | None) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "unknown"
 
 
 DOC = ROOT / "docs" / "reliability.md"
