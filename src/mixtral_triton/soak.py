@@ -424,10 +424,10 @@ MAX_CONCURRENCY = 1024
 
 
 def request_timeout_s(concurrency: int) -> float:
-    """A request waits for the ones ahead of it: on 2 cores the engine ends about 4 requests
-    a second (8 batch slots), so at concurrency C the last one queued waits about C / 4 s
-    before its first token. 1.5 s per request in flight leaves room for a loaded machine;
-    never under 120 s."""
+    """A request waits for the ones ahead of it: on a shared 2-core machine the engine (8
+    batch slots) ends about 3 of the soak's requests a second (bench/results/soak.json), so
+    at concurrency C the last one queued waits about C / 3 s before its first token. 1.5 s
+    per request in flight leaves room for a busier machine; never under 120 s."""
     return max(120.0, 1.5 * concurrency)
 
 
