@@ -7,11 +7,13 @@ import math
 
 import pytest
 
-from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MIXTRAL_8X22B, ModelShape, kv_bytes_per_token,
-                                     parameter_count, plan_capacity, weight_bytes)
+from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MAX_DETOKENIZER_PROCESSES, MIXTRAL_8X22B, ModelShape,
+                                     detokenizer_processes, kv_bytes_per_token, parameter_count, plan_capacity,
+                                     weight_bytes)
 from mixtral_triton.errors import UserError
 from mixtral_triton.fixture import SIZES, FixtureSize, hub_config
 from mixtral_triton.fixture.checkpoint import hub_tensor_shapes
+from mixtral_triton.roofline import GPUS, decode_step_seconds, expected_experts, step_bounds, step_bytes_per_gpu
 from mixtral_triton.trtllm_build import plan_main
 
 REAL_8X22B = FixtureSize(**{**SIZES["real-shaped"].__dict__, "num_hidden_layers": 56})
@@ -70,7 +72,7 @@ def test_a_kv_cache_too_small_for_one_request_is_refused():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(gpu="V100"), r"--gpu must be one of A100-40GB, A100-80GB, H100-80GB, H200-141GB"),
+    (dict(gpu="V100"), r"--gpu must be one of A100-40GB, A100-80GB, H100-80GB, H200-141GB, B200-180GB"),
     (dict(gpus=9), r"--gpus must be between 1 and 8, got 9"),
     (dict(tp=2), r"--tp must equal --gpus \(4\)"),
     (dict(ep=3), r"--ep must divide .* one of 1, 2, 4, got 3"),
@@ -105,3 +107,56 @@ def test_cli_prints_the_plan_and_refuses_in_one_line(capsys, tmp_path):
         assert plan_main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err
+
+
+def test_detokenizer_processes_follow_cores_not_streams():
+    assert [detokenizer_processes(c) for c in (1, 2, 8)] == [1, 2, 8]
+    assert detokenizer_processes(MAX_DETOKENIZER_PROCESSES * 4) == MAX_DETOKENIZER_PROCESSES
+    with pytest.raises(UserError, match=r"cpu_cores must be at least 1, got 0"):
+        detokenizer_processes(0)
+
+
+def test_every_planned_gpu_has_roofline_figures():
+    assert set(GPUS) == set(GPU_MEMORY_BYTES)
+
+
+def test_a_batch_of_one_reads_two_experts_and_a_large_batch_the_whole_shard():
+    assert expected_experts(1, MIXTRAL_8X22B) == 2
+    assert 7.99 < expected_experts(32, MIXTRAL_8X22B) < 8
+    # Every expert touched: the whole tp-4 shard is read except the embedding table, of
+    # which only the batch's rows are looked up.
+    batch, h = 256, MIXTRAL_8X22B.hidden_size
+    weights = step_bytes_per_gpu(MIXTRAL_8X22B, 4, batch, 0)["weights"]
+    expected = weight_bytes(MIXTRAL_8X22B, 4) - (MIXTRAL_8X22B.vocab_size - batch) * h * 2
+    assert weights == pytest.approx(expected, rel=1e-12)
+
+
+def test_decode_step_is_bandwidth_bound_at_small_batch_and_compute_bound_at_large():
+    # Batch 1 on H100: about 19.5 GB of touched weights per GPU at 3.35 TB/s.
+    one = decode_step_seconds("H100-80GB", 1, 2048)
+    assert one == step_bounds("H100-80GB", 1, 2048)["memory_s"]
+    assert 5.5e-3 < one < 6.2e-3
+    # Memory bound: H200's 4.8 TB/s against H100's 3.35 (same FLOPs).
+    assert one / decode_step_seconds("H200-141GB", 1, 2048) == pytest.approx(4.8 / 3.35)
+    # Compute bound at a batch of thousands: the same dense fp16 peak, the same time.
+    big = step_bounds("H100-80GB", 4096, 256)
+    assert big["compute_s"] > big["memory_s"]
+    assert decode_step_seconds("H100-80GB", 4096, 256) == decode_step_seconds("H200-141GB", 4096, 256)
+    # More sequences or longer contexts never make a step faster; more sequences make more tokens.
+    steps = [decode_step_seconds("A100-80GB", b, 1024) for b in (1, 8, 64, 512)]
+    assert steps == sorted(steps)
+    assert [b / s for b, s in zip((1, 8, 64, 512), steps)] == sorted(b / s for b, s in zip((1, 8, 64, 512), steps))
+    assert decode_step_seconds("A100-80GB", 64, 4096) > decode_step_seconds("A100-80GB", 64, 128)
+    # A smaller model (the tiny fixture's shape) steps faster than 8x22B on the same GPUs.
+    tiny = ModelShape.from_config(hub_config(SIZES["tiny"], 32000))
+    assert decode_step_seconds("H100-80GB", 8, 128, tp=1, model=tiny) < decode_step_seconds("H100-80GB", 8, 128)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gpu="V100"), r"gpu must be one of A100-40GB, .*B200-180GB, got 'V100'"),
+    (dict(batch=0), r"batch must be at least 1, got 0"),
+    (dict(context_tokens=-1), r"context_tokens must be at least 0, got -1"),
+])
+def test_decode_step_refuses_bad_input(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        decode_step_seconds(**(dict(gpu="H100-80GB", batch=1, context_tokens=0) | kwargs))

@@ -36,6 +36,7 @@ GPU_MEMORY_BYTES: dict[str, int] = {
     "A100-80GB": 81920 * 2**20,
     "H100-80GB": 81559 * 2**20,
     "H200-141GB": 143771 * 2**20,
+    "B200-180GB": 183359 * 2**20,
 }
 MAX_GPUS = 8  # one node; 8x22B has 8 KV heads, so tp 8 is the widest split without duplication
 
@@ -282,3 +283,21 @@ def _fits_hint(gpu: str, asked: int, model: ModelShape) -> str:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+# The detokenizer (the postprocessing model) serves many streams per process, and its work is
+# Python that holds the GIL: one process keeps at most one core busy, and processes beyond
+# the container's cores only take turns on them. So the count follows the cores Triton's
+# container gets, not the streams. Capped because each process is a Python stub of its own
+# (interpreter, token table, a gRPC stream to the engine, tens of MB) and a replica's token
+# rate does not need more: at the plan's highest decode rate on these GPUs (about 25,000
+# tok/s, H200-141GB at 128/128) 16 processes leave each about 1,600 tok/s, well under what
+# one process streams on a core.
+MAX_DETOKENIZER_PROCESSES = 16
+
+
+def detokenizer_processes(cpu_cores: int) -> int:
+    """Postprocessing (detokenizer) processes for a Triton container with `cpu_cores` cores."""
+    if cpu_cores < 1:
+        raise UserError(f"cpu_cores must be at least 1, got {cpu_cores}")
+    return min(cpu_cores, MAX_DETOKENIZER_PROCESSES)
