@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-from helpers import PROMPT
+from helpers import PROMPT, Reader
 from mixtral_triton.client import PredictClient
 from mixtral_triton.launcher import TritonServer, free_ports
 from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, mpi_server_command, serving_rank
@@ -243,28 +242,6 @@ def test_a_dead_stub_is_seen_until_it_is_reaped(tmp_path):
     assert stubs.dead_stubs(os.getpid()) == []
 
 
-class _Stream(threading.Thread):
-    """One generation read to its end, recording its chunks or its error."""
-
-    def __init__(self, grpc_url: str):
-        super().__init__(daemon=True)
-        self.chunks = PredictClient(grpc_url, timeout_s=300).generate(parse_request(
-            {"prompt": PROMPT, "max_tokens": DRAIN_TOKENS, "temperature": 0}))
-        self.received: list = []
-        self.error: Exception | None = None
-        self.streaming = threading.Event()
-
-    def run(self):
-        try:
-            for chunk in self.chunks:
-                self.received.append(chunk)
-                self.streaming.set()
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.streaming.set()
-
-
 def test_sigterm_drains_streams_in_flight_then_leaves_no_process(cpu_repository, tmp_path):
     """Kubernetes stops a pod with SIGTERM: the launcher must let Triton finish the streams
     in flight (up to --exit-timeout-secs) before anything is killed, and still leave no
@@ -276,11 +253,13 @@ def test_sigterm_drains_streams_in_flight_then_leaves_no_process(cpu_repository,
     try:
         ready = launch.stdout.readline()
         assert ready.startswith("triton ready: http 127.0.0.1:"), ready
-        streams = [_Stream(ready.split()[5]) for _ in range(3)]
+        grpc_url = ready.split()[5]
+        streams = [Reader(PredictClient(grpc_url, timeout_s=300).generate(parse_request(
+            {"prompt": PROMPT, "max_tokens": DRAIN_TOKENS, "temperature": 0}))) for _ in range(3)]
         for stream in streams:
             stream.start()
         for stream in streams:
-            assert stream.streaming.wait(60) and stream.error is None, stream.error
+            assert stream.started_streaming.wait(60) and stream.error is None, stream.error
         in_flight = [s for s in streams if s.is_alive()]
         launch.send_signal(signal.SIGTERM)
         assert launch.wait(DRAIN_EXIT_TIMEOUT_S + 30) == 0
