@@ -186,6 +186,29 @@ def test_openai_completions_stream_and_not(base_gateway, triton_server):
     assert "".join(c.choices[0].text for c in usage_chunks[:-1]) == whole.text
 
 
+def test_an_openai_client_gets_exactly_max_tokens_with_usage_on_every_chunk(base_gateway, caplog):
+    """Issue 17's request: `user`, `stop: null`, and vLLM's ignore_eos, min_tokens and
+    continuous usage, as a benchmark tool sends them with the official client."""
+    client = openai_client(base_gateway)
+    caplog.set_level("INFO", logger="mixtral_triton.gateway")
+    chunks = list(client.completions.create(
+        model="mixtral", prompt=PROMPT, max_tokens=40, user="bench-user-7", stop=None, stream=True,
+        temperature=1.0, seed=3, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "min_tokens": 40, "top_k": 5, "repetition_penalty": 1.1,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}))
+    *text_chunks, usage_chunk = chunks
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in text_chunks]
+    assert counts == sorted(counts) and all(c.usage.prompt_tokens > 0 for c in chunks)
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 40
+    # logged once the response has gone out, by the gateway's thread
+    deadline = time.monotonic() + 10
+    while not any("user='bench-user-7'" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the request's user was not logged"
+        time.sleep(0.05)
+
+
 def test_openai_sse_wire_format(base_gateway):
     body = {"model": "mixtral", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
     resp = requests.post(f"{base_gateway.url}/v1/completions", json=body, stream=True)

@@ -18,7 +18,7 @@ ENSEMBLE = "ensemble"
 CANCEL_WAIT_S = 10.0
 OUTPUTS = ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")
 _DATATYPES = {np.dtype(object): "BYTES", np.dtype(np.bool_): "BOOL", np.dtype(np.int32): "INT32",
-              np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64"}
+              np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64", np.dtype(np.float16): "FP16"}
 
 
 class ServerError(RuntimeError):
