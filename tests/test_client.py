@@ -327,3 +327,38 @@ def test_upstream_inputs_asking_for_what_is_not_served_are_refused_by_name(trito
                                                "return_log_probs": np.array([[False]]),
                                                "length_penalty": np.array([[1.0]], np.float32)})
     assert error is None and last["finish_reason"]
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: our models' codes first, Triton's own wording as the fallback
+
+
+@pytest.mark.parametrize("message, kind, field, status", [
+    # our models (the ensemble's prefix in front, as Triton writes it)
+    ("in ensemble 'ensemble', [invalid_argument:max_tokens] max_tokens must be >= 1", "request",
+     "max_tokens", None),
+    ("in ensemble 'ensemble', [invalid_argument:min_length] min_length must be ...", "request",
+     "min_tokens", None),
+    ("in ensemble 'ensemble', [unavailable] the engine's queue is full: 1 requests", "server", None,
+     "UNAVAILABLE"),
+    ("[internal] generation failed: [unavailable] the engine's queue is full", "server", None,
+     "INTERNAL"),
+    # Triton 2.51 (core r24.10, python_backend r24.10) and 2.71 (python_backend r26.07)
+    ("in ensemble 'ensemble', [request id: x] Exceeds maximum queue size", "server", None, "UNAVAILABLE"),
+    ("in ensemble 'ensemble', Stub process 'preprocessing_0_0' is not healthy.", "server", None,
+     "UNAVAILABLE"),
+    ("Stub process is not healthy.", "server", None, "UNAVAILABLE"),
+    ("Failed to obtain the health mutex.", "server", None, "UNAVAILABLE"),
+    ("Stub process is not healthy while waiting for is_ready()", "server", None, "UNAVAILABLE"),
+    # a message in neither form keeps the transport's status (none here)
+    ("max_tokens must be >= 1", "server", None, None),
+])
+def test_errors_are_classified_by_code_then_by_tritons_wording(message, kind, field, status):
+    from mixtral_triton.client.ensemble import ServerError, server_error
+
+    error = server_error(message)
+    if kind == "request":
+        assert isinstance(error, RequestError) and error.field == field
+        assert not str(error).startswith("[")
+    else:
+        assert isinstance(error, ServerError) and error.status == status

@@ -573,3 +573,61 @@ def test_gateway_script_errors_are_one_line(tmp_path):
             lines = result.stderr.strip().splitlines()
             assert result.returncode == 2 and len(lines) == 1, result.stderr
             assert lines[0].startswith("gateway.py: error: ") and words in lines[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Every OpenAI request field gets an answer (docs/openai.md)
+
+
+def test_the_field_table_covers_every_field_of_openais_requests():
+    from openai.types import completion_create_params as completions
+    from openai.types.chat import completion_create_params as chat
+
+    from mixtral_triton.gateway import protocol as p
+
+    for route, params in (("completions", completions.CompletionCreateParamsBase),
+                          ("chat", chat.CompletionCreateParamsBase)):
+        covered = set(p.openai_fields(route)) | set(p.SAMPLING_FIELDS)
+        assert set(params.__annotations__) | {"stream"} <= covered, route
+    docs = (ROOT / "docs" / "openai.md").read_text()
+    from mixtral_triton.protocol import fields_markdown
+    assert p.openai_fields_markdown() in docs and fields_markdown() in docs
+
+
+def test_no_op_fields_are_accepted_and_the_rest_refused_by_name(base_gateway, instruct):
+    client = openai_client(base_gateway)
+    completion = client.completions.create(
+        model="mixtral", prompt=PROMPT, max_tokens=3, temperature=0, user="u1", best_of=1, n=1,
+        logit_bias={}, suffix="", echo=True, stop=None, logprobs=None)
+    assert completion.choices[0].text.startswith(PROMPT)
+    chat = openai_client(instruct)
+    answer = chat.chat.completions.create(
+        model="mixtral-instruct", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3,
+        user="u2", safety_identifier="s", metadata={"k": "v"}, store=False, service_tier="auto",
+        parallel_tool_calls=True, tool_choice="none", response_format={"type": "text"},
+        modalities=["text"], prompt_cache_key="c", logprobs=False, top_logprobs=0,
+        extra_body={"skip_special_tokens": False, "stop_token_ids": [2]})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    for name, value in (("store", True), ("service_tier", "priority"), ("response_format", {"type": "json_object"}),
+                        ("reasoning_effort", "high"), ("logit_bias", {"5": 1}), ("top_logprobs", 2)):
+        with pytest.raises(openai.BadRequestError) as error:
+            chat.chat.completions.create(model="mixtral-instruct", messages=[{"role": "user", "content": "hi"}],
+                                         extra_body={name: value})
+        assert error.value.param == name and name in error.value.message
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model="mixtral", prompt=PROMPT, suffix="end")
+    assert error.value.param == "suffix"
+
+
+def test_stop_strings_can_be_kept_and_stop_tokens_end_the_text(base_gateway, triton_server):
+    whole = greedy_whole(triton_server, 24)
+    stop = whole.text[len(whole.text) // 2:][:3]
+    assert stop.strip(), whole.text
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stream": False, "stop": [stop]}
+    cut = requests.post(f"{base_gateway.url}/predict", json=body).json()
+    kept = requests.post(f"{base_gateway.url}/predict",
+                         json={**body, "include_stop_str_in_output": True}).json()
+    assert kept["result"] == cut["result"] + stop and kept["finish_reason"] == "stop"
+    stream = requests.post(f"{base_gateway.url}/predict", json={**body, "stream": True,
+                                                                "include_stop_str_in_output": True})
+    assert stream.text == kept["result"]
