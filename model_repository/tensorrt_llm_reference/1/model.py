@@ -1,7 +1,9 @@
 """The CPU reference engine behind the tensorrt_llm model's tensor contract.
 
 Requests go to mixtral_triton.reference.Engine (in-flight batching on a background
-thread); its events come back as streamed responses. Like the C++ backend, the instance
+thread), stepping the reference model or, for load tests (parameter `engine`: "standin"),
+the paced table stand-in of mixtral_triton.standin; its events come back as
+streamed responses. Like the C++ backend, the instance
 checks for cancelled requests periodically, and a request with `stop = true` cancels the
 running request of the same request id.
 """
@@ -17,6 +19,7 @@ from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, UNAVAILAB
 from mixtral_triton.reference import Engine, ReferenceModel
 from mixtral_triton.reference.engine import QueueFull
 from mixtral_triton.reference.contract import is_stop_request, output_arrays, request_from_inputs
+from mixtral_triton.standin import Pacing, TableModel
 
 CANCELLATION_CHECK_PERIOD_S = 0.05
 # The C++ backend's request gauge, same name and labels, so dashboards, autoscaling and
@@ -29,7 +32,11 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # more threads than cores left stalls every step many-fold
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
-        model = ReferenceModel.from_trtllm_checkpoint(params["checkpoint_dir"])
+        if params["engine"] == "standin":
+            model = TableModel.from_folders(params["tokenizer_dir"], params["checkpoint_dir"], Pacing(
+                params["standin_gpu"], int(params["standin_tp"]), float(params["standin_pace_scale"])))
+        else:
+            model = ReferenceModel.from_trtllm_checkpoint(params["checkpoint_dir"])
         # The queue bound of this model's dynamic_batching, which the C++ backend also
         # applies to its executor: more requests waiting for a batch slot are refused.
         queue_policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})

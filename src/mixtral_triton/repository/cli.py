@@ -7,7 +7,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from mixtral_triton.errors import one_line_errors
-from mixtral_triton.repository.fill import (LOGITS_DATATYPES, MODELS, SCHEDULER_POLICIES,
+from mixtral_triton.repository.fill import (CPU_ENGINES, LOGITS_DATATYPES, MODELS, SCHEDULER_POLICIES,
                                             Settings, default_templates, fill_repository)
 
 _HELP = {
@@ -29,6 +29,11 @@ _HELP = {
     "skip_special_tokens": "leave special tokens out of the output text",
     "preprocessing_instance_count": "preprocessing model instances",
     "postprocessing_instance_count": "postprocessing model instances: streams served at once",
+    "cpu_engine": f"cpu: what the engine model steps: one of {', '.join(CPU_ENGINES)} "
+                  "(standin: fixed tokens at a GPU's decode pace, for load tests)",
+    "standin_gpu": "cpu standin: the GPU whose roofline decode step time it waits",
+    "standin_tp": "cpu standin: that GPU engine's tensor parallel size",
+    "standin_pace_scale": "cpu standin: x the roofline step time (0: no waiting)",
 }
 
 
