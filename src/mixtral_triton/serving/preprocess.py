@@ -75,7 +75,7 @@ class Preprocessor:
             if spec.name == "prompt" or not names:
                 continue
             values = [_field_value(inputs, spec, name) for name in names]
-            if any(value != values[0] for value in values):
+            if any(repr(value) != repr(values[0]) for value in values[1:]):  # NaN equals itself here
                 raise RequestError(names[1], f"{names[1]} is the older name of {names[0]}; "
                                    f"give one of them, or the same value, got {values[1]!r} "
                                    f"and {values[0]!r}")
