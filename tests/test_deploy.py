@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixtral_triton.capacity import plan_capacity
+from mixtral_triton.capacity import ModelShape, Workload, detokenizer_processes, plan_capacity
 from mixtral_triton.launcher.gpu import (ENGINE_MODEL, ORCHESTRATOR_ENV, orchestrator_environment,
                                          orchestrator_server_command)
 from mixtral_triton.launcher.ports import Ports
@@ -126,9 +126,9 @@ def test_image_requirements_cover_the_runtime_imports():
         (DEPLOY / "image" / "requirements-test.txt").read_text())}
     # Run in the image: everything but the CPU-only reference engine, the test fixture and the
     # load generators of the benchmark and the soak (run from a client machine, not in the
-    # serving image).
+    # serving image), and the overlay renderer (run in a checkout: deploy/k8s is not in the image).
     test_only = {"fixture"}
-    skip = {"reference", "bench", "soak.py"}
+    skip = {"reference", "bench", "soak.py", "overlay.py"}
     files = [p for p in (ROOT / "src" / "mixtral_triton").rglob("*.py")
              if not set(p.relative_to(ROOT / "src" / "mixtral_triton").parts[:1]) & (skip | test_only)]
     files += list((ROOT / "model_repository").glob("[!t]*/1/model.py"))  # not the reference engine
@@ -197,7 +197,8 @@ def test_build_job_passes_shellcheck():
 
 def _build_job(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(
-        ("MODEL_", "GPU_TYPE", "ENGINE_TAG", "EXPECT_", "MAX_", "TP_SIZE", "HF_HOME"))}
+        ("MODEL_", "GPU_TYPE", "ENGINE_TAG", "EXPECT_", "MAX_", "TP_SIZE", "HF_HOME", "WORKLOAD",
+         "DETOKENIZER_"))}
     full_env.update({"PYTHON": sys.executable, **(env or {})})
     result = subprocess.run(["bash", str(BUILD_JOB), *args], env=full_env, capture_output=True,
                             text=True, timeout=300)
@@ -242,7 +243,9 @@ def test_build_job_resumes_and_fills_on_the_tiny_checkpoint(tiny_checkpoint, tmp
         assert f"{step}: " in again.stderr and "skipped" in again.stderr
 
     # No trtllm-build here: the engine step fails as retryable and leaves no half engine.
-    engine = data / "engines" / "a100-80gb-tp4-in64-out16"
+    # The default tag names the plan's limits (the tiny model's max_batch_size on 4 x A100-80GB).
+    plan = plan_capacity("A100-80GB", 4, 64, 16, model=ModelShape.from_file(tiny_checkpoint))
+    engine = data / "engines" / f"a100-80gb-tp4-in64-out16-b{plan.max_batch_size}"
     failed = _build_job(env=env)
     assert failed.returncode == 1 and "trtllm-build not found" in failed.stderr
     assert not engine.exists()
@@ -258,9 +261,10 @@ def test_build_job_resumes_and_fills_on_the_tiny_checkpoint(tiny_checkpoint, tmp
     for name in ["config.json"] + [f"rank{r}.engine" for r in range(4)]:
         (engine / name).write_text("{}")
     (engine / BUILD_RECORD).write_text(json.dumps(
-        {"plan": {"gpu": "A100-80GB", "tp": 4, "max_input_len": 64, "max_output_len": 16}}))
+        {"plan": {"gpu": "A100-80GB", "tp": 4, "max_input_len": 64, "max_output_len": 16,
+                  "max_batch_size": plan.max_batch_size}}))
     filled = _build_job(env=env, check=True)
-    repository = data / "model-repositories" / "a100-80gb-tp4-in64-out16"
+    repository = data / "model-repositories" / engine.name
     assert (repository / MARKER).is_file()
     assert set(MODELS["gpu"]) <= {p.name for p in repository.iterdir()}
     engine_config = (repository / ENGINE_MODEL / "config.pbtxt").read_text()
@@ -280,8 +284,8 @@ def test_build_job_refuses_early(tmp_path):
     assert too_small.returncode == EXIT_REFUSED and "does not fit" in too_small.stderr
     assert "download" not in too_small.stdout and not data.exists()
     stale = _build_job("--dry-run", env={"DATA_DIR": str(data), "GPU_TYPE": "H100-80GB",
-                                         "EXPECT_MAX_BATCH_SIZE": "36"})
-    assert stale.returncode == EXIT_REFUSED and "max_batch_size 36 but the plan gives 35" in stale.stderr
+                                         "EXPECT_MAX_BATCH_SIZE": "35"})
+    assert stale.returncode == EXIT_REFUSED and "max_batch_size 35 but the plan gives 708" in stale.stderr
     assert _build_job("--steps", "nonsense").returncode == 2
 
 
@@ -309,8 +313,22 @@ def _container(docs, kind: str, name: str, container: str) -> dict:
     return next(c for c in spec["containers"] if c["name"] == container)
 
 
-def test_there_are_the_two_overlays():
-    assert OVERLAYS == ["a100-80gb", "h100-80gb"]
+def test_there_are_the_three_overlays():
+    assert OVERLAYS == ["a100-80gb", "h100-80gb", "h200-141gb"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_is_the_rendering_of_its_plan(overlay, tmp_path):
+    """Each overlay is exactly what its plan renders against today's base manifests; the command
+    to render it again is its first line."""
+    checked_in = (K8S / "overlays" / overlay / "kustomization.yaml").read_text()
+    command = shlex.split(checked_in.splitlines()[0].removeprefix("# GENERATED by "))
+    assert command[0] == "build/plan_capacity.py" and command[-2:] == ["--render-overlay", f"deploy/k8s/overlays/{overlay}"]
+    from mixtral_triton.trtllm_build import plan_main
+
+    assert plan_main(command[1:-1] + [str(tmp_path)]) == 0
+    assert (tmp_path / "kustomization.yaml").read_text() == checked_in, \
+        f"stale: run {' '.join(command)}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -336,24 +354,54 @@ def test_overlay_capacity_numbers_are_the_plan(overlay):
     gpu = settings["GPU_TYPE"]
     assert gpu.lower() == overlay
     plan = plan_capacity(gpu, int(settings["TP_SIZE"]), int(settings["MAX_INPUT_LEN"]),
-                         int(settings["MAX_OUTPUT_LEN"]))
+                         int(settings["MAX_OUTPUT_LEN"]), workload=Workload.parse(settings["WORKLOAD"]))
     assert int(settings["EXPECT_MAX_BATCH_SIZE"]) == plan.max_batch_size
     assert int(settings["EXPECT_MAX_NUM_TOKENS"]) == plan.max_num_tokens
     assert float(settings["EXPECT_KV_CACHE_FREE_GPU_MEM_FRACTION"]) == plan.kv_cache_free_gpu_mem_fraction
-    # Scale out before the engine's batch is full: at 80% of max_batch_size active requests.
-    hpa = _one(docs, "HorizontalPodAutoscaler")
-    active = next(m for m in hpa["spec"]["metrics"] if m["pods"]["metric"]["name"] == "trtllm_active_requests")
-    assert int(active["pods"]["target"]["averageValue"]) == math.floor(0.8 * plan.max_batch_size)
     # The job, run with this ConfigMap, computes the same plan and accepts these numbers.
     result = _build_job("--dry-run", env={**settings, "DATA_DIR": "/nonexistent/data"})
     assert result.returncode == 0, result.stderr
     assert f"--triton-max-batch-size {plan.max_batch_size}" in result.stdout
     assert f"--kv-cache-free-gpu-mem-fraction {plan.kv_cache_free_gpu_mem_fraction}" in result.stdout
+    assert f"--workload {settings['WORKLOAD']}" in result.stdout
     # Pods land on nodes of this GPU.
     for kind, name in (("Deployment", "triton"), ("Job", "mixtral-build")):
         selector = _one(docs, kind, name)["spec"]["template"]["spec"]["nodeSelector"]
-        assert gpu.split("-")[0] in selector["nvidia.com/gpu.product"]
-        assert "80GB" in selector["nvidia.com/gpu.product"]
+        product = selector["nvidia.com/gpu.product"]
+        assert product.startswith(f"NVIDIA-{gpu.split('-')[0]}")
+        assert gpu.endswith(("-80GB",)) == product.endswith(("80GB", "80GB-HBM3"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_limits_agree_engine_detokenizers_gateway_and_hpa(overlay):
+    """One plan sizes them all: the engine runs max_batch_size requests; the Triton container's
+    cores set the detokenizer processes the build job fills in; the gateways together let in
+    what the fully scaled-out replicas run; the HPA scales out before a replica's batch is full."""
+    docs = _rendered(f"overlays/{overlay}")
+    settings = _configmap(docs)
+    max_batch = int(settings["EXPECT_MAX_BATCH_SIZE"])
+    # Detokenizer processes follow the Triton container's cores, and the repository gets them.
+    triton = _container(docs, "Deployment", "triton", "triton")
+    cores = int(triton["resources"]["requests"]["cpu"])
+    assert int(settings["DETOKENIZER_PROCESSES"]) == detokenizer_processes(cores) <= cores
+    result = _build_job("--dry-run", env={**settings, "DATA_DIR": "/nonexistent/data"})
+    fill = next(c for c in _printed_commands(result.stdout) if c[1].endswith("fill_model_repository.py"))
+    assert fill[fill.index("--postprocessing-instance-count") + 1] == settings["DETOKENIZER_PROCESSES"]
+    assert int(fill[fill.index("--triton-max-batch-size") + 1]) == max_batch
+    # Gateway pods x --max-concurrency = the batch of every replica the HPA may run (rounded up).
+    from mixtral_triton.gateway.cli import parser as gateway_parser
+
+    gateway = _container(docs, "Deployment", "gateway", "gateway")
+    per_pod = gateway_parser().parse_args(gateway["args"]).max_concurrency
+    pods = _one(docs, "Deployment", "gateway")["spec"]["replicas"]
+    hpa = _one(docs, "HorizontalPodAutoscaler")["spec"]
+    everything = hpa["maxReplicas"] * max_batch
+    assert everything <= per_pod * pods < everything + pods
+    # The HPA scales out at 80% of the engine's batch, per replica.
+    active = next(m for m in hpa["metrics"] if m["pods"]["metric"]["name"] == "trtllm_active_requests")
+    assert int(active["pods"]["target"]["averageValue"]) == math.floor(0.8 * max_batch) < max_batch
+    # The seed's short requests: each replica runs hundreds at once on every overlay's GPUs.
+    assert max_batch >= 256
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -415,7 +463,6 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     data_dir = settings["DATA_DIR"]
     assert str(repository).replace("$(ENGINE_TAG)", settings["ENGINE_TAG"]) == \
         f"{data_dir}/model-repositories/{settings['ENGINE_TAG']}" == _build_job_paths(settings)["repository"]
-    env = {e["name"]: e for e in triton["env"]}
     assert env["ENGINE_TAG"]["valueFrom"]["configMapKeyRef"] == {
         "name": _one(docs, "ConfigMap")["metadata"]["name"], "key": "ENGINE_TAG"}
     assert _mount(pod, triton, data_dir) == {"persistentVolumeClaim": {"claimName": "mixtral-data"}}
