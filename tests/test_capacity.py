@@ -7,13 +7,15 @@ import math
 
 import pytest
 
-from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MAX_DETOKENIZER_PROCESSES, MIXTRAL_8X22B, ModelShape,
-                                     detokenizer_processes, kv_bytes_per_token, parameter_count, plan_capacity,
-                                     weight_bytes)
+from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MAX_DETOKENIZER_PROCESSES, MIXTRAL_8X22B, PLAN_WORKLOADS,
+                                     ModelShape, Workload, detokenizer_processes, engine_lengths,
+                                     gateway_max_concurrency, hpa_active_requests_target, kv_admitted_requests,
+                                     kv_bytes_per_token, parameter_count, plan_capacity, weight_bytes)
 from mixtral_triton.errors import UserError
 from mixtral_triton.fixture import SIZES, FixtureSize, hub_config
 from mixtral_triton.fixture.checkpoint import hub_tensor_shapes
-from mixtral_triton.roofline import GPUS, decode_step_seconds, expected_experts, step_bounds, step_bytes_per_gpu
+from mixtral_triton.roofline import (GPUS, PLAN_GPUS, decode_step_seconds, expected_experts, step_bounds,
+                                     step_bytes_per_gpu, throughput_batch, workload_plan, workload_plan_markdown)
 from mixtral_triton.trtllm_build import plan_main
 
 REAL_8X22B = FixtureSize(**{**SIZES["real-shaped"].__dict__, "num_hidden_layers": 56})
@@ -44,7 +46,11 @@ def test_four_80gb_gpus_fit(gpu):
     assert plan.weight_bytes_per_gpu + reserve + plan.kv_cache_bytes_per_gpu <= GPU_MEMORY_BYTES[gpu]
     assert plan.kv_cache_tokens * plan.kv_bytes_per_token_per_gpu <= plan.kv_cache_bytes_per_gpu
     assert plan.kv_cache_tokens % plan.tokens_per_block == 0
-    assert 30 <= plan.max_batch_size == plan.kv_cache_tokens // 5120 <= 40
+    assert 30 <= plan.full_length_requests == plan.kv_cache_tokens // 5120 <= 40
+    # Sized for the seed's 128/128 requests, not for full-length ones: 256 tokens = 8 blocks each.
+    assert plan.workload == "128/128"
+    assert plan.kv_admitted_requests == plan.kv_cache_tokens // 32 // 8 >= 700
+    assert plan.max_batch_size == min(plan.kv_admitted_requests, plan.throughput_batch) >= 256
     assert plan.max_num_tokens == 8192
     assert 0.85 <= plan.kv_cache_free_gpu_mem_fraction <= 0.95
 
@@ -160,3 +166,73 @@ def test_decode_step_is_bandwidth_bound_at_small_batch_and_compute_bound_at_larg
 def test_decode_step_refuses_bad_input(kwargs, message):
     with pytest.raises(UserError, match=message):
         decode_step_seconds(**(dict(gpu="H100-80GB", batch=1, context_tokens=0) | kwargs))
+
+
+def test_the_workload_plan_admits_hundreds_of_short_requests_and_few_long_ones():
+    rows = {(r["gpu"], r["workload"]): r for r in workload_plan()}
+    assert {gpu for gpu, _ in rows} == set(PLAN_GPUS) >= {"A100-80GB", "H100-80GB", "H200-141GB"}
+    assert {w for _, w in rows} == {"128/128", "512/256", "2048/512", "4096/1024"}
+    h100 = rows["H100-80GB", "128/128"]
+    assert h100["kv_admitted_requests"] >= 256 and h100["batch"] >= 256
+    for (gpu, workload), r in rows.items():
+        plan = plan_capacity(gpu, 4)  # one engine per GPU, sized for 128/128
+        w = Workload.parse(workload)
+        assert r["kv_admitted_requests"] == kv_admitted_requests(plan.kv_cache_tokens, w.input_tokens, w.output_tokens)
+        assert r["batch"] == min(r["kv_admitted_requests"], plan.max_batch_size)
+        assert r["tokens_per_s_replica"] == pytest.approx(r["batch"] * r["tokens_per_s_per_user"])
+        assert r["step_ms"] == pytest.approx(1e3 * decode_step_seconds(gpu, r["batch"], w.input_tokens + w.output_tokens // 2))
+    # The old plan ran as many requests as fit at full length, whatever their shape: at 128/128
+    # the same replica now streams several times the tokens (over 10x on the 80 GB GPUs).
+    for gpu in PLAN_GPUS:
+        old_batch = plan_capacity(gpu, 4).full_length_requests
+        assert rows[gpu, "4096/1024"]["batch"] == old_batch
+        old_rate = old_batch / decode_step_seconds(gpu, old_batch, 128 + 64)
+        assert rows[gpu, "128/128"]["tokens_per_s_replica"] > (10 if gpu.endswith("-80GB") else 2.5) * old_rate
+    table = workload_plan_markdown(list(rows.values()))
+    assert table.count("\n") == 1 + len(rows) and "| H100-80GB | 128/128 | 708 |" in table
+
+
+def test_max_batch_size_stops_at_the_roofline_knee_where_the_kv_cache_admits_more():
+    h200 = plan_capacity("H200-141GB", 4)
+    assert h200.kv_admitted_requests > h200.throughput_batch == h200.max_batch_size
+    knee = h200.throughput_batch
+    below, at = step_bounds("H200-141GB", knee - 1, 192), step_bounds("H200-141GB", knee, 192)
+    assert below["compute_s"] < below["memory_s"] and at["compute_s"] >= at["memory_s"]
+    # Long contexts never turn compute bound: every request read adds its KV cache.
+    assert throughput_batch("H100-80GB", 4608, limit=2048) == 2048
+    # A workload longer than the engine's limits is refused.
+    with pytest.raises(UserError, match=r"--workload 8192/128 is longer than the engine accepts"):
+        plan_capacity("H100-80GB", 4, workload=Workload(8192, 128))
+
+
+@pytest.mark.parametrize("text, message", [("128", "INPUT/OUTPUT"), ("a/b", "INPUT/OUTPUT"), ("0/5", "at least 1")])
+def test_workload_refuses_bad_text(text, message):
+    with pytest.raises(UserError, match=message):
+        Workload.parse(text)
+    assert Workload.parse("2048/512") in PLAN_WORKLOADS
+
+
+def test_default_engine_lengths_fit_the_model():
+    assert engine_lengths(MIXTRAL_8X22B) == (4096, 1024)
+    tiny = ModelShape.from_config(hub_config(SIZES["tiny"], 32000))
+    assert tiny.max_position_embeddings == 4096
+    assert engine_lengths(tiny) == (3072, 1024)
+    assert engine_lengths(tiny, max_input_len=4000) == (4000, 96)
+    assert engine_lengths(tiny, max_output_len=100) == (3996, 100)
+    assert plan_capacity("H100-80GB", 1, model=tiny).max_seq_len == 4096
+
+
+def test_gateway_and_hpa_limits_follow_the_engine_batch():
+    assert gateway_max_concurrency(708, triton_max_replicas=4, gateway_replicas=2) == 1416
+    assert gateway_max_concurrency(35, triton_max_replicas=3, gateway_replicas=2) == 53  # rounded up
+    assert hpa_active_requests_target(708) == 566
+
+
+def test_the_runbook_shows_the_generated_plan_table(capsys):
+    from pathlib import Path
+
+    runbook = (Path(__file__).resolve().parents[1] / "docs" / "runbook.md").read_text()
+    section = runbook.split("<!-- plan-table: generated by build/plan_capacity.py --table")[1]
+    shown = section.split("-->\n", 1)[1].split("\n<!-- plan-table end -->")[0]
+    assert plan_main(["--table"]) == 0
+    assert shown == capsys.readouterr().out.rstrip("\n"), "stale: paste build/plan_capacity.py --table"

@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mixtral_triton.capacity import (DTYPE_BYTES, GPU_MEMORY_BYTES, MIXTRAL_8X22B, ROUTER_BYTES, ModelShape,
-                                     kv_bytes_per_token)
+from mixtral_triton.capacity import (DTYPE_BYTES, GPU_MEMORY_BYTES, MIXTRAL_8X22B, PLAN_WORKLOADS, ROUTER_BYTES,
+                                     SEED_WORKLOAD, ModelShape, Workload, kv_admitted_requests, kv_bytes_per_token,
+                                     mean_decode_context, plan_capacity)
 from mixtral_triton.errors import UserError
 
 
@@ -52,6 +53,8 @@ GPUS: dict[str, Gpu] = {g.name: g for g in (
         "NVIDIA HGX B200 datasheet (per GPU: HBM3e 8 TB/s, FP16/BF16 tensor 2.25 PFLOPS dense)"),
 )}
 assert set(GPUS) == set(GPU_MEMORY_BYTES), "every GPU the capacity plan knows needs its roofline figures"
+# The GPUs one 8x22B replica (4 GPUs) fits on, in the workload plan's table.
+PLAN_GPUS = ("A100-80GB", "H100-80GB", "H200-141GB", "B200-180GB")
 
 
 def gpu_figures(gpu: str) -> Gpu:
@@ -130,3 +133,54 @@ def decode_step_seconds(gpu: str, batch: int, context_tokens: int, tp: int = 4,
     tokens, can run on `tp` GPUs of type `gpu`: the larger of the memory and compute bounds."""
     bounds = step_bounds(gpu, batch, context_tokens, tp, model)
     return max(bounds["memory_s"], bounds["compute_s"])
+
+
+def throughput_batch(gpu: str, context_tokens: int, tp: int = 4, model: ModelShape = MIXTRAL_8X22B,
+                     limit: int = 2048) -> int:
+    """The smallest batch whose decode step is compute bound (tokens per second stop growing
+    with the batch), or `limit` if none up to it is: long contexts stay bound by reading the KV
+    cache, and there every added request still adds throughput."""
+    def compute_bound(batch: int) -> bool:
+        bounds = step_bounds(gpu, batch, context_tokens, tp, model)
+        return bounds["compute_s"] >= bounds["memory_s"]
+
+    if not compute_bound(limit):
+        return limit
+    low, high = 1, limit  # compute_bound(high) holds; both bounds grow linearly past a few experts
+    while low < high:
+        middle = (low + high) // 2
+        if compute_bound(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def workload_plan(gpus: tuple[str, ...] = PLAN_GPUS, workloads: tuple[Workload, ...] = PLAN_WORKLOADS,
+                  sized_for: Workload | None = None, gpu_count: int = 4,
+                  model: ModelShape = MIXTRAL_8X22B) -> list[dict]:
+    """How one engine per GPU type, its max_batch_size sized for `sized_for` (default 128/128), serves each shape:
+    the requests its KV cache admits at once, the batch it runs (the fewer of those and
+    max_batch_size), and the roofline's decode tokens per second for the replica and per user
+    (each request attending over its prompt and half its output, on average)."""
+    rows = []
+    for gpu in gpus:
+        plan = plan_capacity(gpu, gpu_count, model=model, workload=sized_for)
+        for workload in workloads:
+            admitted = kv_admitted_requests(plan.kv_cache_tokens, workload.input_tokens, workload.output_tokens)
+            batch = min(admitted, plan.max_batch_size)
+            step = decode_step_seconds(gpu, batch, mean_decode_context(workload), plan.tp, model)
+            rows.append({"gpu": gpu, "workload": str(workload), "kv_admitted_requests": admitted,
+                         "max_batch_size": plan.max_batch_size, "batch": batch, "step_ms": step * 1e3,
+                         "tokens_per_s_replica": batch / step, "tokens_per_s_per_user": 1 / step})
+    return rows
+
+
+def workload_plan_markdown(rows: list[dict]) -> str:
+    lines = ["| GPU (x4) | workload in/out | KV cache admits | engine max_batch_size | batch run | "
+             "decode step ms | decode tok/s per replica | decode tok/s per user |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['gpu']} | {r['workload']} | {r['kv_admitted_requests']:,} | {r['max_batch_size']:,} | "
+              f"{r['batch']:,} | {r['step_ms']:.1f} | {r['tokens_per_s_replica']:,.0f} | "
+              f"{r['tokens_per_s_per_user']:.0f} |" for r in rows]
+    return "\n".join(lines)

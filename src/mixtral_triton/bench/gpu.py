@@ -59,7 +59,7 @@ def kv_capacity(tp: int = 4) -> list[dict]:
                         "kv_cache_gb_per_gpu": plan.kv_cache_bytes_per_gpu / 1e9,
                         "kv_kib_per_token_per_gpu": plan.kv_bytes_per_token_per_gpu / 1024,
                         "kv_cache_tokens": plan.kv_cache_tokens,
-                        "max_batch_size_full_length": plan.max_batch_size,
+                        "max_batch_size_full_length": plan.full_length_requests,
                         "kv_cache_free_gpu_mem_fraction": plan.kv_cache_free_gpu_mem_fraction})
     return out
 
