@@ -127,15 +127,16 @@ class GatewayOptions:
 class LocalStack:
     """Fixture -> checkpoint -> repository -> Triton (-> gateway) in `work_dir`; started in the
     block (or by start/stop). `checkpoint` and `repository` are built on first use, so a
-    caller may take them without starting a server. `limits` go to
-    mixtral_triton.pipeline.build_repository (max_batch_size, max_input_len, max_seq_len).
+    caller may take them without starting a server. `repository_options` go to
+    mixtral_triton.pipeline.build_repository (max_batch_size, max_input_len, max_seq_len,
+    standin, ...).
 
     The logs are `work_dir`/triton.log and gateway.log, fresh at the first start; a restart
     (after a crash) keeps the crashed server's log and writes triton-restart<N>.log."""
 
     def __init__(self, work_dir: Path, *, tokenizer: str = "base", tp: int = 4, host: str = "127.0.0.1",
                  ports: Ports | None = None, gateway: GatewayOptions | None = None,
-                 exit_timeout_s: int = 5, log=print, **limits):
+                 exit_timeout_s: int = 5, log=print, **repository_options):
         self.work_dir = Path(work_dir)
         self.tokenizer = tokenizer
         self.tp = tp
@@ -143,7 +144,7 @@ class LocalStack:
         self.ports = ports  # None: free ports at every start
         self.gateway_options = gateway
         self.exit_timeout_s = exit_timeout_s
-        self.limits = limits
+        self.repository_options = repository_options
         self.log = log
         self.triton: TritonServer | None = None
         self.gateway: GatewayProcess | None = None
@@ -157,7 +158,8 @@ class LocalStack:
     def repository(self) -> Path:
         from mixtral_triton.pipeline import build_repository
 
-        return build_repository(self.checkpoint, self.work_dir, tp=self.tp, log=lambda *_: None, **self.limits)
+        return build_repository(self.checkpoint, self.work_dir, tp=self.tp, log=lambda *_: None,
+                                **self.repository_options)
 
     @cached_property
     def trtllm_checkpoint(self) -> Path:

@@ -391,11 +391,15 @@ def results_markdown(data: dict, source: str) -> str:
              f"`{(machine.get('git_commit') or 'unknown')[:12]}` on {tree}, {machine['date_utc']}; "
              f"{machine['cores']} cores, Python {machine['python']}, nvidia-pytriton "
              f"{machine['packages'].get('nvidia-pytriton')}, torch {machine['packages'].get('torch')}; "
-             f"load average {machine.get('load_average_at_start')} at the start, "
-             f"{data.get('load_average_at_end')} at the end."]
+             f"load average (1, 5, 15 min) {_loads(machine.get('load_average_at_start'))} at the start, "
+             f"{_loads(data.get('load_average_at_end'))} at the end."]
     if data.get("note"):
         lines[0] += f" {data['note']}"
     return "\n".join(lines) + "\n\n" + Report.from_json(data["report"]).markdown()
+
+
+def _loads(values: list[float] | None) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "unknown"
 
 
 DOC = ROOT / "docs" / "reliability.md"
@@ -420,10 +424,10 @@ MAX_CONCURRENCY = 1024
 
 
 def request_timeout_s(concurrency: int) -> float:
-    """A request waits for the ones ahead of it: on 2 cores the engine ends about 4 requests
-    a second (8 batch slots), so at concurrency C the last one queued waits about C / 4 s
-    before its first token. 1.5 s per request in flight leaves room for a loaded machine;
-    never under 120 s."""
+    """A request waits for the ones ahead of it: on a shared 2-core machine the engine (8
+    batch slots) ends about 3 of the soak's requests a second (bench/results/soak.json), so
+    at concurrency C the last one queued waits about C / 3 s before its first token. 1.5 s
+    per request in flight leaves room for a busier machine; never under 120 s."""
     return max(120.0, 1.5 * concurrency)
 
 

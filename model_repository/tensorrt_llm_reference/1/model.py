@@ -15,6 +15,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, UNAVAILABLE, coded
 from mixtral_triton.reference import Engine, ReferenceModel
 from mixtral_triton.reference.engine import QueueFull
 from mixtral_triton.reference.contract import is_stop_request, output_arrays, request_from_inputs
@@ -70,7 +71,7 @@ class TritonPythonModel:
             engine_request = request_from_inputs(inputs)
         except (KeyError, TypeError, ValueError, UserError) as exc:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)),
+                coded(INVALID_ARGUMENT, f"invalid request: {exc}"), pb_utils.TritonError.INVALID_ARG)),
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         prompt_tokens = len(engine_request.input_ids)
@@ -89,7 +90,7 @@ class TritonPythonModel:
                     self.live.pop(event.request_id, None)
                     self.active_gauge.set(len(self.live))
             if event.finish_reason == "error":
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("engine step failed")),
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(coded(INTERNAL, "engine step failed"))),
                             flags=flags)
             elif event.tokens or not event.finished:
                 arrays = output_arrays(event.tokens, prompt_tokens, generated[0])
@@ -103,12 +104,12 @@ class TritonPythonModel:
                 handle = self.engine.submit(engine_request, on_event)
             except QueueFull as exc:  # overload: the client may retry, unlike a bad request
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    str(exc), pb_utils.TritonError.UNAVAILABLE)),
+                    coded(UNAVAILABLE, str(exc)), pb_utils.TritonError.UNAVAILABLE)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             except UserError as exc:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    str(exc), pb_utils.TritonError.INVALID_ARG)),
+                    coded(INVALID_ARGUMENT, str(exc)), pb_utils.TritonError.INVALID_ARG)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             self.live[handle.id] = (request, request.request_id())

@@ -25,6 +25,7 @@ _HELP = {
     "enable_kv_cache_reuse": "gpu: reuse the KV cache of shared prompt prefixes",
     "max_queue_size": "requests queued before Triton refuses more (0: unbounded)",
     "logits_datatype": f"the engine's logits type: one of {', '.join(LOGITS_DATATYPES)}",
+    "gpu_device_ids": "gpu: the CUDA devices of the engine's ranks, one per rank",
     "add_special_tokens": "prepend the tokenizer's BOS token to prompts",
     "skip_special_tokens": "leave special tokens out of the output text",
     "preprocessing_instance_count": "preprocessing model instances",
