@@ -28,7 +28,7 @@ _HELP = {
     "add_special_tokens": "prepend the tokenizer's BOS token to prompts",
     "skip_special_tokens": "leave special tokens out of the output text",
     "preprocessing_instance_count": "preprocessing model instances",
-    "postprocessing_instance_count": "postprocessing model instances: streams served at once",
+    "postprocessing_instance_count": "detokenizer processes (postprocessing instances), each serving many streams: follow the cores",
 }
 
 
