@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         write_checkpoint(checkpoint, tokenizer="instruct")
     repository = build_repository(checkpoint, args.work_dir, tp=4, log=lambda *_: None)
     with TritonServer(repository, log_file=args.work_dir / "triton.log") as triton, \
-            running_gateway(triton.grpc_url, checkpoint, args.work_dir / "gateway.log") as gateway:
+            running_gateway(triton.grpc_url, checkpoint, args.work_dir / "gateway.log",
+                            max(64, args.concurrency)) as gateway:
         processes = serving_processes(triton.process.pid, gateway.pid)
         print(f"soaking: {args.requests} requests, concurrency {args.concurrency}; processes "
               f"{', '.join(f'{k}={v}' for k, v in processes.items())}", flush=True)
