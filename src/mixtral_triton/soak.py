@@ -402,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (checkpoint / "config.json").exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         write_checkpoint(checkpoint, tokenizer="instruct")
-    repository = build_repository(checkpoint, args.work_dir, tp=4, log=lambda *_: None)
+    # The engine batches every request in flight: a smaller batch would queue the rest in
+    # the engine for longer than the clients' timeouts at high concurrency.
+    repository = build_repository(checkpoint, args.work_dir, tp=4, max_batch_size=max(8, args.concurrency),
+                                  log=lambda *_: None)
     with TritonServer(repository, log_file=args.work_dir / "triton.log") as triton, \
             running_gateway(triton.grpc_url, checkpoint, args.work_dir / "gateway.log",
                             max(64, args.concurrency)) as gateway:
