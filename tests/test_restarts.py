@@ -21,7 +21,7 @@ import time
 import pytest
 import requests
 
-from helpers import LONG, PROMPT, gateway
+from helpers import LONG, PROMPT, Reader, gateway
 from mixtral_triton.client import AsyncPredictClient, PredictClient, ServerError
 from mixtral_triton.launcher import TritonServer
 from mixtral_triton.launcher.cpu import _stub_shm_regions
@@ -46,29 +46,6 @@ def restartable(cpu_repository, tmp_path_factory):
             yield server, g, logs
     finally:
         server.stop()
-
-
-class Reader(threading.Thread):
-    """Consumes a stream until it ends; records when and how."""
-
-    def __init__(self, chunks):
-        super().__init__(daemon=True)
-        self.chunks = chunks
-        self.received = []
-        self.error: Exception | None = None
-        self.ended_at: float | None = None
-        self.started_streaming = threading.Event()
-
-    def run(self):
-        try:
-            for chunk in self.chunks:
-                self.received.append(chunk)
-                self.started_streaming.set()
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.ended_at = time.monotonic()
-            self.started_streaming.set()
 
 
 def _gateway_stream(g):

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mixtral_triton.protocol.errors import INTERNAL, coded, read_code
 from mixtral_triton.serving.detokenize import StreamingDetokenizer
 from mixtral_triton.serving.engine_client import AsyncEngineClient
 from mixtral_triton.serving.runs import RunRegistry, server_registry_path
@@ -24,9 +25,10 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        # once: per token, a lookup; the second writes special tokens (skip_special_tokens false)
+        tables = {skip: load_token_table(params["tokenizer_dir"], skip) for skip in (True, False)}
         self.detokenizer = StreamingDetokenizer(
-            load_token_table(params["tokenizer_dir"]),  # once: per token, a lookup
-            AsyncEngineClient(params["engine_model"]), RunRegistry(server_registry_path()))
+            tables, AsyncEngineClient(params["engine_model"]), RunRegistry(server_registry_path()))
 
     async def execute(self, requests):
         # A coroutine: the stub runs it on its event loop and takes the next request at
@@ -44,18 +46,22 @@ class TritonPythonModel:
                 return
             prompt_tokens = inputs["INPUT_LENGTHS"].reshape(1, 1).astype(np.int32)
 
-            def send(text, finish_reason, completion_tokens, final):
+            def send(text, finish_reason, completion, final):
                 reason = np.array([[finish_reason.encode()]], dtype=object) if final else _NOT_FINISHED
                 sender.send(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=object)),
                     pb_utils.Tensor("finish_reason", reason),
                     pb_utils.Tensor("prompt_tokens", prompt_tokens),
-                    pb_utils.Tensor("completion_tokens", np.array([[completion_tokens]], np.int32)),
-                ]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+                    pb_utils.Tensor("completion_tokens", np.array([[completion.completion_tokens]], np.int32)),
+                ] + [pb_utils.Tensor(name, np.array([[n]], np.int32))
+                     for name, n in completion.count_outputs().items()]),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
             await self.detokenizer.generate(request.request_id(), inputs, send)
         except Exception as exc:  # the stream must end with the error, never hang
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {exc}")),
+            # the engine's own code, if it sent one, reads first in the message
+            message = str(exc) if read_code(str(exc)) else coded(INTERNAL, f"generation failed: {exc}")
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):

@@ -27,15 +27,15 @@ from mixtral_triton.serving.tensors import strings
 # cancellations every 100 ms.
 CANCELLATION_CHECK_PERIOD_S = 0.05
 
-# send(text, finish_reason, completion_tokens, final): one response of the stream
-Send = Callable[[str, str, int, bool], None]
+# send(text, finish_reason, completion, final): one response of the stream
+Send = Callable[[str, str, Completion, bool], None]
 
 
 class StreamingDetokenizer:
     """Serves any number of streams at once; use it from one event loop."""
 
-    def __init__(self, table: Sequence[bytes], engine: AsyncEngineClient, runs: RunRegistry):
-        self.table = table
+    def __init__(self, tables: Mapping[bool, Sequence[bytes]], engine: AsyncEngineClient, runs: RunRegistry):
+        self.tables = tables  # by skip_special_tokens
         self.engine = engine
         self.runs = runs
         self._live = 0
@@ -45,16 +45,25 @@ class StreamingDetokenizer:
     async def generate(self, client_id: str, inputs: Mapping[str, np.ndarray], send: Send) -> None:
         """One request: text to `send` as it comes (or once, when not streaming), the
         last response with the finish reason."""
-        completion = Completion(self.table, strings(inputs, "STOP_STRINGS"),
+        flag = lambda name: bool(inputs[name].reshape(-1)[0])  # noqa: E731
+        completion = Completion(self.tables[flag("SKIP_SPECIAL_TOKENS")], strings(inputs, "STOP_STRINGS"),
                                 int(inputs["REQUEST_OUTPUT_LEN"].reshape(-1)[0]),
-                                int(inputs["INPUT_LENGTHS"].reshape(-1)[0]))
-        streaming = bool(inputs["STREAMING"].reshape(-1)[0])
+                                int(inputs["INPUT_LENGTHS"].reshape(-1)[0]),
+                                include_stop=flag("INCLUDE_STOP_STR_IN_OUTPUT"),
+                                count_outputs=(flag("RETURN_NUM_INPUT_TOKENS"), flag("RETURN_NUM_OUTPUT_TOKENS")))
+        streaming = flag("STREAMING")
+        # exclude_input_in_output false: the prompt comes first, as its own text
+        echo = "".join(strings(inputs, "ECHO_TEXT"))
         engine_id = uuid.uuid4().hex  # unique, so a stop never hits another client's run
         self.runs.start(client_id, engine_id)
         self._live += 1
         if self._watch is None or self._watch.done():
             self._watch = asyncio.create_task(self._watch_cancellations())
         pieces: list[str] = []
+        if echo and streaming:
+            send(echo, "", completion, False)
+        elif echo:
+            pieces.append(echo)
         try:
             ending = False  # a stop string matched or the run was cancelled: drain quietly
             async for token_ids in self.engine.stream(engine_inputs(inputs), engine_id):
@@ -62,7 +71,7 @@ class StreamingDetokenizer:
                     continue
                 text = completion.add(token_ids)
                 if text and streaming:
-                    send(text, "", completion.completion_tokens, False)
+                    send(text, "", completion, False)
                 elif text:
                     pieces.append(text)
                 if completion.stopped or engine_id in self._cancelled:
@@ -74,7 +83,7 @@ class StreamingDetokenizer:
             cancelled = self.runs.finish(engine_id)
         tail, reason = completion.finish(cancelled=cancelled)
         pieces.append(tail)
-        send("".join(pieces), reason, completion.completion_tokens, True)
+        send("".join(pieces), reason, completion, True)
 
     async def _watch_cancellations(self) -> None:
         while self._live:
