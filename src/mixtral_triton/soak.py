@@ -483,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     # just after it goes), and its timeout is the soak's.
     gateway = GatewayOptions(max_concurrency=max(64, 2 * args.concurrency), timeout_s=timeout_s,
                              log_level="warning")
+    # The engine batches every request in flight: a smaller batch would queue the rest in
+    # the engine for longer than the clients' timeouts at high concurrency.
     with LocalStack(args.work_dir, tokenizer="instruct", gateway=gateway,
+                    max_batch_size=max(8, args.concurrency),
                     log=lambda line: print(line, flush=True)) as stack:
         processes = serving_processes(stack.triton.process.pid, stack.gateway.pid)
         print(f"soaking: {args.requests} requests, concurrency {args.concurrency}; processes "

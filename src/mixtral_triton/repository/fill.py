@@ -71,9 +71,9 @@ class Settings:
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
     preprocessing_instance_count: int = 1
-    # Streams detokenized at once (one per instance, see postprocessing/config.pbtxt): at
-    # least the engine's max batch size.
-    postprocessing_instance_count: int = 8
+    # Detokenizer processes, each serving any number of streams (postprocessing/config.pbtxt):
+    # they follow the cores Triton gets, not the streams; 2 = the CPU development machine.
+    postprocessing_instance_count: int = 2
     cpu_engine: str = "reference"
     standin_gpu: str = "H100-80GB"  # the stand-in's decode steps last as long as this GPU's
     standin_tp: int = 4
