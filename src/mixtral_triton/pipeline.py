@@ -10,10 +10,12 @@ Every step is resumable: a rerun skips the converted, verified ranks.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 from pathlib import Path
 
+from mixtral_triton.capacity import detokenizer_processes
 from mixtral_triton.convert.layout import SourceCheckpoint
 from mixtral_triton.convert.mapping import check_model, resolve
 from mixtral_triton.convert.writer import convert
@@ -40,7 +42,11 @@ def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: 
             settings.update(cpu_engine="standin", standin_gpu=standin.gpu, standin_tp=standin.tp,
                             standin_pace_scale=standin.scale)
     else:
-        settings["engine_dir"] = engine_dir
+        # Each detokenizer process serves any number of streams: their count follows the
+        # cores of this machine (the serving one, when it builds its own repository), not the
+        # engine's batch; Kubernetes' build job passes the pod's count instead.
+        settings.update(engine_dir=engine_dir,
+                        postprocessing_instance_count=detokenizer_processes(os.cpu_count() or 1))
     settings = Settings(**settings)
     settings.validate_limits()  # a bad option is refused before the conversion, not after
     parallel = resolve(tp=tp)
@@ -49,8 +55,6 @@ def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: 
     convert(checkpoint, trtllm_checkpoint, parallel=parallel, log=log)
     if target != "cpu":
         _engine(trtllm_checkpoint, engine_dir, gpu, max_input_len, max_seq_len - max_input_len, log)
-    # The detokenizer processes keep Settings' count: each serves any number of streams, so
-    # the count follows the serving container's cores, not the engine's batch.
     repository = fill_repository(settings, work_dir / f"model_repository-{target}")
     log(f"model repository ready: {repository}")
     return repository
