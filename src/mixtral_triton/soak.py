@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixtral_triton.errors import OneLineArgumentParser, UserError, one_line_errors
+from mixtral_triton.repository.fill import CPU_ENGINES
+from mixtral_triton.standin import Pacing
 from mixtral_triton.launcher.stubs import stub_processes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -385,8 +387,12 @@ def results_markdown(data: dict, source: str) -> str:
     machine = data["machine"]
     settings = data["settings"]
     tree = {True: "a dirty tree", False: "a clean tree"}.get(machine.get("git_dirty"), "an unknown tree")
+    engine = ""
+    if settings.get("engine", "reference") != "reference":
+        engine = (f" --engine {settings['engine']} --standin-gpu {settings['standin_gpu']} "
+                  f"--standin-pace-scale {settings['standin_pace_scale']:g}")
     lines = [f"From `{source}`: `scripts/soak.py --requests {settings['requests']} --concurrency "
-             f"{settings['concurrency']} --time-limit {settings['time_limit_s']:g}` (seed {settings['seed']}, "
+             f"{settings['concurrency']} --time-limit {settings['time_limit_s']:g}{engine}` (seed {settings['seed']}, "
              f"request timeout {settings['request_timeout_s']:g} s) at commit "
              f"`{(machine.get('git_commit') or 'unknown')[:12]}` on {tree}, {machine['date_utc']}; "
              f"{machine['cores']} cores, Python {machine['python']}, nvidia-pytriton "
@@ -451,9 +457,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None,
                    help="the results file (default <work-dir>/soak.json); bench/results/soak.json "
                         "is the one docs/reliability.md shows")
+    p.add_argument("--engine", choices=CPU_ENGINES, default="reference",
+                   help="what the engine model steps: the tiny model, or the paced table stand-in, "
+                        "which a 2-core machine keeps up with at hundreds of streams (default reference)")
+    p.add_argument("--standin-gpu", default="H100-80GB", help="standin: the GPU whose decode pace it keeps")
+    p.add_argument("--standin-pace-scale", type=float, default=1.0,
+                   help="standin: x that GPU's roofline step time (0: no waiting; default 1)")
     p.add_argument("--note", default=None, help="a remark kept in the results file (e.g. the machine was shared)")
-    p.add_argument("--write-doc", type=Path, default=None, metavar="RESULTS",
-                   help="run nothing: rewrite docs/reliability.md's soak results from this results file")
+    p.add_argument("--write-doc", type=Path, nargs="+", default=None, metavar="RESULTS",
+                   help="run nothing: rewrite docs/reliability.md's soak results from these results files")
     return p
 
 
@@ -485,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                              log_level="warning")
     # The engine batches every request in flight: a smaller batch would queue the rest in
     # the engine for longer than the clients' timeouts at high concurrency.
+    standin = Pacing(args.standin_gpu, 4, args.standin_pace_scale) if args.engine == "standin" else None
     with LocalStack(args.work_dir, tokenizer="instruct", gateway=gateway,
-                    max_batch_size=max(8, args.concurrency),
+                    max_batch_size=max(8, args.concurrency), standin=standin,
                     log=lambda line: print(line, flush=True)) as stack:
         processes = serving_processes(stack.triton.process.pid, stack.gateway.pid)
         print(f"soaking: {args.requests} requests, concurrency {args.concurrency}; processes "
@@ -496,21 +509,31 @@ def main(argv: list[str] | None = None) -> int:
                       args.warmup, args.time_limit, stack.metrics_url, log=lambda line: print(line, flush=True))
     print(report.markdown(), flush=True)
     settings = {"requests": args.requests, "concurrency": args.concurrency, "warmup": args.warmup,
-                "seed": args.seed, "time_limit_s": args.time_limit, "request_timeout_s": timeout_s}
+                "seed": args.seed, "time_limit_s": args.time_limit, "request_timeout_s": timeout_s,
+                "engine": args.engine}
+    if standin is not None:
+        settings.update(standin_gpu=standin.gpu, standin_pace_scale=standin.scale)
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results_file.write_text(json.dumps(results_json(report, settings, machine, args.note), indent=2) + "\n")
     print(f"results: {results_file}", flush=True)
     return 1 if report.unexpected else 0
 
 
-def write_doc(results_file: Path) -> int:
-    data = json.loads(results_file.read_text())
-    try:
-        source = str(results_file.resolve().relative_to(ROOT))
-    except ValueError:
-        source = str(results_file)
-    DOC.write_text(doc_with_results(DOC.read_text(), results_markdown(data, source)))
-    print(f"{DOC.relative_to(ROOT)}: soak results from {source}")
+def results_section(results_files: list[Path]) -> str:
+    """The docs' soak section: each results file's figures, in the order given."""
+    parts = []
+    for results_file in results_files:
+        try:
+            source = str(Path(results_file).resolve().relative_to(ROOT))
+        except ValueError:
+            source = str(results_file)
+        parts.append(results_markdown(json.loads(Path(results_file).read_text()), source))
+    return "\n".join(parts)
+
+
+def write_doc(results_files: list[Path]) -> int:
+    DOC.write_text(doc_with_results(DOC.read_text(), results_section(results_files)))
+    print(f"{DOC.relative_to(ROOT)}: soak results from {', '.join(map(str, results_files))}")
     return 0
 
 
