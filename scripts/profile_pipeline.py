@@ -121,7 +121,7 @@ def main() -> int:
     from mixtral_triton.fixture import write_checkpoint  # noqa: F401
     from mixtral_triton.pipeline import build_repository
     from mixtral_triton.repository.fill import Settings, fill_repository
-    from mixtral_triton.serving.preprocess import Preprocessor
+    from mixtral_triton.ensemble_models.preprocess import Preprocessor
 
     checkpoint = args.work_dir / "hub" / "tiny"
     if not (checkpoint / "config.json").exists():

@@ -241,7 +241,7 @@ def _first_greedy_token(server, tiny_checkpoint) -> int:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from mixtral_triton.serving.engine_client import AsyncEngineClient
+    from mixtral_triton.ensemble_models.engine_client import AsyncEngineClient
 
     ids = AutoTokenizer.from_pretrained(str(tiny_checkpoint)).encode(PROMPT)
 

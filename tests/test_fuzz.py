@@ -27,7 +27,7 @@ from mixtral_triton.client.ensemble import Chunk, server_error
 from mixtral_triton.gateway import protocol as gateway_protocol
 from mixtral_triton.protocol import FIELDS, RequestError, ensemble_inputs, json_schema, parse_request
 from mixtral_triton.protocol.errors import INVALID_ARGUMENT, coded
-from mixtral_triton.serving.completion import Completion
+from mixtral_triton.ensemble_models.completion import Completion
 from mixtral_triton.text import TextStream, token_table
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -110,7 +110,7 @@ def test_the_openai_mappers_raise_only_request_errors(body, route, as_chat_body)
 
 @pytest.fixture(scope="module")
 def preprocessor(tiny_checkpoint):
-    from mixtral_triton.serving.preprocess import Preprocessor
+    from mixtral_triton.ensemble_models.preprocess import Preprocessor
 
     return Preprocessor(tiny_checkpoint, max_input_len=64, max_seq_len=128)
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from mixtral_triton.serving.runs import RunRegistry, remove_stale_registries, server_registry_path
+from mixtral_triton.ensemble_models.runs import RunRegistry, remove_stale_registries, server_registry_path
 
 
 def test_a_stop_cancels_every_run_of_its_id_and_only_those(tmp_path):
@@ -44,7 +44,7 @@ def test_a_run_learns_of_a_stop_taken_by_another_process(tmp_path):
 
 def test_a_process_sees_only_its_own_cancelled_runs(tmp_path):
     path = tmp_path / "runs.sqlite"
-    code = ("import sys; from mixtral_triton.serving.runs import RunRegistry; "
+    code = ("import sys; from mixtral_triton.ensemble_models.runs import RunRegistry; "
             "r = RunRegistry(sys.argv[1]); r.start('client', 'theirs'); r.cancel('client'); "
             "print(sorted(r.cancelled_here()))")
     runs = RunRegistry(path)
@@ -56,7 +56,7 @@ def test_a_process_sees_only_its_own_cancelled_runs(tmp_path):
 
 def test_runs_of_a_dead_instance_are_dropped(tmp_path):
     path = tmp_path / "runs.sqlite"
-    code = ("import sys; from mixtral_triton.serving.runs import RunRegistry; "
+    code = ("import sys; from mixtral_triton.ensemble_models.runs import RunRegistry; "
             "RunRegistry(sys.argv[1]).start('client', 'orphan')")
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)
     assert RunRegistry(path).running() == 0  # its owner exited: it can never finish

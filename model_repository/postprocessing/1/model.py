@@ -2,7 +2,7 @@
 
 Why it calls the engine itself rather than being an ensemble step after it, and why one
 process serves many streams: see this model's config.pbtxt; why over gRPC rather than BLS:
-mixtral_triton.serving.engine_client. The logic is in mixtral_triton.serving.detokenize;
+mixtral_triton.ensemble_models.engine_client. The logic is in mixtral_triton.ensemble_models.detokenize;
 this file is the Triton glue.
 """
 
@@ -13,9 +13,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.protocol.errors import INTERNAL, coded, read_code
-from mixtral_triton.serving.detokenize import StreamingDetokenizer
-from mixtral_triton.serving.engine_client import AsyncEngineClient
-from mixtral_triton.serving.runs import RunRegistry, server_registry_path
+from mixtral_triton.ensemble_models.detokenize import StreamingDetokenizer
+from mixtral_triton.ensemble_models.engine_client import AsyncEngineClient
+from mixtral_triton.ensemble_models.runs import RunRegistry, server_registry_path
 from mixtral_triton.text import load_token_table
 
 _NOT_FINISHED = np.array([[b""]], dtype=object)  # finish_reason of every response but the last

@@ -1,4 +1,4 @@
-"""Tokenizer model: see mixtral_triton.serving.preprocess (the logic lives there).
+"""Tokenizer model: see mixtral_triton.ensemble_models.preprocess (the logic lives there).
 
 It also carries out `stop` requests: it marks the runs of that request id cancelled and
 stops their engine requests, at once. The streaming detokenizer cannot: each of its
@@ -11,9 +11,9 @@ import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.protocol import RequestError
 from mixtral_triton.protocol.errors import INVALID_ARGUMENT, coded
-from mixtral_triton.serving.engine_client import EngineClient
-from mixtral_triton.serving.preprocess import Preprocessor
-from mixtral_triton.serving.runs import RunRegistry, server_registry_path
+from mixtral_triton.ensemble_models.engine_client import EngineClient
+from mixtral_triton.ensemble_models.preprocess import Preprocessor
+from mixtral_triton.ensemble_models.runs import RunRegistry, server_registry_path
 
 
 class TritonPythonModel:

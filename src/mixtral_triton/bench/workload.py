@@ -4,7 +4,7 @@ A prompt is a run of common words, each one token after the tokenizer's word-sta
 drawn from a fixed seed; it is re-tokenized and trimmed until the tokenizer model
 (preprocessing, same tokenizer, same `add_special_tokens`) makes exactly N tokens of it.
 The engine-alone path sends the very tensors the postprocessing model sends the engine for
-that prompt (mixtral_triton.serving: Preprocessor.prepare, then engine_inputs), so every
+that prompt (mixtral_triton.ensemble_models: Preprocessor.prepare, then engine_inputs), so every
 path asks the engine for the same work.
 """
 
@@ -74,12 +74,12 @@ class EngineRequests:
 
     def __init__(self, tokenizer_dir: Path, max_input_len: int, max_seq_len: int,
                  add_special_tokens: bool = True):
-        from mixtral_triton.serving.preprocess import Preprocessor
+        from mixtral_triton.ensemble_models.preprocess import Preprocessor
 
         self.preprocessor = Preprocessor(tokenizer_dir, max_input_len, max_seq_len, add_special_tokens)
 
     def arrays(self, ensemble_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mixtral_triton.serving.engine_request import engine_inputs
+        from mixtral_triton.ensemble_models.engine_request import engine_inputs
 
         prepared = self.preprocessor.prepare(ensemble_arrays)
         return engine_inputs({name.upper(): value for name, value in prepared.items()})

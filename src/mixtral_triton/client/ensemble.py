@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 
 from mixtral_triton.protocol import FIELDS, PredictRequest, RequestError, ensemble_inputs
 from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, TRITON_UNAVAILABLE, UNAVAILABLE, read_code
-from mixtral_triton.serving.engine_request import stop_inputs
+from mixtral_triton.ensemble_models.engine_request import stop_inputs
 
 ENSEMBLE = "ensemble"
 # How long a cancel waits for the server to end both the stop and the cancelled request.

@@ -19,7 +19,7 @@ import numpy as np
 from mixtral_triton.protocol import (
     ENSEMBLE_ONLY_INPUTS, FIELDS, MAX_STOP_CHARS, MAX_STOPS, RequestError, check_lengths, parse_request)
 from mixtral_triton.protocol.ensemble import ABSENT, NO_END_ID, refusal
-from mixtral_triton.serving.tensors import scalar, strings
+from mixtral_triton.ensemble_models.tensors import scalar, strings
 from mixtral_triton.text import words_list
 
 # Engine inputs this model produces, in the order of its config's outputs. Their names in

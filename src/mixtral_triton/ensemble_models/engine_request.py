@@ -7,7 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mixtral_triton.serving.preprocess import ENGINE_INPUTS
+from mixtral_triton.ensemble_models.preprocess import ENGINE_INPUTS
 
 # Only the new tokens of each step come back: the prompt is never echoed.
 ENGINE_OUTPUTS = ("output_ids", "sequence_length")

@@ -15,11 +15,11 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from mixtral_triton.serving.completion import Completion
-from mixtral_triton.serving.engine_client import AsyncEngineClient
-from mixtral_triton.serving.engine_request import engine_inputs
-from mixtral_triton.serving.runs import RunRegistry
-from mixtral_triton.serving.tensors import strings
+from mixtral_triton.ensemble_models.completion import Completion
+from mixtral_triton.ensemble_models.engine_client import AsyncEngineClient
+from mixtral_triton.ensemble_models.engine_request import engine_inputs
+from mixtral_triton.ensemble_models.runs import RunRegistry
+from mixtral_triton.ensemble_models.tensors import strings
 
 # How often the process looks whether a `stop` marked one of its runs cancelled. The
 # tokenizer model, which takes the stop, also stops the engine at once; this covers a stop

@@ -34,7 +34,7 @@ from tritonclient.utils import InferenceServerException
 
 from mixtral_triton.client.ensemble import infer_inputs
 from mixtral_triton.launcher.ports import GRPC_URL_ENV
-from mixtral_triton.serving.engine_request import ENGINE_OUTPUTS, new_token_ids, stop_inputs
+from mixtral_triton.ensemble_models.engine_request import ENGINE_OUTPUTS, new_token_ids, stop_inputs
 
 DEFAULT_GRPC_URL = "127.0.0.1:8001"  # Triton's default gRPC port
 # Longest wait for the engine's next response before the stream is given up: far longer
