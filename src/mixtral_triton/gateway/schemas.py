@@ -120,13 +120,19 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = Field(description="stop, length or cancelled; null until the last chunk")
 
 
-class CompletionResponse(BaseModel):
-    """Also each streamed chunk (`data: {...}` events, text in pieces, then `data: [DONE]`)."""
+class _OpenAIObject(BaseModel):
+    """What every completion object starts with (the subclasses narrow `object`)."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
+
+
+class CompletionResponse(_OpenAIObject):
+    """Also each streamed chunk (`data: {...}` events, text in pieces, then `data: [DONE]`)."""
+
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -143,11 +149,8 @@ class ChatChoice(BaseModel):
     finish_reason: str
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_OpenAIObject):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
 
@@ -164,11 +167,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_OpenAIObject):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

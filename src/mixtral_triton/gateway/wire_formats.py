@@ -75,11 +75,12 @@ _LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 class _OpenAIFormat(Format):
     openai = True
     object = ""
+    id_prefix = ""
 
-    def __init__(self, request: OpenAIRequest, model: str, prefix: str):
+    def __init__(self, request: OpenAIRequest, model: str):
         self.request = request
         self.model = model
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.user = request.user
         if request.predict.stream:
@@ -102,6 +103,11 @@ class _OpenAIFormat(Format):
     def _head(self, object_: str) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
+    def _chunk(self, choice: dict, finish_reason: str | None) -> dict:
+        """A chunk of the one choice; `choice` holds its text (completions) or delta (chat)."""
+        return {**self._head(self.object), "choices": [
+            {"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}]}
+
     def _closing_events(self, final: dict, last: Chunk) -> bytes:
         if self.request.include_usage:  # OpenAI's shape: a last chunk with no choices
             out = self._event(final, last) + self._event({**self._head(self.object), "choices": [],
@@ -116,45 +122,33 @@ class _OpenAIFormat(Format):
 
 class CompletionFormat(_OpenAIFormat):
     object = "text_completion"
-
-    def __init__(self, request: OpenAIRequest, model: str):
-        super().__init__(request, model, "cmpl")
-
-    def _chunk(self, text: str, finish_reason: str | None) -> dict:
-        return {**self._head(self.object), "choices": [
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    id_prefix = "cmpl"
 
     def piece(self, chunk: Chunk) -> bytes:
-        return self._event(self._chunk(chunk.text, None), chunk)
+        return self._event(self._chunk({"text": chunk.text}, None), chunk)
 
     def closing(self, last: Chunk) -> bytes:
-        return self._closing_events(self._chunk(last.text, last.finish_reason), last)
+        return self._closing_events(self._chunk({"text": last.text}, last.finish_reason), last)
 
     def whole(self, text: str, last: Chunk) -> dict:
-        return {**self._chunk(text, last.finish_reason), "usage": usage_of(last)}
+        return {**self._chunk({"text": text}, last.finish_reason), "usage": usage_of(last)}
 
 
 class ChatFormat(_OpenAIFormat):
     object = "chat.completion.chunk"
-
-    def __init__(self, request: OpenAIRequest, model: str):
-        super().__init__(request, model, "chatcmpl")
-
-    def _chunk(self, delta: dict, finish_reason: str | None) -> dict:
-        return {**self._head(self.object), "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    id_prefix = "chatcmpl"
 
     def opening(self, first: Chunk) -> bytes:
         # the usage of no completion tokens yet: the prompt's
-        return self._event(self._chunk({"role": "assistant", "content": ""}, None),
+        return self._event(self._chunk({"delta": {"role": "assistant", "content": ""}}, None),
                            Chunk("", None, first.prompt_tokens, 0))
 
     def piece(self, chunk: Chunk) -> bytes:
-        return self._event(self._chunk({"content": chunk.text}, None), chunk)
+        return self._event(self._chunk({"delta": {"content": chunk.text}}, None), chunk)
 
     def closing(self, last: Chunk) -> bytes:
         delta = {"content": last.text} if last.text else {}
-        return self._closing_events(self._chunk(delta, last.finish_reason), last)
+        return self._closing_events(self._chunk({"delta": delta}, last.finish_reason), last)
 
     def whole(self, text: str, last: Chunk) -> dict:
         return {**self._head("chat.completion"), "choices": [
