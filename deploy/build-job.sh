@@ -294,6 +294,7 @@ if wanted fill; then
              --engine-dir "$ENGINE_DIR" --triton-max-batch-size "$PLAN_MAX_BATCH_SIZE"
              --max-input-len "$MAX_INPUT_LEN" --max-seq-len "$PLAN_MAX_SEQ_LEN"
              --kv-cache-free-gpu-mem-fraction "$PLAN_KV_FRACTION" --max-queue-size "$MAX_QUEUE_SIZE"
+             --gpu-device-ids "$(seq -s, 0 $((TP_SIZE - 1)))"
              # Detokenizer processes follow the cores, each serving many streams (capacity.py).
              --postprocessing-instance-count "$DETOKENIZER_PROCESSES")
   FILL_STAMP="$STATE_DIR/filled-$ENGINE_TAG"

@@ -241,18 +241,18 @@ def _first_greedy_token(server, tiny_checkpoint) -> int:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from mixtral_triton.serving.engine_client import EngineClient
+    from mixtral_triton.serving.engine_client import AsyncEngineClient
 
     ids = AutoTokenizer.from_pretrained(str(tiny_checkpoint)).encode(PROMPT)
-    engine = EngineClient("tensorrt_llm", server.grpc_url)
-    try:
-        outputs = next(engine.stream({"input_ids": np.array([ids], np.int32),
-                                      "input_lengths": np.array([[len(ids)]], np.int32),
-                                      "request_output_len": np.array([[1]], np.int32),
-                                      "runtime_top_k": np.array([[1]], np.int32)}, "t-first"))
-    finally:
-        engine.close()
-    return int(outputs["output_ids"].reshape(-1)[0])
+
+    async def generated() -> list[int]:
+        engine = AsyncEngineClient("tensorrt_llm", server.grpc_url)
+        return [token async for batch in engine.stream({
+            "input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
+            "request_output_len": np.array([[1]], np.int32), "runtime_top_k": np.array([[1]], np.int32)},
+            "t-first") for token in batch]
+
+    return asyncio.run(generated())[0]
 
 
 def test_ignore_eos_and_min_tokens_reach_the_engine(triton_server, tiny_checkpoint):

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from mixtral_triton.capacity import ModelShape, Workload, detokenizer_processes, plan_capacity
-from mixtral_triton.launcher.cli import parser as launcher_parser
-from mixtral_triton.launcher.gpu import ENGINE_MODEL, mpi_server_command
+from mixtral_triton.launcher.gpu import (ENGINE_MODEL, ORCHESTRATOR_ENV, orchestrator_environment,
+                                         orchestrator_server_command)
 from mixtral_triton.launcher.ports import Ports
 from mixtral_triton.repository.fill import MARKER, MODELS
 from mixtral_triton.trtllm_build import BUILD_RECORD
@@ -91,10 +91,14 @@ def test_dockerfile_base_image_user_and_paths():
     assert "install_requirements.py deploy/image/requirements-runtime.txt" in text
 
 
-def test_dockerfile_default_command_parses():
-    cmd = json.loads(re.findall(r"^CMD (\[.*\])$", _dockerfile(), re.M)[0])  # the runtime stage's
-    assert cmd[:2] == ["python3", "scripts/launch_triton.py"]
-    assert not _check_commands([(str(ROOT / cmd[1]), cmd[2:])])
+def test_dockerfile_serves_with_the_plain_server_in_orchestrator_mode():
+    text = _dockerfile()
+    runtime = text[:text.index(" AS test")]
+    cmd = json.loads(re.findall(r"^CMD (\[.*\])$", runtime, re.M)[-1])
+    # Exactly what the launcher runs for a 4-GPU orchestrator-mode server on /models.
+    assert cmd == orchestrator_server_command(Path("/models"), 4, Ports(), exit_timeout_s=120)
+    env = dict(re.findall(r"^ENV (\w+)=(\S+)$", runtime, re.M))
+    assert env[ORCHESTRATOR_ENV] == orchestrator_environment(Ports())[ORCHESTRATOR_ENV] == "1"
 
 
 def test_dockerfile_copies_exist_and_pass_the_dockerignore():
@@ -406,23 +410,33 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     settings = _configmap(docs)
     pod = _one(docs, "Deployment", "triton")["spec"]["template"]["spec"]
     triton = _container(docs, "Deployment", "triton", "triton")
-    assert triton["command"] == ["python3", f"{IMAGE_DIR}/scripts/launch_triton.py"]
-    args = launcher_parser().parse_args(triton["args"])
-    assert not _check_commands([(str(ROOT / "scripts/launch_triton.py"), triton["args"])])
 
-    # One replica spans TP_SIZE GPUs of one node, one MPI rank each.
+    # The plain server in orchestrator mode, as the launcher would exec it: one replica spans
+    # TP_SIZE GPUs of one node, one executor worker each, and tritonserver is the container's
+    # process, so that the pod's SIGTERM reaches it.
     tp = int(settings["TP_SIZE"])
-    assert args.target == "gpu" and args.world_size == tp
     assert triton["resources"]["requests"]["nvidia.com/gpu"] == tp == triton["resources"]["limits"]["nvidia.com/gpu"]
-
-    # Ports: the launcher's defaults, what mpirun gives every rank, the container's and the Service's.
+    served = triton["command"] + triton["args"]
+    flags = dict(a[2:].partition("=")[::2] for a in served[1:])
+    repository = Path(flags["model-repository"])
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
-    assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
-    assert Ports(args.http_port, args.grpc_port, args.metrics_port) == Ports()
-    command = mpi_server_command(Path("/repo"), args.world_size, Ports(**{k: v for k, v in ports.items()}),
-                                 exit_timeout_s=args.exit_timeout_secs)
-    for name, port in ports.items():
-        assert command.count(f"--{name}-port={port}") == tp
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    exit_timeout_s = int(flags["exit-timeout-secs"])
+    assert served == orchestrator_server_command(repository, tp, Ports(**ports), exit_timeout_s=exit_timeout_s)
+    env = {e["name"]: e for e in triton["env"]}
+    assert {name: env[name]["value"] for name in orchestrator_environment(Ports(**ports))} == \
+        orchestrator_environment(Ports(**ports))
+    launched = subprocess.run([sys.executable, str(ROOT / "scripts/launch_triton.py"), "--target", "gpu",
+                               "--world-size", str(tp), "--exit-timeout-secs", str(exit_timeout_s),
+                               "--model-repository", str(ROOT), "--dry-run"],
+                              capture_output=True, text=True, check=True).stdout
+    printed = shlex.split(launched)
+    assert printed[printed.index(served[0]) + 1:] == [
+        f"--model-repository={ROOT}", *served[2:]], "the launcher and the pod start different servers"
+    # The filled engine model runs on exactly the pod's GPUs.
+    assert _build_job_fill_flag(settings, "--gpu-device-ids") == ",".join(map(str, range(tp)))
+
+    # Ports: the container's and the Service's.
     service = _one(docs, "Service", "triton")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
         name: (port, name) for name, port in ports.items()}
@@ -434,7 +448,7 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     # Liveness also fails on a dead Python stub: the module exists and takes the live URL.
     live = triton["livenessProbe"]["exec"]["command"]
     assert live[:3] == ["python3", "-m", "mixtral_triton.launcher.liveness"]
-    assert live[3:] == ["--live-url", f"http://127.0.0.1:{args.http_port}/v2/health/live"]
+    assert live[3:] == ["--live-url", f"http://127.0.0.1:{ports['http']}/v2/health/live"]
     from mixtral_triton.launcher import liveness
     assert liveness.main(["--live-url", "http://127.0.0.1:9/v2/health/live"]) == 1  # nothing listens on 9
     startup = triton["startupProbe"]
@@ -443,28 +457,26 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     assert deployment["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
     # Shutdown: the endpoints drop the pod (preStop), then Triton drains within the grace period.
     pre_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + args.exit_timeout_secs
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + exit_timeout_s
 
     # The repository the build job fills, on the volume mounted where the job mounts it.
     data_dir = settings["DATA_DIR"]
-    repository = str(args.model_repository).replace("$(ENGINE_TAG)", settings["ENGINE_TAG"])
-    assert repository == f"{data_dir}/model-repositories/{settings['ENGINE_TAG']}"
-    assert repository == _build_job_paths(settings)["repository"]
-    env = {e["name"]: e for e in triton["env"]}
+    assert str(repository).replace("$(ENGINE_TAG)", settings["ENGINE_TAG"]) == \
+        f"{data_dir}/model-repositories/{settings['ENGINE_TAG']}" == _build_job_paths(settings)["repository"]
     assert env["ENGINE_TAG"]["valueFrom"]["configMapKeyRef"] == {
         "name": _one(docs, "ConfigMap")["metadata"]["name"], "key": "ENGINE_TAG"}
     assert _mount(pod, triton, data_dir) == {"persistentVolumeClaim": {"claimName": "mixtral-data"}}
     # The init container waits for the marker fill_model_repository.py writes last.
     init = pod["initContainers"][0]
     assert MARKER in " ".join(init["command"])
-    assert {e["name"]: e.get("value") for e in init["env"]}["REPOSITORY"] == str(args.model_repository)
+    assert {e["name"]: e.get("value") for e in init["env"]}["REPOSITORY"] == str(repository)
 
-    # /dev/shm: memory-backed, sized for NCCL and the ranks' Python-backend regions, inside the limit.
+    # /dev/shm: memory-backed, sized for MPI, NCCL and the Python models' regions, inside the limit.
     shm = _mount(pod, triton, "/dev/shm")["emptyDir"]
     assert shm["medium"] == "Memory" and _gib(shm["sizeLimit"]) >= 2
     assert _gib(triton["resources"]["limits"]["memory"]) >= _gib(triton["resources"]["requests"]["memory"]) + _gib(shm["sizeLimit"])
 
-    # The engine model the launcher loads on ranks 1..N-1 is the repository's engine model.
+    # The engine model leader mode loads on ranks 1..N-1 is the repository's engine model.
     assert ENGINE_MODEL in MODELS["gpu"] and MODELS["gpu"][ENGINE_MODEL] == "tensorrt_llm"
     assert 'backend: "tensorrtllm"' in (ROOT / "model_repository/tensorrt_llm/config.pbtxt").read_text()
 
@@ -480,11 +492,21 @@ def _gib(quantity: str) -> float:
     return float(number) * {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, None: 2**-30}[unit]
 
 
+def _build_job_command(settings: dict, script: str) -> list[str]:
+    """The command build-job.sh runs `script` with for these settings, from its own dry run."""
+    result = _build_job("--dry-run", env={**settings, "DATA_DIR": settings["DATA_DIR"]}, check=True)
+    return next(c for c in _printed_commands(result.stdout) if c[1].endswith(script))
+
+
+def _build_job_fill_flag(settings: dict, flag: str) -> str:
+    fill = _build_job_command(settings, "fill_model_repository.py")
+    return fill[fill.index(flag) + 1]
+
+
 def _build_job_paths(settings: dict) -> dict[str, str]:
     """Where build-job.sh puts things for these settings, from its own dry run."""
-    result = _build_job("--dry-run", env={**settings, "DATA_DIR": settings["DATA_DIR"]}, check=True)
-    fill = next(c for c in _printed_commands(result.stdout) if c[1].endswith("fill_model_repository.py"))
-    engine = next(c for c in _printed_commands(result.stdout) if c[1].endswith("build_engine.py"))
+    fill = _build_job_command(settings, "fill_model_repository.py")
+    engine = _build_job_command(settings, "build_engine.py")
     return {"repository": fill[fill.index("--out") + 1], "tokenizer": fill[fill.index("--tokenizer-dir") + 1],
             "engine": engine[engine.index("--output-dir") + 1],
             "checkpoint": engine[engine.index("--checkpoint-dir") + 1]}

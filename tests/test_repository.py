@@ -50,6 +50,28 @@ OUR_ENSEMBLE_INPUTS = {
     "min_length": ("TYPE_INT32", [1]),
 }
 
+# The parameter keys of TensorRT-LLM v1.2.1's template
+# (triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt), the names its
+# tensorrtllm backend reads: a key spelled otherwise is silently ignored by the backend.
+UPSTREAM_ENGINE_PARAMETERS = {
+    "max_beam_width", "FORCE_CPU_ONLY_INPUT_TENSORS", "gpt_model_type", "gpt_model_path",
+    "encoder_model_path", "max_tokens_in_paged_kv_cache", "max_attention_window_size",
+    "sink_token_length", "batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction",
+    "cross_kv_cache_fraction", "kv_cache_host_memory_bytes", "kv_cache_onboard_blocks",
+    "enable_trt_overlap", "exclude_input_in_output", "cancellation_check_period_ms",
+    "stats_check_period_ms", "iter_stats_max_iterations", "request_stats_max_iterations",
+    "enable_kv_cache_reuse", "normalize_log_probs", "enable_chunked_context", "gpu_device_ids",
+    "participant_ids", "num_nodes", "lora_cache_optimal_adapter_size", "lora_cache_max_adapter_size",
+    "lora_cache_gpu_memory_fraction", "lora_cache_host_memory_bytes", "lora_prefetch_dir",
+    "decoding_mode", "executor_worker_path", "lookahead_window_size", "lookahead_ngram_size",
+    "lookahead_verification_set_size", "medusa_choices", "eagle_choices", "gpu_weights_percent",
+    "enable_context_fmha_fp32_acc", "multi_block_mode", "cuda_graph_mode", "cuda_graph_cache_size",
+    "speculative_decoding_fast_logits", "tokenizer_dir", "guided_decoding_backend",
+    "xgrammar_tokenizer_info_path",
+}
+# Where upstream's template points executor_worker_path: the worker binary of the NGC image.
+UPSTREAM_EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
+
 
 @pytest.fixture
 def dirs(tmp_path) -> dict[str, Path]:
@@ -119,6 +141,21 @@ def test_gpu_engine_model_matches_v1_2_1(dirs, tmp_path):
         assert key in params
 
 
+def test_gpu_engine_model_is_set_for_orchestrator_mode_with_upstreams_names(dirs, tmp_path):
+    config = fill_and_load("gpu", dirs, tmp_path / "repo")["tensorrt_llm"]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert set(params) <= UPSTREAM_ENGINE_PARAMETERS, set(params) - UPSTREAM_ENGINE_PARAMETERS
+    # With TRTLLM_ORCHESTRATOR=1 the model spawns this worker, one per GPU listed.
+    assert params["executor_worker_path"] == UPSTREAM_EXECUTOR_WORKER
+    # The backend splits instances by ";" and GPUs by ",": one instance on the 4 GPUs.
+    assert [[int(gpu) for gpu in group.split(",")] for group in params["gpu_device_ids"].split(";")] == [[0, 1, 2, 3]]
+    assert len(config.instance_group) == 1 and config.instance_group[0].count == 1
+    # Only for workers mpirun started beforehand; an empty value would not mean "unset".
+    assert "participant_ids" not in params
+    two = fill_and_load("gpu", dirs, tmp_path / "tp2", gpu_device_ids="2,3")["tensorrt_llm"]
+    assert two.parameters["gpu_device_ids"].string_value == "2,3"
+
+
 def test_ensemble_takes_every_upstream_input_and_adds_usage_outputs(dirs, tmp_path):
     configs = fill_and_load("gpu", dirs, tmp_path / "repo")
     ensemble = configs["ensemble"]
@@ -181,6 +218,8 @@ def test_refuses_to_replace_a_folder_it_did_not_write(dirs, tmp_path):
     ("cpu", {"triton_max_batch_size": 0}, "--triton-max-batch-size must be at least 1"),
     ("gpu", {"kv_cache_free_gpu_mem_fraction": 1.5}, r"must be in \(0, 1\]"),
     ("gpu", {"batch_scheduler_policy": "fifo"}, "unknown batch scheduler policy 'fifo'"),
+    ("gpu", {"gpu_device_ids": "0,1,1"}, "--gpu-device-ids must be distinct GPU numbers"),
+    ("gpu", {"gpu_device_ids": "0;1"}, r"--gpu-device-ids must be .* got '0;1'"),
 ])
 def test_bad_settings_are_refused_clearly(target, changes, message, dirs, tmp_path):
     with pytest.raises(UserError, match=message):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 from mixtral_triton.convert.layout import SourceCheckpoint
@@ -21,8 +20,6 @@ from mixtral_triton.convert.writer import convert
 from mixtral_triton.errors import OneLineArgumentParser, UserError, one_line_errors
 from mixtral_triton.repository.fill import CPU_ENGINES, Settings, fill_repository
 from mixtral_triton.standin import Pacing
-
-MAX_DETOKENIZERS = 64
 
 
 def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: int = 4,
@@ -50,21 +47,18 @@ def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: 
     check_model(parallel, SourceCheckpoint(checkpoint).model)  # e.g. a TP that cannot split it
     work_dir.mkdir(parents=True, exist_ok=True)
     convert(checkpoint, trtllm_checkpoint, parallel=parallel, log=log)
-    engine_batch = max_batch_size
     if target != "cpu":
-        engine_batch = _engine(trtllm_checkpoint, engine_dir, gpu, max_input_len,
-                               max_seq_len - max_input_len, log)
-    # A detokenizer instance (a process) per stream the engine batches, so that none waits
-    # for a detokenizer; at most as many as the gateway's default --max-concurrency.
-    settings = replace(settings, postprocessing_instance_count=min(engine_batch, MAX_DETOKENIZERS))
+        _engine(trtllm_checkpoint, engine_dir, gpu, max_input_len, max_seq_len - max_input_len, log)
+    # The detokenizer processes keep Settings' count: each serves any number of streams, so
+    # the count follows the serving container's cores, not the engine's batch.
     repository = fill_repository(settings, work_dir / f"model_repository-{target}")
     log(f"model repository ready: {repository}")
     return repository
 
 
 def _engine(trtllm_checkpoint: Path, engine_dir: Path, gpu: str, max_input_len: int,
-            max_output_len: int, log) -> int:
-    """Build the engine (or print how); its max batch size."""
+            max_output_len: int, log) -> None:
+    """Build the engine (or print how)."""
     from mixtral_triton.trtllm_build import prepare_build, run_build
 
     build = prepare_build(trtllm_checkpoint, engine_dir, gpu, max_input_len, max_output_len, 1)
@@ -76,7 +70,6 @@ def _engine(trtllm_checkpoint: Path, engine_dir: Path, gpu: str, max_input_len: 
         engine_dir.mkdir(parents=True, exist_ok=True)
     else:
         log(run_build(build))
-    return build.plan.max_batch_size
 
 
 @one_line_errors

@@ -25,10 +25,11 @@ _HELP = {
     "enable_kv_cache_reuse": "gpu: reuse the KV cache of shared prompt prefixes",
     "max_queue_size": "requests queued before Triton refuses more (0: unbounded)",
     "logits_datatype": f"the engine's logits type: one of {', '.join(LOGITS_DATATYPES)}",
+    "gpu_device_ids": "gpu: the CUDA devices of the engine's ranks, one per rank",
     "add_special_tokens": "prepend the tokenizer's BOS token to prompts",
     "skip_special_tokens": "leave special tokens out of the output text",
     "preprocessing_instance_count": "preprocessing model instances",
-    "postprocessing_instance_count": "postprocessing model instances: streams served at once",
+    "postprocessing_instance_count": "detokenizer processes (postprocessing instances), each serving many streams: follow the cores",
     "cpu_engine": f"cpu: what the engine model steps: one of {', '.join(CPU_ENGINES)} "
                   "(standin: fixed tokens at a GPU's decode pace, for load tests)",
     "standin_gpu": "cpu standin: the GPU whose roofline decode step time it waits",

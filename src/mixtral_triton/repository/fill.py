@@ -66,12 +66,14 @@ class Settings:
     enable_kv_cache_reuse: bool = True
     max_queue_size: int = 0  # 0: unbounded
     logits_datatype: str = "TYPE_FP32"  # the engine's logits type (trtllm-build --logits_dtype)
+    # gpu: the CUDA devices of the engine's ranks, one per rank (TP 4 on a 4-GPU node or pod).
+    gpu_device_ids: str = "0,1,2,3"
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
     preprocessing_instance_count: int = 1
-    # Streams detokenized at once (one per instance, see postprocessing/config.pbtxt): at
-    # least the engine's max batch size.
-    postprocessing_instance_count: int = 8
+    # Detokenizer processes, each serving any number of streams (postprocessing/config.pbtxt):
+    # they follow the cores Triton gets, not the streams; 2 = the CPU development machine.
+    postprocessing_instance_count: int = 2
     cpu_engine: str = "reference"
     standin_gpu: str = "H100-80GB"  # the stand-in's decode steps last as long as this GPU's
     standin_tp: int = 4
@@ -112,6 +114,10 @@ class Settings:
         if self.batch_scheduler_policy not in SCHEDULER_POLICIES:
             raise UserError(f"unknown batch scheduler policy {self.batch_scheduler_policy!r}: "
                             f"choose one of {', '.join(SCHEDULER_POLICIES)}")
+        ids = self.gpu_device_ids.split(",")
+        if not all(re.fullmatch(r"\d+", i) for i in ids) or len(set(map(int, ids))) != len(ids):
+            raise UserError("--gpu-device-ids must be distinct GPU numbers separated by commas "
+                            f"(one per engine rank, e.g. 0,1,2,3), got {self.gpu_device_ids!r}")
         if self.cpu_engine not in CPU_ENGINES:
             raise UserError(f"unknown --cpu-engine {self.cpu_engine!r}: choose one of {', '.join(CPU_ENGINES)}")
         if self.target != "cpu" and self.cpu_engine != "reference":
