@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixtral_triton.client.ensemble import Chunk, server_error
-from mixtral_triton.gateway import protocol as gateway_protocol
+from mixtral_triton.gateway import openai_requests, wire_formats
 from mixtral_triton.protocol import FIELDS, RequestError, ensemble_inputs, json_schema, parse_request
 from mixtral_triton.protocol.errors import INVALID_ARGUMENT, coded
 from mixtral_triton.ensemble_models.completion import Completion
@@ -95,9 +95,9 @@ def test_the_openai_mappers_raise_only_request_errors(body, route, as_chat_body)
                 "messages": [{"role": "user", "content": body["prompt"]}]}
     try:
         if route == "completions":
-            parsed = gateway_protocol.parse_completion_request(body, "mixtral")
+            parsed = openai_requests.parse_completion_request(body, "mixtral")
         else:
-            parsed = gateway_protocol.parse_chat_request(body, "mixtral", _render)
+            parsed = openai_requests.parse_chat_request(body, "mixtral", _render)
     except RequestError as error:  # ModelNotFound is one
         _sendable(str(error))
         return
@@ -213,9 +213,9 @@ def test_a_completion_is_the_same_however_its_tokens_arrive(table, ids, cuts, st
 def test_an_sse_event_is_one_line_for_any_text(text):
     """Every streamed chunk is one `data:` line whatever the completion's text holds, also
     for clients that split lines at U+2028, U+0085 and the like (requests' iter_lines)."""
-    request = gateway_protocol.OpenAIRequest(parse_request({"prompt": "x", "stream": True}))
+    request = openai_requests.OpenAIRequest(parse_request({"prompt": "x", "stream": True}))
     chunk = Chunk(text, None, 1, 1)
-    event = gateway_protocol.CompletionFormat(request, "mixtral").piece(chunk).decode("utf-8")
+    event = wire_formats.CompletionFormat(request, "mixtral").piece(chunk).decode("utf-8")
     assert event.endswith("\n\n")
     lines = event[:-2].splitlines()
     assert len(lines) == 1 and lines[0].startswith("data: ")

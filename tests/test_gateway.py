@@ -489,7 +489,7 @@ def test_metrics_count_requests_and_latencies(base_gateway):
 
 
 def test_the_openapi_document_matches_what_the_routes_accept(base_gateway):
-    from mixtral_triton.gateway import protocol
+    from mixtral_triton.gateway import schemas
 
     document = requests.get(f"{base_gateway.url}/openapi.json").json()
     paths = document["paths"]
@@ -500,19 +500,19 @@ def test_the_openapi_document_matches_what_the_routes_accept(base_gateway):
         return paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
 
     assert body_schema("/predict") == json_schema()
-    assert body_schema("/v1/completions") == protocol.completion_request_schema()
-    assert body_schema("/v1/chat/completions") == protocol.chat_request_schema()
+    assert body_schema("/v1/completions") == schemas.completion_request_schema()
+    assert body_schema("/v1/chat/completions") == schemas.chat_request_schema()
     for path in ("/predict", "/v1/completions", "/v1/chat/completions"):
         assert {"200", "400", "429"} <= set(paths[path]["post"]["responses"])
 
     # the documented schemas accept what the routes accept and refuse what they refuse
     # (the FP32 range of numbers is beyond JSON Schema's words)
     predict = jsonschema.Draft202012Validator(json_schema())
-    completions = jsonschema.Draft202012Validator(protocol.completion_request_schema())
+    completions = jsonschema.Draft202012Validator(schemas.completion_request_schema())
     predict.validate({"prompt": "x", "stop": ["a"], "seed": 3, "temperature": 0})
     completions.validate({"model": "mixtral", "prompt": ["x"], "n": 1, "stream": True,
                           "stream_options": {"include_usage": True}, "top_k": 5})
-    jsonschema.Draft202012Validator(protocol.chat_request_schema()).validate(
+    jsonschema.Draft202012Validator(schemas.chat_request_schema()).validate(
         {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
          "max_completion_tokens": 3})
     for name, value in invalid_values():
@@ -583,7 +583,7 @@ def test_the_field_table_covers_every_field_of_openais_requests():
     from openai.types import completion_create_params as completions
     from openai.types.chat import completion_create_params as chat
 
-    from mixtral_triton.gateway import protocol as p
+    from mixtral_triton.gateway import openai_requests as p
 
     for route, params in (("completions", completions.CompletionCreateParamsBase),
                           ("chat", chat.CompletionCreateParamsBase)):

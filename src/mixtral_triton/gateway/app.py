@@ -1,5 +1,6 @@
-"""The gateway's routes (FastAPI). What they accept and answer is gateway/protocol.py's; how
-a generation runs is gateway/serving.py's.
+"""The gateway's routes (FastAPI). What they accept: openai_requests.py (OpenAI's requests
+mapped onto mixtral_triton.protocol's predict fields); how they answer: wire_formats.py,
+documented by schemas.py; how a generation runs: generation.py.
 
     POST /predict               the Truss contract: text/plain stream, or JSON with stream false
     POST /v1/completions        OpenAI completions (SSE with `stream`)
@@ -27,15 +28,29 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
-from mixtral_triton.gateway import protocol as p
+from mixtral_triton.gateway.generation import GatewaySettings, Serving, log
+from mixtral_triton.gateway.http_errors import GatewayError
 from mixtral_triton.gateway.metrics import Metrics, MetricsMiddleware
-from mixtral_triton.gateway.serving import GatewaySettings, Serving, log
+from mixtral_triton.gateway.openai_requests import parse_chat_request, parse_completion_request
+from mixtral_triton.gateway.schemas import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PredictResponse,
+    chat_request_schema,
+    completion_request_schema,
+    predict_request_schema,
+)
+from mixtral_triton.gateway.wire_formats import ChatFormat, CompletionFormat, PredictStream, PredictWhole
 from mixtral_triton.protocol import RequestError, parse_request
 
 _AUTH_SCHEMES = ("api-key", "bearer")
 
 
-def _error_response(error: p.GatewayError, openai: bool) -> JSONResponse:
+def _error_response(error: GatewayError, openai: bool) -> JSONResponse:
     return JSONResponse(error.body(openai), status_code=error.status, headers=error.headers)
 
 
@@ -49,7 +64,7 @@ def _errors(*statuses: int) -> dict:
              429: "Too many generations in flight (see Retry-After)",
              500: "Generation failed", 503: "The model server is unavailable",
              504: "The model server did not answer in time"}
-    return {status: {"model": p.ErrorResponse, "description": words[status]} for status in statuses}
+    return {status: {"model": ErrorResponse, "description": words[status]} for status in statuses}
 
 
 def _sse(chunk: str) -> dict:
@@ -64,9 +79,9 @@ def _sse(chunk: str) -> dict:
                        "description": "one server-sent event"}}
 
 
-def _too_large(limit: int) -> p.GatewayError:
-    return p.GatewayError(413, "invalid_request_error", f"the request body is larger than this "
-                          f"gateway's limit of {limit} bytes (--max-body-size)")
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(413, "invalid_request_error", f"the request body is larger than this "
+                        f"gateway's limit of {limit} bytes (--max-body-size)")
 
 
 async def _json_body(request: Request, limit: int):
@@ -83,15 +98,15 @@ async def _json_body(request: Request, limit: int):
             raise _too_large(limit)
         chunks.append(chunk)
     raw = b"".join(chunks)
-    too_deep = p.GatewayError(400, "invalid_request_error", f"the request body is JSON nested "
-                              f"deeper than {MAX_JSON_DEPTH} levels")
+    too_deep = GatewayError(400, "invalid_request_error", f"the request body is JSON nested "
+                            f"deeper than {MAX_JSON_DEPTH} levels")
     try:
         try:
             body = json.loads(raw)
         except UnicodeDecodeError:
             body = json.loads(raw.decode("utf-8", "surrogateescape"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise p.GatewayError(400, "invalid_request_error", f"the request body is not valid JSON: {exc}")
+        raise GatewayError(400, "invalid_request_error", f"the request body is not valid JSON: {exc}")
     except RecursionError:  # [[[[...]]]]: json gives up at the interpreter's depth
         raise too_deep from None
     if _depth(body) > MAX_JSON_DEPTH:  # so that no check or message after this recurses deep
@@ -129,10 +144,10 @@ def _api_key_check(api_key: str):
         given_digest = hashlib.sha256(given.strip().encode("utf-8")).digest()
         if scheme.lower() not in _AUTH_SCHEMES or not given.strip() \
                 or not hmac.compare_digest(given_digest, expected):
-            raise p.GatewayError(401, "authentication_error",
-                                 "a valid API key is required: send the header "
-                                 "'Authorization: Api-Key <key>' or 'Authorization: Bearer <key>'",
-                                 headers={"WWW-Authenticate": 'Bearer realm="mixtral-triton"'})
+            raise GatewayError(401, "authentication_error",
+                               "a valid API key is required: send the header "
+                               "'Authorization: Api-Key <key>' or 'Authorization: Bearer <key>'",
+                               headers={"WWW-Authenticate": 'Bearer realm="mixtral-triton"'})
 
     return check
 
@@ -154,31 +169,31 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     protected = [Depends(_api_key_check(settings.api_key))] if settings.api_key else []
 
-    @app.exception_handler(p.GatewayError)
-    async def gateway_error(request: Request, exc: p.GatewayError):
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError):
         return _error_response(exc, _is_openai(request))
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        return _error_response(p.GatewayError.of_request_error(exc), _is_openai(request))
+        return _error_response(GatewayError.of_request_error(exc), _is_openai(request))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         field = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
-        return _error_response(p.GatewayError(400, "invalid_request_error",
-                                              first.get("msg", "invalid request"), field),
+        return _error_response(GatewayError(400, "invalid_request_error",
+                                            first.get("msg", "invalid request"), field),
                                _is_openai(request))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("%s %s failed", request.method, request.url.path)
-        return _error_response(p.GatewayError(500, "server_error", "internal error"),
+        return _error_response(GatewayError(500, "server_error", "internal error"),
                                _is_openai(request))
 
     @app.post("/predict", dependencies=protected, response_model=None,
               summary="Complete a prompt (the Truss predict contract)",
-              responses={200: {"model": p.PredictResponse, "description":
+              responses={200: {"model": PredictResponse, "description":
                                "stream true: the completion's text as it is generated "
                                "(text/plain); stream false: JSON",
                                "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -186,39 +201,39 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
     async def predict(request: Request):
         body = await _json_body(request, settings.max_body_bytes)
         predict_request = parse_request(body)  # the predict API's validation, verbatim
-        fmt = p.PredictStream() if predict_request.stream else p.PredictWhole()
+        fmt = PredictStream() if predict_request.stream else PredictWhole()
         return serving.generation(predict_request, fmt, "/predict")
 
     @app.post("/v1/completions", dependencies=protected, response_model=None,
               summary="OpenAI completions",
-              responses={200: {"model": p.CompletionResponse, "description":
+              responses={200: {"model": CompletionResponse, "description":
                                "JSON, or with stream true server-sent events of the same "
                                "object, text in pieces, ending with `data: [DONE]`",
                                "content": {"text/event-stream": _sse("CompletionResponse")}},
                          **_errors(400, 401, 404, 413, 429, 500, 503, 504)})
     async def completions(request: Request):
         body = await _json_body(request, settings.max_body_bytes)
-        openai_request = p.parse_completion_request(body, settings.model_name)  # ModelNotFound: 404
-        fmt = p.CompletionFormat(openai_request, settings.model_name)
+        openai_request = parse_completion_request(body, settings.model_name)  # ModelNotFound: 404
+        fmt = CompletionFormat(openai_request, settings.model_name)
         return serving.generation(openai_request.predict, fmt, "/v1/completions")
 
     @app.post("/v1/chat/completions", dependencies=protected, response_model=None,
               summary="OpenAI chat completions (the model's chat template)",
-              responses={200: {"model": p.ChatCompletionResponse, "description":
+              responses={200: {"model": ChatCompletionResponse, "description":
                                "JSON, or with stream true server-sent events of "
                                "chat.completion.chunk objects ending with `data: [DONE]`",
                                "content": {"text/event-stream": _sse("ChatCompletionChunk")}},
                          **_errors(400, 401, 404, 413, 429, 500, 503, 504)})
     async def chat_completions(request: Request):
         body = await _json_body(request, settings.max_body_bytes)
-        openai_request = p.parse_chat_request(body, settings.model_name, serving.chat.render)  # ModelNotFound: 404
-        fmt = p.ChatFormat(openai_request, settings.model_name)
+        openai_request = parse_chat_request(body, settings.model_name, serving.chat.render)  # ModelNotFound: 404
+        fmt = ChatFormat(openai_request, settings.model_name)
         return serving.generation(openai_request.predict, fmt, "/v1/chat/completions")
 
-    @app.get("/v1/models", dependencies=protected, response_model=p.ModelList,
+    @app.get("/v1/models", dependencies=protected, response_model=ModelList,
              summary="The served model", responses=_errors(401))
     async def models():
-        return p.ModelList(data=[p.ModelCard(id=settings.model_name, created=started)])
+        return ModelList(data=[ModelCard(id=settings.model_name, created=started)])
 
     @app.get("/health", summary="Live: the gateway answers")
     async def health():
@@ -235,12 +250,12 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    # The request bodies are documented as mixtral_triton.protocol's JSON Schema, verbatim:
+    # The request bodies are documented as schemas.py generates them from the field tables:
     # set after FastAPI has built the document, whose own models would turn 2**64 - 1 into a
     # float and drop the null defaults.
-    bodies = {"/predict": p.predict_request_schema(),
-              "/v1/completions": p.completion_request_schema(),
-              "/v1/chat/completions": p.chat_request_schema()}
+    bodies = {"/predict": predict_request_schema(),
+              "/v1/completions": completion_request_schema(),
+              "/v1/chat/completions": chat_request_schema()}
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -250,7 +265,7 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
                 document["paths"][path]["post"]["requestBody"] = {
                     "required": True, "content": {"application/json": {"schema": schema}}}
             # the chat chunk is referenced only by the event stream's schema
-            chunk = p.ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(chunk.pop("$defs", {}))
             schemas["ChatCompletionChunk"] = chunk

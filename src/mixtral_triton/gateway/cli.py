@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from mixtral_triton.gateway.app import create_app
-    from mixtral_triton.gateway.serving import GatewaySettings
+    from mixtral_triton.gateway.generation import GatewaySettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)

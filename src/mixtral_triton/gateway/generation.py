@@ -28,7 +28,8 @@ from mixtral_triton.client.aio import AsyncPredictClient
 from mixtral_triton.client.ensemble import Chunk, ServerError, new_request_id
 from mixtral_triton.gateway.chat import ChatTemplate
 from mixtral_triton.gateway.metrics import Metrics
-from mixtral_triton.gateway.protocol import Format, GatewayError
+from mixtral_triton.gateway.wire_formats import Format
+from mixtral_triton.gateway.http_errors import GatewayError
 from mixtral_triton.protocol import PredictRequest, RequestError
 
 log = logging.getLogger("mixtral_triton.gateway")
