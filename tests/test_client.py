@@ -278,7 +278,7 @@ def test_exclude_input_in_output_false_echoes_the_prompt_first(triton_server):
     echoed, _, error = _ensemble(triton_server, {"exclude_input_in_output": np.array([[False]])})
     assert error is None and echoed[0] == PROMPT and "".join(echoed) == PROMPT + "".join(plain)
     kept, _, _ = _ensemble(triton_server, {"exclude_input_in_output": np.array([[True]])})
-    assert kept == plain
+    assert "".join(kept) == "".join(plain)  # the chunks' boundaries follow timing, the text does not
 
 
 def test_upstream_token_count_outputs_come_when_asked(triton_server):
