@@ -108,7 +108,7 @@ def check_coverage(source: SourceCheckpoint, layouts: list[list[Output]]) -> lis
             for part in tensor.parts:
                 if isinstance(part, Block):
                     info = source.tensors[part.source]
-                    cols = part.cols or (0, info.shape[1] if len(info.shape) > 1 else 1)
+                    cols = part.cols or (0, info.row_values)
                     blocks[part.source].add((*part.rows, *cols))
     problems = []
     for name, info in source.tensors.items():

@@ -19,16 +19,16 @@ import json
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, NamedTuple
 
 import torch
 
 from mixtral_triton.errors import UserError
 from mixtral_triton.convert.audit import audit, enforce, fp16_sources
 from mixtral_triton.convert.layout import (DTYPES, SAFETENSORS_NAMES, Output, SourceCheckpoint, iter_values,
-                                           rank_layout, trtllm_config)
+                                           one_torch_thread, rank_layout, trtllm_config)
 from mixtral_triton.convert.mapping import Parallel, check_model
 
 CHUNK_BYTES = 16 * 2**20
@@ -101,22 +101,7 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
         log(f"rank {rank}: already written and verified")
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-            futures = {pool.submit(write_rank, out, rank, layouts[rank], source, clamp_fp16, chunk_bytes,
-                                   gate): rank
-                       for rank in todo}
-            try:
-                for future in as_completed(futures):
-                    rank, entry = futures[future], future.result()
-                    manifest["ranks"][str(rank)] = entry
-                    _write_json_atomic(out / MANIFEST, manifest)
-                    log(f"rank {rank}: wrote {entry['file']} ({entry['bytes']} bytes)")
-            except BaseException:
-                # A failed rank (or Ctrl-C) stops the ranks not yet started; those running finish
-                # but stay out of the manifest, so a rerun writes them again.
-                for pending in futures:
-                    pending.cancel()
-                raise
+        _write_ranks(out, todo, layouts, source, manifest, clamp_fp16, chunk_bytes, workers, gate, log)
         if gate is not None:
             gate()  # no rank was left to write: the audit must still pass and be recorded
     except BaseException:
@@ -133,11 +118,68 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
     return manifest
 
 
+def _write_ranks(out: Path, todo: list[int], layouts: list[list[Output]], source: SourceCheckpoint, manifest: dict,
+                 clamp_fp16: bool, chunk_bytes: int, workers: int, gate: Callable[[], None] | None, log) -> None:
+    """Write the ranks in `todo`, `workers` at a time, and publish each in a thread of its own:
+    its fsync (seconds for gigabytes), the audit gate, the rename and the manifest entry, so
+    the next rank's writing overlaps the disk catching up with the last one's."""
+    failed = threading.Event()  # a rank failed to write or publish: start no new work
+
+    def publish(rank: int, written: _Written) -> None:
+        try:
+            entry = publish_rank(out, rank, written, gate)
+        except BaseException:
+            failed.set()
+            raise
+        manifest["ranks"][str(rank)] = entry  # only this thread writes the manifest meanwhile
+        _write_json_atomic(out / MANIFEST, manifest)
+        log(f"rank {rank}: wrote {entry['file']} ({entry['bytes']} bytes)")
+
+    def write(rank: int) -> Future:
+        if failed.is_set():
+            raise _Stopped()
+        try:
+            written = write_rank(out, rank, layouts[rank], source, clamp_fp16, chunk_bytes, failed)
+        except BaseException:
+            failed.set()
+            raise
+        return publisher.submit(publish, rank, written)
+
+    with one_torch_thread(), ThreadPoolExecutor(max_workers=1) as publisher:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+            writes = [pool.submit(write, rank) for rank in todo]
+            try:
+                for future in writes:
+                    future.exception()  # wait
+            except BaseException:  # Ctrl-C: the ranks not yet started never start
+                failed.set()
+                for future in writes:
+                    future.cancel()
+                raise
+        # Ranks written before a failure are still published (the publisher drains its queue).
+        publishes = [future.result() for future in writes if future.exception() is None]
+    errors = [future.exception() for future in writes + publishes if future.exception() is not None]
+    # The first real error, not the _Stopped of ranks that merely saw it.
+    errors = [exc for exc in errors if not isinstance(exc, _Stopped)] or errors
+    if errors:
+        raise errors[0]
+
+
+class _Stopped(Exception):
+    """A rank not written because another one failed."""
+
+
+class _Written(NamedTuple):
+    tmp: Path
+    bytes: int
+    sha256: str
+
+
 def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckpoint, clamp_fp16: bool,
-               chunk_bytes: int, gate: Callable[[], None] | None = None) -> dict:
-    """Stream one rank file; returns its manifest entry. `gate` (the float16 audit) must
-    return before the file takes its final name."""
-    final, tmp = out / f"rank{rank}.safetensors", out / f".rank{rank}.safetensors.tmp"
+               chunk_bytes: int, stop: threading.Event | None = None) -> _Written:
+    """Stream one rank into its temporary file (not yet fsynced: publish_rank does that);
+    `stop` (another rank failed) ends it early."""
+    tmp = out / f".rank{rank}.safetensors.tmp"
     header, offset = {}, 0
     for tensor in outputs:
         header[tensor.name] = {"dtype": SAFETENSORS_NAMES[DTYPES[tensor.dtype]], "shape": list(tensor.shape),
@@ -152,23 +194,38 @@ def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckp
                 f.write(piece)
                 digest.update(piece)
             for tensor in outputs:
+                if stop is not None and stop.is_set():
+                    raise _Stopped()
                 write_tensor(f, digest, tensor, source, clamp_fp16, chunk_bytes)
-            f.flush()
-            os.fsync(f.fileno())
         size = tmp.stat().st_size
         if size != 8 + len(head) + offset:
             raise RuntimeError(f"{tmp} has {size} bytes, expected {8 + len(head) + offset}")
-        sha256 = digest.hexdigest()
-        if gate is not None:
-            gate()
-        os.replace(tmp, final)
-        _fsync_dir(out)
+        return _Written(tmp, size, digest.hexdigest())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         digest.close()
-    return {"file": final.name, "bytes": size, "sha256": sha256}
+
+
+def publish_rank(out: Path, rank: int, written: _Written, gate: Callable[[], None] | None = None) -> dict:
+    """fsync the written rank, wait for `gate` (the float16 audit), then give it its final
+    name; returns its manifest entry. On any failure the temporary file is removed."""
+    final = out / f"rank{rank}.safetensors"
+    try:
+        fd = os.open(written.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if gate is not None:
+            gate()
+        os.replace(written.tmp, final)
+        _fsync_dir(out)
+    except BaseException:
+        written.tmp.unlink(missing_ok=True)
+        raise
+    return {"file": final.name, "bytes": written.bytes, "sha256": written.sha256}
 
 
 def write_tensor(f: BinaryIO, digest, tensor: Output, source: SourceCheckpoint, clamp_fp16: bool,
