@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.progress import Progress
 from mixtral_triton.convert.layout import Block, Output, SourceCheckpoint, cast, rows_per_read
 
 
@@ -39,8 +40,8 @@ def fp16_sources(layouts: list[list[Output]]) -> list[str]:
     return sorted(names)
 
 
-def count(source: SourceCheckpoint, name: str, chunk_bytes: int,
-          stop: threading.Event | None = None) -> tuple[int, int]:
+def count(source: SourceCheckpoint, name: str, chunk_bytes: int, stop: threading.Event | None = None,
+          bar: Progress | None = None) -> tuple[int, int]:
     """(values that would become inf, non-zero values that become zero) in one tensor."""
     info = source.tensors[name]
     counter = count_bfloat16 if info.dtype is torch.bfloat16 else count_cast
@@ -52,6 +53,8 @@ def count(source: SourceCheckpoint, name: str, chunk_bytes: int,
         values = source.read(name, (start, min(start + step, info.shape[0])))
         over, under = counter(values)
         overflow, underflow = overflow + over, underflow + under
+        if bar is not None:
+            bar.update(values.numel() * values.element_size())
         del values  # free this chunk before the next is read
     return overflow, underflow
 
@@ -114,10 +117,12 @@ _INTS = {2: torch.int16, 4: torch.int32}
 
 
 def audit(source: SourceCheckpoint, names: list[str], workers: int, chunk_bytes: int,
-          stop: threading.Event | None = None) -> AuditResult:
+          stop: threading.Event | None = None, progress: bool = False) -> AuditResult:
     result = AuditResult(tensors=len(names))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for name, (over, under) in zip(names, pool.map(lambda n: count(source, n, chunk_bytes, stop), names)):
+    total = sum(math.prod(source.tensors[n].shape) * source.tensors[n].dtype.itemsize for n in names)
+    with Progress(total=total, desc="float16 audit", unit="B", unit_scale=True, disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=workers) as pool:
+        for name, (over, under) in zip(names, pool.map(lambda n: count(source, n, chunk_bytes, stop, bar), names)):
             if over:
                 result.overflow[name] = over
             if under:

@@ -26,6 +26,7 @@ from typing import BinaryIO, Callable, NamedTuple
 import torch
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.progress import Progress
 from mixtral_triton.convert.audit import audit, enforce, fp16_sources
 from mixtral_triton.convert.layout import (DTYPES, SAFETENSORS_NAMES, Output, SourceCheckpoint, iter_values,
                                            one_torch_thread, rank_layout, trtllm_config)
@@ -42,9 +43,10 @@ MANIFEST_FORMAT = 1
 
 def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16", workers: int = 1,
             memory_budget: int | None = None, clamp_fp16: bool = False, chunk_bytes: int = CHUNK_BYTES,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Convert SRC into OUT (created if needed; resumed if it holds an unfinished run of the
-    same conversion). Returns the manifest."""
+    same conversion). Returns the manifest. `progress`: bars with time left on stderr
+    (mixtral_triton.progress) for the writing and the float16 audit."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if workers < 1:
@@ -74,7 +76,7 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
     stop_audit = threading.Event()
     if dtype == "float16" and manifest["audit"] is None:
         def audited(threads: int) -> None:
-            result = audit(source, fp16_sources(layouts), threads, chunk_bytes, stop_audit)
+            result = audit(source, fp16_sources(layouts), threads, chunk_bytes, stop_audit, progress)
             log(result.summary())
             enforce(result, clamp_fp16)
             manifest["audit"] = result.to_json()
@@ -101,7 +103,7 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
         log(f"rank {rank}: already written and verified")
 
     try:
-        _write_ranks(out, todo, layouts, source, manifest, clamp_fp16, chunk_bytes, workers, gate, log)
+        _write_ranks(out, todo, layouts, source, manifest, clamp_fp16, chunk_bytes, workers, gate, log, progress)
         if gate is not None:
             gate()  # no rank was left to write: the audit must still pass and be recorded
     except BaseException:
@@ -119,7 +121,8 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
 
 
 def _write_ranks(out: Path, todo: list[int], layouts: list[list[Output]], source: SourceCheckpoint, manifest: dict,
-                 clamp_fp16: bool, chunk_bytes: int, workers: int, gate: Callable[[], None] | None, log) -> None:
+                 clamp_fp16: bool, chunk_bytes: int, workers: int, gate: Callable[[], None] | None, log,
+                 progress: bool) -> None:
     """Write the ranks in `todo`, `workers` at a time, and publish each in a thread of its own:
     its fsync (seconds for gigabytes), the audit gate, the rename and the manifest entry, so
     the next rank's writing overlaps the disk catching up with the last one's."""
@@ -139,13 +142,16 @@ def _write_ranks(out: Path, todo: list[int], layouts: list[list[Output]], source
         if failed.is_set():
             raise _Stopped()
         try:
-            written = write_rank(out, rank, layouts[rank], source, clamp_fp16, chunk_bytes, failed)
+            written = write_rank(out, rank, layouts[rank], source, clamp_fp16, chunk_bytes, failed, bar)
         except BaseException:
             failed.set()
             raise
         return publisher.submit(publish, rank, written)
 
-    with one_torch_thread(), ThreadPoolExecutor(max_workers=1) as publisher:
+    total = sum(tensor.nbytes for rank in todo for tensor in layouts[rank])
+    with one_torch_thread(), Progress(total=total, desc="converting", unit="B", unit_scale=True,
+                                      disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1) as publisher:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
             writes = [pool.submit(write, rank) for rank in todo]
             try:
@@ -176,7 +182,7 @@ class _Written(NamedTuple):
 
 
 def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckpoint, clamp_fp16: bool,
-               chunk_bytes: int, stop: threading.Event | None = None) -> _Written:
+               chunk_bytes: int, stop: threading.Event | None = None, bar: Progress | None = None) -> _Written:
     """Stream one rank into its temporary file (not yet fsynced: publish_rank does that);
     `stop` (another rank failed) ends it early."""
     tmp = out / f".rank{rank}.safetensors.tmp"
@@ -196,7 +202,7 @@ def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckp
             for tensor in outputs:
                 if stop is not None and stop.is_set():
                     raise _Stopped()
-                write_tensor(f, digest, tensor, source, clamp_fp16, chunk_bytes)
+                write_tensor(f, digest, tensor, source, clamp_fp16, chunk_bytes, bar)
         size = tmp.stat().st_size
         if size != 8 + len(head) + offset:
             raise RuntimeError(f"{tmp} has {size} bytes, expected {8 + len(head) + offset}")
@@ -229,13 +235,15 @@ def publish_rank(out: Path, rank: int, written: _Written, gate: Callable[[], Non
 
 
 def write_tensor(f: BinaryIO, digest, tensor: Output, source: SourceCheckpoint, clamp_fp16: bool,
-                 chunk_bytes: int) -> None:
+                 chunk_bytes: int, bar: Progress | None = None) -> None:
     written = 0
     for values in iter_values(tensor, source, clamp_fp16, chunk_bytes):
         data = values.view(torch.uint8).numpy()
         digest.update(data)  # hashed in another thread while this thread writes it
         f.write(data)
         written += data.nbytes
+        if bar is not None:
+            bar.update(data.nbytes)
         del values, data  # free this chunk before the next is computed
     if written != tensor.nbytes:
         raise RuntimeError(f"{tensor.name}: wrote {written} bytes, the layout says {tensor.nbytes}")
@@ -298,11 +306,13 @@ def load_manifest(out: Path) -> dict | None:
     return manifest
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, bar: Progress | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(8 * 2**20):
             digest.update(block)
+            if bar is not None:
+                bar.update(len(block))
     return digest.hexdigest()
 
 
