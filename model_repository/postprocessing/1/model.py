@@ -13,6 +13,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mixtral_triton.protocol.errors import INTERNAL, coded, read_code
 from mixtral_triton.serving.completion import Completion
 from mixtral_triton.serving.engine_client import EngineClient
 from mixtral_triton.serving.engine_request import engine_inputs, new_token_ids
@@ -30,7 +31,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
-        self.table = load_token_table(params["tokenizer_dir"])  # once: per token, a lookup
+        # once: per token, a lookup; the second writes special tokens (skip_special_tokens false)
+        self.tables = {skip: load_token_table(params["tokenizer_dir"], skip) for skip in (True, False)}
         self.engine = EngineClient(params["engine_model"])
         self.runs = RunRegistry(server_registry_path())
 
@@ -51,17 +53,25 @@ class TritonPythonModel:
             else:
                 self._generate(request.request_id(), inputs, sender)
         except Exception as exc:  # the stream must end with the error, never hang
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {exc}")),
+            # the engine's own code, if it sent one, reads first in the message
+            message = str(exc) if read_code(str(exc)) else coded(INTERNAL, f"generation failed: {exc}")
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _generate(self, client_id, inputs, sender):
-        completion = Completion(self.table, strings(inputs, "STOP_STRINGS"),
+        flag = lambda name: bool(inputs[name].reshape(-1)[0])  # noqa: E731
+        completion = Completion(self.tables[flag("SKIP_SPECIAL_TOKENS")], strings(inputs, "STOP_STRINGS"),
                                 int(inputs["REQUEST_OUTPUT_LEN"].reshape(-1)[0]),
-                                int(inputs["INPUT_LENGTHS"].reshape(-1)[0]))
+                                int(inputs["INPUT_LENGTHS"].reshape(-1)[0]),
+                                include_stop=flag("INCLUDE_STOP_STR_IN_OUTPUT"),
+                                count_outputs=(flag("RETURN_NUM_INPUT_TOKENS"),
+                                               flag("RETURN_NUM_OUTPUT_TOKENS")))
+        # exclude_input_in_output false: the prompt comes first, as its own text
+        echo = strings(inputs, "ECHO_TEXT")
         engine_id = uuid.uuid4().hex  # unique, so a stop never hits another client's run
         self.runs.start(client_id, engine_id)
         try:
-            pieces = self._stream(engine_id, inputs, completion, sender)
+            pieces = self._stream(engine_id, inputs, completion, sender, "".join(echo))
         finally:
             cancelled = self.runs.finish(engine_id)
         tail, reason = completion.finish(cancelled=cancelled)
@@ -69,10 +79,14 @@ class TritonPythonModel:
         sender.send(self._response("".join(pieces), reason, completion),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _stream(self, engine_id, inputs, completion, sender):
+    def _stream(self, engine_id, inputs, completion, sender, echo):
         """Sends the text as it comes when streaming; returns what is left to send."""
         streaming = bool(inputs["STREAMING"].reshape(-1)[0])
         pieces = []
+        if echo and streaming:
+            sender.send(self._response(echo, "", completion))
+        elif echo:
+            pieces.append(echo)
         next_check = 0.0
         for outputs in self.engine.stream(engine_inputs(inputs), engine_id):
             text = completion.add(new_token_ids(outputs["output_ids"], outputs.get("sequence_length")))
@@ -95,7 +109,7 @@ class TritonPythonModel:
             pb_utils.Tensor("finish_reason", np.array([[finish_reason.encode()]], dtype=object)),
             pb_utils.Tensor("prompt_tokens", np.array([[completion.prompt_tokens]], np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([[completion.completion_tokens]], np.int32)),
-        ])
+        ] + [pb_utils.Tensor(name, np.array([[n]], np.int32)) for name, n in completion.count_outputs().items()])
 
     def finalize(self):
         self.engine.close()

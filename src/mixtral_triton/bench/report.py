@@ -460,6 +460,12 @@ def markdown(results: dict, plot_dir: Path, root: Path) -> str:
                 lines.append(f"| {k['gpu']} | {k['isl']}/{k['osl']} | {k['weights_gb_per_gpu']:.1f} | "
                              f"{k['kv_cache_gb_per_gpu']:.1f} | {k['kv_kib_per_token_per_gpu']:.0f} | "
                              f"{k['kv_cache_tokens']:,} | {k['max_batch_size_full_length']} |")
+        from mixtral_triton.roofline import workload_plan, workload_plan_markdown
+
+        lines += ["", "The capacity plan by workload (`build/plan_capacity.py --table`, rendered from the library "
+                  "when this report is written): one engine per GPU type, max_batch_size sized for 128/128; "
+                  "the requests of each shape its KV cache admits, the batch it runs, and the roofline's decode "
+                  "tok/s (docs/runbook.md, section 5):", "", workload_plan_markdown(workload_plan())]
         lines += ["", "Published reference figures: " + gpu["published_note"] + ". Checked:", ""]
         for p in gpu["published"]:
             lines.append(f"- [{p['what']}]({p['url']}): {p['finding']}")

@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ import numpy as np
 from mixtral_triton.bench.workload import (EngineRequests, Prompt, Shape, ensemble_arrays,
                                            http_generate_body, make_prompts, predict_body)
 from mixtral_triton.client.ensemble import infer_inputs
+from mixtral_triton.local_stack import GatewayDidNotStart, GatewayOptions, GatewayProcess, LocalStack
 
 PATHS = ("engine_grpc", "ensemble_grpc", "ensemble_http", "gateway_predict")
 PATH_TITLES = {
@@ -326,69 +325,6 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Gateway:
-    """The HTTP gateway (client/gateway.py) as a child process on a free port."""
-
-    def __init__(self, root: Path, triton_grpc_url: str, log_file: Path):
-        self.root = root
-        self.triton_grpc_url = triton_grpc_url
-        self.log_file = log_file
-        self.process: subprocess.Popen | None = None
-        self.port: int | None = None
-
-    @staticmethod
-    def available(root: Path) -> str | None:
-        """None when the gateway can run here, else why not."""
-        if not (root / "client" / "gateway.py").is_file():
-            return "client/gateway.py does not exist"
-        try:
-            import mixtral_triton.gateway  # noqa: F401
-        except Exception as exc:  # noqa: BLE001
-            return f"mixtral_triton.gateway does not import: {type(exc).__name__}: {exc}"
-        return None
-
-    def start(self, timeout_s: float = 60.0) -> "Gateway":
-        import urllib.error
-        import urllib.request
-
-        from mixtral_triton.launcher import free_ports
-
-        self.port = free_ports().http
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(self.root / "client" / "gateway.py"),
-                 "--triton-grpc-url", self.triton_grpc_url, "--port", str(self.port),
-                 "--max-concurrency", "256", "--log-level", "warning"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with code {self.process.returncode}; "
-                                   f"see {self.log_file}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the gateway was not ready after {timeout_s:.0f} s; see {self.log_file}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 # ---------------------------------------------------------------------------- the run
 
 @dataclass
@@ -601,41 +537,27 @@ def _group_states(pgid: int) -> list[str]:
 
 
 class Stack:
-    """The one Triton server of the run and the gateway in front of it; restarted (and the
-    crash recorded) if the server dies during a cell."""
+    """The one Triton server of the run and the gateway in front of it (a LocalStack);
+    restarted (and the crash recorded) if the server dies during a cell."""
 
-    def __init__(self, root: Path, work: Path, repository: Path, want_gateway: bool, section: dict, log):
-        self.root, self.work, self.repository = root, work, repository
-        self.want_gateway, self.section, self.log = want_gateway, section, log
+    def __init__(self, root: Path, local: LocalStack, section: dict, log):
+        self.root, self.local, self.section, self.log = root, local, section, log
         self.server = None
-        self.gateway: Gateway | None = None
-        self.starts = 0
+        self.gateway: GatewayProcess | None = None
 
     def start(self) -> None:
-        from mixtral_triton.launcher import TritonServer
-
-        self.starts += 1
-        log_file = self.work / ("triton.log" if self.starts == 1 else f"triton-restart{self.starts - 1}.log")
-        log_file.unlink(missing_ok=True)
-        self.server = TritonServer(self.repository, log_file=log_file).start()
-        if self.want_gateway:
-            gateway_log = self.work / "gateway.log"
-            if self.starts == 1:
-                gateway_log.unlink(missing_ok=True)
-            try:
-                self.gateway = Gateway(self.root, self.server.grpc_url, gateway_log).start()
-            except RuntimeError as exc:
-                self.gateway = None
-                self.section["missing"]["gateway_predict"] = str(exc)
-                self.log(f"  (d) gateway: MISSING ({exc})")
+        try:
+            self.local.start()
+        except GatewayDidNotStart as exc:  # the run goes on without path (d)
+            self.local.gateway_options = None
+            self.section["missing"]["gateway_predict"] = str(exc)
+            self.log(f"  (d) gateway: MISSING ({exc})")
+            self.local.start()
+        self.server, self.gateway = self.local.triton, self.local.gateway
 
     def stop(self) -> None:
-        if self.gateway is not None:
-            self.gateway.stop()
-            self.gateway = None
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        self.local.stop()
+        self.server = self.gateway = None
 
     def check(self, cell: str, records: "list[Record] | None" = None, hung: bool = False) -> bool:
         """True if the server is alive and answered every one of `records`; else record the
@@ -672,18 +594,14 @@ def run_serving(root: Path, work: Path, plan: ServingPlan, log=print) -> dict:
     from transformers import AutoTokenizer
 
     from mixtral_triton.bench import perf_analyzer as pa
-    from mixtral_triton.fixture import write_checkpoint
-    from mixtral_triton.pipeline import build_repository
 
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = work / "hub" / "tiny"
-    if not (checkpoint / "config.json").exists():
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        write_checkpoint(checkpoint, size="tiny", seed=0)
     max_batch_size, max_input_len, max_seq_len = 8, 1024, 2048
-    repository = build_repository(checkpoint, work, tp=4, max_batch_size=max_batch_size,
-                                  max_input_len=max_input_len, max_seq_len=max_seq_len,
-                                  log=lambda *_: None)
+    want_gateway = plan.run_paths and "gateway_predict" in plan.paths
+    local = LocalStack(work, max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+                       gateway=GatewayOptions(chat=False, max_concurrency=256, log_level="warning")
+                       if want_gateway else None, log=lambda *_: None)
+    checkpoint = local.checkpoint
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
     engine_requests = EngineRequests(checkpoint, max_input_len, max_seq_len)
     shapes = list(plan.shapes)
@@ -707,21 +625,13 @@ def run_serving(root: Path, work: Path, plan: ServingPlan, log=print) -> dict:
                   "parts": plan.parts,
                   "shapes": [s.label for s in plan.shapes], "concurrencies": plan.concurrencies},
         "paths": {}, "prescreen": {}, "missing": {}, "server_crashes": [], "in_process_engine": {}}
-    want_gateway = plan.run_paths and "gateway_predict" in plan.paths
-    if want_gateway:
-        problem = Gateway.available(root)
-        if problem:
-            section["missing"]["gateway_predict"] = problem
-            log(f"  (d) gateway: MISSING ({problem})")
-            want_gateway = False
-
     if plan.run_paths and plan.in_process_batches:
         # before the server starts: nothing else competes for the two cores
         for shape in plan.shapes[:1]:
             section["in_process_engine"][shape.label] = in_process_engine(
-                work / "trtllm-checkpoint-tp4", pools[shape], shape, plan.in_process_batches, max_batch_size, log)
+                local.trtllm_checkpoint, pools[shape], shape, plan.in_process_batches, max_batch_size, log)
 
-    stack = Stack(root, work, repository, want_gateway, section, log)
+    stack = Stack(root, local, section, log)
     stack.start()
     try:
         for shape in shapes:
