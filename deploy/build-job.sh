@@ -14,6 +14,8 @@ GPU_TYPE="${GPU_TYPE:-H100-80GB}"
 TP_SIZE="${TP_SIZE:-4}"
 MAX_INPUT_LEN="${MAX_INPUT_LEN:-4096}"
 MAX_OUTPUT_LEN="${MAX_OUTPUT_LEN:-1024}"
+WORKLOAD="${WORKLOAD:-}"
+DETOKENIZER_PROCESSES="${DETOKENIZER_PROCESSES:-}"
 ENGINE_TAG="${ENGINE_TAG:-}"
 EXPECT_MAX_BATCH_SIZE="${EXPECT_MAX_BATCH_SIZE:-}"
 EXPECT_MAX_NUM_TOKENS="${EXPECT_MAX_NUM_TOKENS:-}"
@@ -55,7 +57,12 @@ Settings (environment variables, with defaults):
   TP_SIZE=4                      tensor parallel size = GPUs per replica
   MAX_INPUT_LEN=4096             longest prompt in tokens
   MAX_OUTPUT_LEN=1024            most generated tokens per request
-  ENGINE_TAG=<gpu>-tp<N>-in<I>-out<O>
+  WORKLOAD=                      request shape INPUT/OUTPUT tokens the engine's max_batch_size is
+                                 sized for (default 128/128, or full length where the limits are
+                                 shorter); longer requests are still served, fewer at once
+  DETOKENIZER_PROCESSES=         postprocessing processes (default: from this machine's cores;
+                                 the overlays set it from the Triton container's cores)
+  ENGINE_TAG=<gpu>-tp<N>-in<I>-out<O>-b<max_batch_size of the plan>
                                  names engines/<tag> and model-repositories/<tag>; a new tag is a
                                  new engine beside the old one (rolling a new engine)
   EXPECT_MAX_BATCH_SIZE=         if set, the plan must give exactly these (the overlay's
@@ -110,21 +117,12 @@ else
   LOCAL_SOURCE=0
 fi
 MODEL_NAME="$(basename "$HF_DIR")"
-gpu_tag="$(printf '%s' "$GPU_TYPE" | tr '[:upper:]' '[:lower:]')"
-ENGINE_TAG="${ENGINE_TAG:-$gpu_tag-tp$TP_SIZE-in$MAX_INPUT_LEN-out$MAX_OUTPUT_LEN}"
-case "$ENGINE_TAG" in */*|.*|"") refuse "ENGINE_TAG '$ENGINE_TAG' must be a plain folder name" ;; esac
 CKPT_DIR="$DATA_DIR/trtllm-checkpoints/$MODEL_NAME-tp$TP_SIZE-fp16"
-ENGINE_DIR="$DATA_DIR/engines/$ENGINE_TAG"
-REPO_DIR="$DATA_DIR/model-repositories/$ENGINE_TAG"
 STATE_DIR="$DATA_DIR/state"
-BUILD_RECORD="$ENGINE_DIR/mixtral_triton_build.json"  # written by build_engine.py after success
-FILL_MARKER="$REPO_DIR/.mixtral-triton-fill.json"     # written by fill_model_repository.py
 export HF_HOME="${HF_HOME:-$DATA_DIR/hf-home}"
 
 log "checkpoint $HF_DIR"
 log "trtllm checkpoint $CKPT_DIR"
-log "engine $ENGINE_DIR"
-log "model repository $REPO_DIR"
 [ "$DRY_RUN" = 1 ] && log "dry run: printing the commands of the steps still to do"
 
 # --- Capacity plan: refuse before spending hours ----------------------------------------------
@@ -132,6 +130,7 @@ PLAN_FROM=""
 plan() {
   local args=("$PROJECT_DIR/build/plan_capacity.py" --gpu "$GPU_TYPE" --gpus "$TP_SIZE"
               --max-input-len "$MAX_INPUT_LEN" --max-output-len "$MAX_OUTPUT_LEN" --json)
+  [ -n "$WORKLOAD" ] && args+=(--workload "$WORKLOAD")
   PLAN_FROM="built-in Mixtral-8x22B shape"
   if [ -f "$HF_DIR/config.json" ]; then
     args+=(--model-config "$HF_DIR/config.json")
@@ -154,12 +153,26 @@ plan() {
       KV_CACHE_FREE_GPU_MEM_FRACTION) have="$PLAN_KV_FRACTION" ;;
     esac
     if [ -n "$want" ] && ! "$PY" -c 'import sys; sys.exit(float(sys.argv[1]) != float(sys.argv[2]))' "$want" "$have"; then
-      refuse "the deployment expects ${name,,} $want but the plan gives $have: update the overlay" \
-             "from 'build/plan_capacity.py --gpu $GPU_TYPE --json'"
+      refuse "the deployment expects ${name,,} $want but the plan gives $have: render the overlay" \
+             "again (build/plan_capacity.py --gpu $GPU_TYPE ... --render-overlay, deploy/k8s/README.md)"
     fi
   done
 }
 plan
+# The engine's folders, named by default after the plan's limits: an engine built with other
+# limits gets a folder of its own.
+gpu_tag="$(printf '%s' "$GPU_TYPE" | tr '[:upper:]' '[:lower:]')"
+ENGINE_TAG="${ENGINE_TAG:-$gpu_tag-tp$TP_SIZE-in$MAX_INPUT_LEN-out$MAX_OUTPUT_LEN-b$PLAN_MAX_BATCH_SIZE}"
+case "$ENGINE_TAG" in */*|.*|"") refuse "ENGINE_TAG '$ENGINE_TAG' must be a plain folder name" ;; esac
+ENGINE_DIR="$DATA_DIR/engines/$ENGINE_TAG"
+REPO_DIR="$DATA_DIR/model-repositories/$ENGINE_TAG"
+BUILD_RECORD="$ENGINE_DIR/mixtral_triton_build.json"  # written by build_engine.py after success
+FILL_MARKER="$REPO_DIR/.mixtral-triton-fill.json"     # written by fill_model_repository.py
+log "engine $ENGINE_DIR"
+log "model repository $REPO_DIR"
+if [ -z "$DETOKENIZER_PROCESSES" ]; then
+  DETOKENIZER_PROCESSES="$("$PY" -c 'import os; from mixtral_triton.capacity import detokenizer_processes as d; print(d(len(os.sched_getaffinity(0))))')"
+fi
 
 # --- Disk: refuse when what is left to write cannot fit (estimates) ---------------------------
 checkpoint_complete() { "$PY" "$PROJECT_DIR/build/download_checkpoint.py" "$HF_DIR" >/dev/null 2>&1; }
@@ -252,10 +265,10 @@ fi
 if wanted engine; then
   if [ -f "$BUILD_RECORD" ]; then
     # An engine folder is only reused for the very settings it was built with.
-    built="$("$PY" -c 'import json, sys; p = json.load(open(sys.argv[1]))["plan"]; print(p["gpu"], p["tp"], p["max_input_len"], p["max_output_len"])' "$BUILD_RECORD")"
-    [ "$built" = "$GPU_TYPE $TP_SIZE $MAX_INPUT_LEN $MAX_OUTPUT_LEN" ] \
-      || refuse "$ENGINE_DIR was built for '$built' (gpu tp input output), not" \
-                "'$GPU_TYPE $TP_SIZE $MAX_INPUT_LEN $MAX_OUTPUT_LEN': set a new ENGINE_TAG"
+    built="$("$PY" -c 'import json, sys; p = json.load(open(sys.argv[1]))["plan"]; print(p["gpu"], p["tp"], p["max_input_len"], p["max_output_len"], p["max_batch_size"])' "$BUILD_RECORD")"
+    [ "$built" = "$GPU_TYPE $TP_SIZE $MAX_INPUT_LEN $MAX_OUTPUT_LEN $PLAN_MAX_BATCH_SIZE" ] \
+      || refuse "$ENGINE_DIR was built for '$built' (gpu tp input output max_batch_size), not" \
+                "'$GPU_TYPE $TP_SIZE $MAX_INPUT_LEN $MAX_OUTPUT_LEN $PLAN_MAX_BATCH_SIZE': set a new ENGINE_TAG"
     log "engine: $ENGINE_DIR is built, skipped"
   else
     [ "$DRY_RUN" = 1 ] || [ -f "$CKPT_DIR/config.json" ] || fail "engine: $CKPT_DIR is not converted yet (step convert)"
@@ -266,9 +279,11 @@ if wanted engine; then
     fi
     [ "$DRY_RUN" = 1 ] || mkdir -p "$(dirname "$ENGINE_DIR")"
     log "engine: trtllm-build $CKPT_DIR -> $ENGINE_DIR"
-    run "$PY" "$PROJECT_DIR/build/build_engine.py" --checkpoint-dir "$CKPT_DIR" --output-dir "$ENGINE_DIR" \
-      --gpu "$GPU_TYPE" --max-input-len "$MAX_INPUT_LEN" --max-output-len "$MAX_OUTPUT_LEN" \
-      --workers "$BUILD_WORKERS" || fail "engine build; rerun to start it again"
+    args=("$PROJECT_DIR/build/build_engine.py" --checkpoint-dir "$CKPT_DIR" --output-dir "$ENGINE_DIR"
+          --gpu "$GPU_TYPE" --max-input-len "$MAX_INPUT_LEN" --max-output-len "$MAX_OUTPUT_LEN"
+          --workers "$BUILD_WORKERS")
+    [ -n "$WORKLOAD" ] && args+=(--workload "$WORKLOAD")
+    run "$PY" "${args[@]}" || fail "engine build; rerun to start it again"
   fi
 fi
 
@@ -279,8 +294,9 @@ if wanted fill; then
              --engine-dir "$ENGINE_DIR" --triton-max-batch-size "$PLAN_MAX_BATCH_SIZE"
              --max-input-len "$MAX_INPUT_LEN" --max-seq-len "$PLAN_MAX_SEQ_LEN"
              --kv-cache-free-gpu-mem-fraction "$PLAN_KV_FRACTION" --max-queue-size "$MAX_QUEUE_SIZE"
-             # A detokenizer process per stream the engine batches, at most the gateway's 64.
-             --postprocessing-instance-count "$(( PLAN_MAX_BATCH_SIZE < 64 ? PLAN_MAX_BATCH_SIZE : 64 ))")
+             --gpu-device-ids "$(seq -s, 0 $((TP_SIZE - 1)))"
+             # Detokenizer processes follow the cores, each serving many streams (capacity.py).
+             --postprocessing-instance-count "$DETOKENIZER_PROCESSES")
   FILL_STAMP="$STATE_DIR/filled-$ENGINE_TAG"
   if [ -f "$FILL_MARKER" ] && [ -f "$FILL_STAMP" ] && [ "$(cat "$FILL_STAMP")" = "${fill_args[*]}" ]; then
     log "fill: $REPO_DIR is filled with these settings, skipped"

@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/launch_triton.py --model-repository out/model_repository
     python3 scripts/launch_triton.py --target gpu --world-size 4 --model-repository /models --dry-run
+    python3 scripts/launch_triton.py --target gpu --mode leader --world-size 4 --model-repository /models
 """
 from mixtral_triton.launcher.cli import main
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny checkpoint is written once per test session."""
+"""Shared fixtures: the tiny checkpoint, its repository and its server (the local stack,
+mixtral_triton.local_stack) are built once per test session."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mixtral_triton.fixture import write_checkpoint
+from mixtral_triton.local_stack import LocalStack, fixture_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -22,34 +23,33 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def tiny_stack(tmp_path_factory) -> LocalStack:
+    """The local stack of the tiny Mixtral (base tokenizer, vocabulary 32000): its checkpoint
+    and TP=4 repository are built on first use; `triton_server` starts its server."""
+    return LocalStack(tmp_path_factory.mktemp("stack"), log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_stack) -> Path:
     """The default tiny Mixtral (base tokenizer, vocabulary 32000) in the on-hub layout."""
-    return write_checkpoint(tmp_path_factory.mktemp("hub") / "tiny", size="tiny", seed=0)
+    return tiny_stack.checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_instruct_checkpoint(tmp_path_factory) -> Path:
     """The tiny Mixtral with the Instruct tokenizer (vocabulary 32768, chat template)."""
-    return write_checkpoint(tmp_path_factory.mktemp("hub") / "tiny-instruct", size="tiny",
-                            tokenizer="instruct", seed=0)
+    return fixture_checkpoint(tmp_path_factory.mktemp("hub"), tokenizer="instruct", log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
-def cpu_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+def cpu_repository(tiny_stack) -> Path:
     """The filled CPU model repository of the tiny checkpoint, converted at TP=4."""
-    from mixtral_triton.pipeline import build_repository
-
-    return build_repository(tiny_checkpoint, tmp_path_factory.mktemp("work"), tp=4,
-                            log=lambda *_: None)
+    return tiny_stack.repository
 
 
 @pytest.fixture(scope="session")
-def triton_server(cpu_repository, tmp_path_factory):
+def triton_server(tiny_stack):
     """The real Triton server on the CPU repository, shared by the session's tests
     (tests that stop or break a server start their own)."""
-    from mixtral_triton.launcher import TritonServer
-
-    server = TritonServer(cpu_repository, log_file=tmp_path_factory.mktemp("logs") / "triton.log")
-    server.start()
-    yield server
-    server.stop()
+    with tiny_stack:
+        yield tiny_stack.triton

@@ -1,5 +1,6 @@
 """Helpers shared by several test modules: the field-rule table, the engine's request gauge,
-an in-process gateway, raw gRPC streams on any model, and one-line CLI errors."""
+an in-process gateway, raw gRPC streams on any model, a stream reader thread, and one-line
+CLI errors."""
 
 from __future__ import annotations
 
@@ -222,3 +223,26 @@ def ensemble_arrays(prompt: bytes | str = PROMPT, max_tokens: int = 4, **extra) 
         prompt = prompt.encode("utf-8")
     return {"text_input": np.array([[prompt]], dtype=object),
             "max_tokens": np.array([[max_tokens]], np.int32), **extra}
+
+
+class Reader(threading.Thread):
+    """Consumes a stream until it ends; records when and how."""
+
+    def __init__(self, chunks):
+        super().__init__(daemon=True)
+        self.chunks = chunks
+        self.received = []
+        self.error: Exception | None = None
+        self.ended_at: float | None = None
+        self.started_streaming = threading.Event()
+
+    def run(self):
+        try:
+            for chunk in self.chunks:
+                self.received.append(chunk)
+                self.started_streaming.set()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.ended_at = time.monotonic()
+            self.started_streaming.set()

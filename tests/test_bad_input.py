@@ -149,7 +149,8 @@ def grpc_boundaries() -> list:
     """The inclusive bounds of every numeric field, each accepted on its own."""
     cases = []
     for spec in FIELDS:
-        if spec.kind not in ("integer", "number") or spec.name == "max_tokens":
+        # max_tokens and min_tokens (at most max_tokens) are bounded by the request: see the end
+        if spec.kind not in ("integer", "number") or spec.name in ("max_tokens", "min_tokens"):
             continue
         for bound, exclusive in ((spec.minimum, spec.exclusive_minimum),
                                  (spec.maximum, spec.exclusive_maximum)):
@@ -157,7 +158,7 @@ def grpc_boundaries() -> list:
                 cases.append((spec.name, bound))
         if spec.exclusive_minimum:  # just above an exclusive minimum
             cases.append((spec.name, 1e-6))
-    return cases + [("max_tokens", 1)]
+    return cases + [("max_tokens", 1), ("min_tokens", 0), ("min_tokens", 2)]
 
 
 @pytest.mark.parametrize("case", grpc_boundaries(), ids=lambda c: f"{c[0]}={c[1]}")

@@ -197,3 +197,168 @@ def test_cli_ctrl_c_cancels_on_the_server_and_exits_130(triton_server):
     assert process.returncode == 130, err.decode()
     assert "[cancelled]" in err.decode() and "Traceback" not in err.decode()
     assert wait_active(triton_server, lambda v: v == 0, 5) == 0  # not 15 s: the engine stopped
+
+
+# ---------------------------------------------------------------------------------------
+# The ensemble's upstream inputs and vLLM's extensions, on the real server
+
+
+def _ensemble(server, arrays: dict, outputs=None, request_id="t-fields"):
+    """One streamed ensemble request with raw inputs: (texts, last outputs, error)."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from mixtral_triton.client.ensemble import ENSEMBLE, infer_inputs, requested_outputs
+
+    base = {"text_input": np.array([[PROMPT.encode()]], dtype=object),
+            "max_tokens": np.array([[8]], np.int32), "stream": np.array([[True]]),
+            "top_k": np.array([[1]], np.int32)}
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(ENSEMBLE, infer_inputs({**base, **arrays}), request_id=request_id,
+                                  outputs=outputs if outputs is not None else requested_outputs())
+        texts, last = [], {}
+        while True:
+            result, error = answers.get(timeout=60)
+            if error is not None:
+                return texts, last, error
+            response = result.get_response()
+            last = {o.name: result.as_numpy(o.name).reshape(-1)[0] for o in response.outputs}
+            texts.append(last["text_output"].decode() if "text_output" in last else "")
+            if last.get("finish_reason", b""):
+                return texts, last, None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def _first_greedy_token(server, tiny_checkpoint) -> int:
+    """The token greedy decoding picks first after PROMPT, asked of the engine itself."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from mixtral_triton.serving.engine_client import AsyncEngineClient
+
+    ids = AutoTokenizer.from_pretrained(str(tiny_checkpoint)).encode(PROMPT)
+
+    async def generated() -> list[int]:
+        engine = AsyncEngineClient("tensorrt_llm", server.grpc_url)
+        return [token async for batch in engine.stream({
+            "input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
+            "request_output_len": np.array([[1]], np.int32), "runtime_top_k": np.array([[1]], np.int32)},
+            "t-first") for token in batch]
+
+    return asyncio.run(generated())[0]
+
+
+def test_ignore_eos_and_min_tokens_reach_the_engine(triton_server, tiny_checkpoint):
+    """With the end token made the very token greedy decoding picks first (end_id), a
+    request ends at once; min_tokens (or its older name min_length) holds the end off that
+    long, and ignore_eos sends the engine no end id at all."""
+    import numpy as np
+
+    end_id = {"end_id": np.array([[_first_greedy_token(triton_server, tiny_checkpoint)]], np.int32)}
+    _, last, error = _ensemble(triton_server, end_id)
+    assert error is None and last["completion_tokens"] == 0 and last["finish_reason"] == b"stop"
+    for name in ("min_tokens", "min_length"):
+        _, last, error = _ensemble(triton_server, {**end_id, name: np.array([[3]], np.int32)})
+        assert error is None and last["completion_tokens"] >= 3, name
+    _, last, error = _ensemble(triton_server, {**end_id, "ignore_eos": np.array([[True]])})
+    assert error is None and last["completion_tokens"] == 8 and last["finish_reason"] == b"length"
+
+
+def test_exclude_input_in_output_false_echoes_the_prompt_first(triton_server):
+    import numpy as np
+
+    plain, _, _ = _ensemble(triton_server, {})
+    echoed, _, error = _ensemble(triton_server, {"exclude_input_in_output": np.array([[False]])})
+    assert error is None and echoed[0] == PROMPT and "".join(echoed) == PROMPT + "".join(plain)
+    kept, _, _ = _ensemble(triton_server, {"exclude_input_in_output": np.array([[True]])})
+    assert kept == plain
+
+
+def test_upstream_token_count_outputs_come_when_asked(triton_server):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from mixtral_triton.client.ensemble import OUTPUTS
+
+    wanted = [grpcclient.InferRequestedOutput(n) for n in OUTPUTS + ("num_input_tokens", "num_output_tokens")]
+    asked = {"return_num_input_tokens": np.array([[True]]), "return_num_output_tokens": np.array([[True]]),
+             "ignore_eos": np.array([[True]])}
+    _, last, error = _ensemble(triton_server, asked, wanted)
+    assert error is None
+    assert last["num_input_tokens"] == last["prompt_tokens"] > 0
+    # per response, as TensorRT-LLM counts them: here the last response's own tokens
+    assert 0 <= last["num_output_tokens"] <= last["completion_tokens"] == 8
+    _, last, error = _ensemble(triton_server, {"ignore_eos": np.array([[True]])}, wanted)
+    assert error is None and "num_input_tokens" not in last and "num_output_tokens" not in last
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("beam_width", [[2]], "beam_width must be 1"),
+    ("num_return_sequences", [[3]], "num_return_sequences must be 1"),
+    ("return_log_probs", [[True]], "return_log_probs must be false"),
+    ("return_generation_logits", [[True]], "return_generation_logits must be false"),
+    ("lora_task_id", [[7]], "lora_task_id is not served"),
+    ("guided_decoding_guide_type", [[b"json"]], "guided_decoding_guide_type is not served"),
+    ("prompt_embedding_table", [[[0.0]]], "prompt_embedding_table is not served"),
+])
+def test_upstream_inputs_asking_for_what_is_not_served_are_refused_by_name(triton_server, name, value, message):
+    import numpy as np
+
+    from mixtral_triton.client.ensemble import server_error
+    from mixtral_triton.protocol.ensemble import ENSEMBLE_ONLY_BY_NAME
+
+    dtype = {"TYPE_INT32": np.int32, "TYPE_BOOL": np.bool_, "TYPE_UINT64": np.uint64,
+             "TYPE_STRING": object, "TYPE_FP16": np.float16}[ENSEMBLE_ONLY_BY_NAME[name].dtype]
+    _, _, error = _ensemble(triton_server, {name: np.array(value, dtype=dtype)})
+    assert error is not None and f"[invalid_argument:{name}]" in error.message()
+    refused = server_error(error)
+    assert isinstance(refused, RequestError) and refused.field == name
+    assert str(refused).startswith(message)
+    # the values that ask for nothing more are served
+    _, last, error = _ensemble(triton_server, {"beam_width": np.array([[1]], np.int32),
+                                               "num_return_sequences": np.array([[1]], np.int32),
+                                               "return_log_probs": np.array([[False]]),
+                                               "length_penalty": np.array([[1.0]], np.float32)})
+    assert error is None and last["finish_reason"]
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: our models' codes first, Triton's own wording as the fallback
+
+
+@pytest.mark.parametrize("message, kind, field, status", [
+    # our models (the ensemble's prefix in front, as Triton writes it)
+    ("in ensemble 'ensemble', [invalid_argument:max_tokens] max_tokens must be >= 1", "request",
+     "max_tokens", None),
+    ("in ensemble 'ensemble', [invalid_argument:min_length] min_length must be ...", "request",
+     "min_tokens", None),
+    ("in ensemble 'ensemble', [unavailable] the engine's queue is full: 1 requests", "server", None,
+     "UNAVAILABLE"),
+    ("[internal] generation failed: [unavailable] the engine's queue is full", "server", None,
+     "INTERNAL"),
+    # Triton 2.51 (core r24.10, python_backend r24.10) and 2.71 (python_backend r26.07)
+    ("in ensemble 'ensemble', [request id: x] Exceeds maximum queue size", "server", None, "UNAVAILABLE"),
+    ("in ensemble 'ensemble', Stub process 'preprocessing_0_0' is not healthy.", "server", None,
+     "UNAVAILABLE"),
+    ("Stub process is not healthy.", "server", None, "UNAVAILABLE"),
+    ("Failed to obtain the health mutex.", "server", None, "UNAVAILABLE"),
+    ("Stub process is not healthy while waiting for is_ready()", "server", None, "UNAVAILABLE"),
+    # a message in neither form keeps the transport's status (none here)
+    ("max_tokens must be >= 1", "server", None, None),
+])
+def test_errors_are_classified_by_code_then_by_tritons_wording(message, kind, field, status):
+    from mixtral_triton.client.ensemble import ServerError, server_error
+
+    error = server_error(message)
+    if kind == "request":
+        assert isinstance(error, RequestError) and error.field == field
+        assert not str(error).startswith("[")
+    else:
+        assert isinstance(error, ServerError) and error.status == status

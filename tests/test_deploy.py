@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixtral_triton.capacity import plan_capacity
-from mixtral_triton.launcher.cli import parser as launcher_parser
-from mixtral_triton.launcher.gpu import ENGINE_MODEL, mpi_server_command
+from mixtral_triton.capacity import ModelShape, Workload, detokenizer_processes, plan_capacity
+from mixtral_triton.launcher.gpu import (ENGINE_MODEL, ORCHESTRATOR_ENV, orchestrator_environment,
+                                         orchestrator_server_command)
 from mixtral_triton.launcher.ports import Ports
 from mixtral_triton.repository.fill import MARKER, MODELS
 from mixtral_triton.trtllm_build import BUILD_RECORD
@@ -91,10 +91,14 @@ def test_dockerfile_base_image_user_and_paths():
     assert "install_requirements.py deploy/image/requirements-runtime.txt" in text
 
 
-def test_dockerfile_default_command_parses():
-    cmd = json.loads(re.findall(r"^CMD (\[.*\])$", _dockerfile(), re.M)[0])  # the runtime stage's
-    assert cmd[:2] == ["python3", "scripts/launch_triton.py"]
-    assert not _check_commands([(str(ROOT / cmd[1]), cmd[2:])])
+def test_dockerfile_serves_with_the_plain_server_in_orchestrator_mode():
+    text = _dockerfile()
+    runtime = text[:text.index(" AS test")]
+    cmd = json.loads(re.findall(r"^CMD (\[.*\])$", runtime, re.M)[-1])
+    # Exactly what the launcher runs for a 4-GPU orchestrator-mode server on /models.
+    assert cmd == orchestrator_server_command(Path("/models"), 4, Ports(), exit_timeout_s=120)
+    env = dict(re.findall(r"^ENV (\w+)=(\S+)$", runtime, re.M))
+    assert env[ORCHESTRATOR_ENV] == orchestrator_environment(Ports())[ORCHESTRATOR_ENV] == "1"
 
 
 def test_dockerfile_copies_exist_and_pass_the_dockerignore():
@@ -122,9 +126,9 @@ def test_image_requirements_cover_the_runtime_imports():
         (DEPLOY / "image" / "requirements-test.txt").read_text())}
     # Run in the image: everything but the CPU-only reference engine, the test fixture and the
     # load generators of the benchmark and the soak (run from a client machine, not in the
-    # serving image).
+    # serving image), and the overlay renderer (run in a checkout: deploy/k8s is not in the image).
     test_only = {"fixture"}
-    skip = {"reference", "bench", "soak.py"}
+    skip = {"reference", "bench", "soak.py", "overlay.py"}
     files = [p for p in (ROOT / "src" / "mixtral_triton").rglob("*.py")
              if not set(p.relative_to(ROOT / "src" / "mixtral_triton").parts[:1]) & (skip | test_only)]
     files += list((ROOT / "model_repository").glob("[!t]*/1/model.py"))  # not the reference engine
@@ -193,7 +197,8 @@ def test_build_job_passes_shellcheck():
 
 def _build_job(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(
-        ("MODEL_", "GPU_TYPE", "ENGINE_TAG", "EXPECT_", "MAX_", "TP_SIZE", "HF_HOME"))}
+        ("MODEL_", "GPU_TYPE", "ENGINE_TAG", "EXPECT_", "MAX_", "TP_SIZE", "HF_HOME", "WORKLOAD",
+         "DETOKENIZER_"))}
     full_env.update({"PYTHON": sys.executable, **(env or {})})
     result = subprocess.run(["bash", str(BUILD_JOB), *args], env=full_env, capture_output=True,
                             text=True, timeout=300)
@@ -238,7 +243,9 @@ def test_build_job_resumes_and_fills_on_the_tiny_checkpoint(tiny_checkpoint, tmp
         assert f"{step}: " in again.stderr and "skipped" in again.stderr
 
     # No trtllm-build here: the engine step fails as retryable and leaves no half engine.
-    engine = data / "engines" / "a100-80gb-tp4-in64-out16"
+    # The default tag names the plan's limits (the tiny model's max_batch_size on 4 x A100-80GB).
+    plan = plan_capacity("A100-80GB", 4, 64, 16, model=ModelShape.from_file(tiny_checkpoint))
+    engine = data / "engines" / f"a100-80gb-tp4-in64-out16-b{plan.max_batch_size}"
     failed = _build_job(env=env)
     assert failed.returncode == 1 and "trtllm-build not found" in failed.stderr
     assert not engine.exists()
@@ -254,9 +261,10 @@ def test_build_job_resumes_and_fills_on_the_tiny_checkpoint(tiny_checkpoint, tmp
     for name in ["config.json"] + [f"rank{r}.engine" for r in range(4)]:
         (engine / name).write_text("{}")
     (engine / BUILD_RECORD).write_text(json.dumps(
-        {"plan": {"gpu": "A100-80GB", "tp": 4, "max_input_len": 64, "max_output_len": 16}}))
+        {"plan": {"gpu": "A100-80GB", "tp": 4, "max_input_len": 64, "max_output_len": 16,
+                  "max_batch_size": plan.max_batch_size}}))
     filled = _build_job(env=env, check=True)
-    repository = data / "model-repositories" / "a100-80gb-tp4-in64-out16"
+    repository = data / "model-repositories" / engine.name
     assert (repository / MARKER).is_file()
     assert set(MODELS["gpu"]) <= {p.name for p in repository.iterdir()}
     engine_config = (repository / ENGINE_MODEL / "config.pbtxt").read_text()
@@ -276,8 +284,8 @@ def test_build_job_refuses_early(tmp_path):
     assert too_small.returncode == EXIT_REFUSED and "does not fit" in too_small.stderr
     assert "download" not in too_small.stdout and not data.exists()
     stale = _build_job("--dry-run", env={"DATA_DIR": str(data), "GPU_TYPE": "H100-80GB",
-                                         "EXPECT_MAX_BATCH_SIZE": "36"})
-    assert stale.returncode == EXIT_REFUSED and "max_batch_size 36 but the plan gives 35" in stale.stderr
+                                         "EXPECT_MAX_BATCH_SIZE": "35"})
+    assert stale.returncode == EXIT_REFUSED and "max_batch_size 35 but the plan gives 708" in stale.stderr
     assert _build_job("--steps", "nonsense").returncode == 2
 
 
@@ -305,8 +313,22 @@ def _container(docs, kind: str, name: str, container: str) -> dict:
     return next(c for c in spec["containers"] if c["name"] == container)
 
 
-def test_there_are_the_two_overlays():
-    assert OVERLAYS == ["a100-80gb", "h100-80gb"]
+def test_there_are_the_three_overlays():
+    assert OVERLAYS == ["a100-80gb", "h100-80gb", "h200-141gb"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_is_the_rendering_of_its_plan(overlay, tmp_path):
+    """Each overlay is exactly what its plan renders against today's base manifests; the command
+    to render it again is its first line."""
+    checked_in = (K8S / "overlays" / overlay / "kustomization.yaml").read_text()
+    command = shlex.split(checked_in.splitlines()[0].removeprefix("# GENERATED by "))
+    assert command[0] == "build/plan_capacity.py" and command[-2:] == ["--render-overlay", f"deploy/k8s/overlays/{overlay}"]
+    from mixtral_triton.trtllm_build import plan_main
+
+    assert plan_main(command[1:-1] + [str(tmp_path)]) == 0
+    assert (tmp_path / "kustomization.yaml").read_text() == checked_in, \
+        f"stale: run {' '.join(command)}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -332,24 +354,54 @@ def test_overlay_capacity_numbers_are_the_plan(overlay):
     gpu = settings["GPU_TYPE"]
     assert gpu.lower() == overlay
     plan = plan_capacity(gpu, int(settings["TP_SIZE"]), int(settings["MAX_INPUT_LEN"]),
-                         int(settings["MAX_OUTPUT_LEN"]))
+                         int(settings["MAX_OUTPUT_LEN"]), workload=Workload.parse(settings["WORKLOAD"]))
     assert int(settings["EXPECT_MAX_BATCH_SIZE"]) == plan.max_batch_size
     assert int(settings["EXPECT_MAX_NUM_TOKENS"]) == plan.max_num_tokens
     assert float(settings["EXPECT_KV_CACHE_FREE_GPU_MEM_FRACTION"]) == plan.kv_cache_free_gpu_mem_fraction
-    # Scale out before the engine's batch is full: at 80% of max_batch_size active requests.
-    hpa = _one(docs, "HorizontalPodAutoscaler")
-    active = next(m for m in hpa["spec"]["metrics"] if m["pods"]["metric"]["name"] == "trtllm_active_requests")
-    assert int(active["pods"]["target"]["averageValue"]) == math.floor(0.8 * plan.max_batch_size)
     # The job, run with this ConfigMap, computes the same plan and accepts these numbers.
     result = _build_job("--dry-run", env={**settings, "DATA_DIR": "/nonexistent/data"})
     assert result.returncode == 0, result.stderr
     assert f"--triton-max-batch-size {plan.max_batch_size}" in result.stdout
     assert f"--kv-cache-free-gpu-mem-fraction {plan.kv_cache_free_gpu_mem_fraction}" in result.stdout
+    assert f"--workload {settings['WORKLOAD']}" in result.stdout
     # Pods land on nodes of this GPU.
     for kind, name in (("Deployment", "triton"), ("Job", "mixtral-build")):
         selector = _one(docs, kind, name)["spec"]["template"]["spec"]["nodeSelector"]
-        assert gpu.split("-")[0] in selector["nvidia.com/gpu.product"]
-        assert "80GB" in selector["nvidia.com/gpu.product"]
+        product = selector["nvidia.com/gpu.product"]
+        assert product.startswith(f"NVIDIA-{gpu.split('-')[0]}")
+        assert gpu.endswith(("-80GB",)) == product.endswith(("80GB", "80GB-HBM3"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_limits_agree_engine_detokenizers_gateway_and_hpa(overlay):
+    """One plan sizes them all: the engine runs max_batch_size requests; the Triton container's
+    cores set the detokenizer processes the build job fills in; the gateways together let in
+    what the fully scaled-out replicas run; the HPA scales out before a replica's batch is full."""
+    docs = _rendered(f"overlays/{overlay}")
+    settings = _configmap(docs)
+    max_batch = int(settings["EXPECT_MAX_BATCH_SIZE"])
+    # Detokenizer processes follow the Triton container's cores, and the repository gets them.
+    triton = _container(docs, "Deployment", "triton", "triton")
+    cores = int(triton["resources"]["requests"]["cpu"])
+    assert int(settings["DETOKENIZER_PROCESSES"]) == detokenizer_processes(cores) <= cores
+    result = _build_job("--dry-run", env={**settings, "DATA_DIR": "/nonexistent/data"})
+    fill = next(c for c in _printed_commands(result.stdout) if c[1].endswith("fill_model_repository.py"))
+    assert fill[fill.index("--postprocessing-instance-count") + 1] == settings["DETOKENIZER_PROCESSES"]
+    assert int(fill[fill.index("--triton-max-batch-size") + 1]) == max_batch
+    # Gateway pods x --max-concurrency = the batch of every replica the HPA may run (rounded up).
+    from mixtral_triton.gateway.cli import parser as gateway_parser
+
+    gateway = _container(docs, "Deployment", "gateway", "gateway")
+    per_pod = gateway_parser().parse_args(gateway["args"]).max_concurrency
+    pods = _one(docs, "Deployment", "gateway")["spec"]["replicas"]
+    hpa = _one(docs, "HorizontalPodAutoscaler")["spec"]
+    everything = hpa["maxReplicas"] * max_batch
+    assert everything <= per_pod * pods < everything + pods
+    # The HPA scales out at 80% of the engine's batch, per replica.
+    active = next(m for m in hpa["metrics"] if m["pods"]["metric"]["name"] == "trtllm_active_requests")
+    assert int(active["pods"]["target"]["averageValue"]) == math.floor(0.8 * max_batch) < max_batch
+    # The seed's short requests: each replica runs hundreds at once on every overlay's GPUs.
+    assert max_batch >= 256
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -358,23 +410,33 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     settings = _configmap(docs)
     pod = _one(docs, "Deployment", "triton")["spec"]["template"]["spec"]
     triton = _container(docs, "Deployment", "triton", "triton")
-    assert triton["command"] == ["python3", f"{IMAGE_DIR}/scripts/launch_triton.py"]
-    args = launcher_parser().parse_args(triton["args"])
-    assert not _check_commands([(str(ROOT / "scripts/launch_triton.py"), triton["args"])])
 
-    # One replica spans TP_SIZE GPUs of one node, one MPI rank each.
+    # The plain server in orchestrator mode, as the launcher would exec it: one replica spans
+    # TP_SIZE GPUs of one node, one executor worker each, and tritonserver is the container's
+    # process, so that the pod's SIGTERM reaches it.
     tp = int(settings["TP_SIZE"])
-    assert args.target == "gpu" and args.world_size == tp
     assert triton["resources"]["requests"]["nvidia.com/gpu"] == tp == triton["resources"]["limits"]["nvidia.com/gpu"]
-
-    # Ports: the launcher's defaults, what mpirun gives every rank, the container's and the Service's.
+    served = triton["command"] + triton["args"]
+    flags = dict(a[2:].partition("=")[::2] for a in served[1:])
+    repository = Path(flags["model-repository"])
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
-    assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
-    assert Ports(args.http_port, args.grpc_port, args.metrics_port) == Ports()
-    command = mpi_server_command(Path("/repo"), args.world_size, Ports(**{k: v for k, v in ports.items()}),
-                                 exit_timeout_s=args.exit_timeout_secs)
-    for name, port in ports.items():
-        assert command.count(f"--{name}-port={port}") == tp
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    exit_timeout_s = int(flags["exit-timeout-secs"])
+    assert served == orchestrator_server_command(repository, tp, Ports(**ports), exit_timeout_s=exit_timeout_s)
+    env = {e["name"]: e for e in triton["env"]}
+    assert {name: env[name]["value"] for name in orchestrator_environment(Ports(**ports))} == \
+        orchestrator_environment(Ports(**ports))
+    launched = subprocess.run([sys.executable, str(ROOT / "scripts/launch_triton.py"), "--target", "gpu",
+                               "--world-size", str(tp), "--exit-timeout-secs", str(exit_timeout_s),
+                               "--model-repository", str(ROOT), "--dry-run"],
+                              capture_output=True, text=True, check=True).stdout
+    printed = shlex.split(launched)
+    assert printed[printed.index(served[0]) + 1:] == [
+        f"--model-repository={ROOT}", *served[2:]], "the launcher and the pod start different servers"
+    # The filled engine model runs on exactly the pod's GPUs.
+    assert _build_job_fill_flag(settings, "--gpu-device-ids") == ",".join(map(str, range(tp)))
+
+    # Ports: the container's and the Service's.
     service = _one(docs, "Service", "triton")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
         name: (port, name) for name, port in ports.items()}
@@ -386,7 +448,7 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     # Liveness also fails on a dead Python stub: the module exists and takes the live URL.
     live = triton["livenessProbe"]["exec"]["command"]
     assert live[:3] == ["python3", "-m", "mixtral_triton.launcher.liveness"]
-    assert live[3:] == ["--live-url", f"http://127.0.0.1:{args.http_port}/v2/health/live"]
+    assert live[3:] == ["--live-url", f"http://127.0.0.1:{ports['http']}/v2/health/live"]
     from mixtral_triton.launcher import liveness
     assert liveness.main(["--live-url", "http://127.0.0.1:9/v2/health/live"]) == 1  # nothing listens on 9
     startup = triton["startupProbe"]
@@ -395,28 +457,26 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     assert deployment["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
     # Shutdown: the endpoints drop the pod (preStop), then Triton drains within the grace period.
     pre_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + args.exit_timeout_secs
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + exit_timeout_s
 
     # The repository the build job fills, on the volume mounted where the job mounts it.
     data_dir = settings["DATA_DIR"]
-    repository = str(args.model_repository).replace("$(ENGINE_TAG)", settings["ENGINE_TAG"])
-    assert repository == f"{data_dir}/model-repositories/{settings['ENGINE_TAG']}"
-    assert repository == _build_job_paths(settings)["repository"]
-    env = {e["name"]: e for e in triton["env"]}
+    assert str(repository).replace("$(ENGINE_TAG)", settings["ENGINE_TAG"]) == \
+        f"{data_dir}/model-repositories/{settings['ENGINE_TAG']}" == _build_job_paths(settings)["repository"]
     assert env["ENGINE_TAG"]["valueFrom"]["configMapKeyRef"] == {
         "name": _one(docs, "ConfigMap")["metadata"]["name"], "key": "ENGINE_TAG"}
     assert _mount(pod, triton, data_dir) == {"persistentVolumeClaim": {"claimName": "mixtral-data"}}
     # The init container waits for the marker fill_model_repository.py writes last.
     init = pod["initContainers"][0]
     assert MARKER in " ".join(init["command"])
-    assert {e["name"]: e.get("value") for e in init["env"]}["REPOSITORY"] == str(args.model_repository)
+    assert {e["name"]: e.get("value") for e in init["env"]}["REPOSITORY"] == str(repository)
 
-    # /dev/shm: memory-backed, sized for NCCL and the ranks' Python-backend regions, inside the limit.
+    # /dev/shm: memory-backed, sized for MPI, NCCL and the Python models' regions, inside the limit.
     shm = _mount(pod, triton, "/dev/shm")["emptyDir"]
     assert shm["medium"] == "Memory" and _gib(shm["sizeLimit"]) >= 2
     assert _gib(triton["resources"]["limits"]["memory"]) >= _gib(triton["resources"]["requests"]["memory"]) + _gib(shm["sizeLimit"])
 
-    # The engine model the launcher loads on ranks 1..N-1 is the repository's engine model.
+    # The engine model leader mode loads on ranks 1..N-1 is the repository's engine model.
     assert ENGINE_MODEL in MODELS["gpu"] and MODELS["gpu"][ENGINE_MODEL] == "tensorrt_llm"
     assert 'backend: "tensorrtllm"' in (ROOT / "model_repository/tensorrt_llm/config.pbtxt").read_text()
 
@@ -432,11 +492,21 @@ def _gib(quantity: str) -> float:
     return float(number) * {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10, None: 2**-30}[unit]
 
 
+def _build_job_command(settings: dict, script: str) -> list[str]:
+    """The command build-job.sh runs `script` with for these settings, from its own dry run."""
+    result = _build_job("--dry-run", env={**settings, "DATA_DIR": settings["DATA_DIR"]}, check=True)
+    return next(c for c in _printed_commands(result.stdout) if c[1].endswith(script))
+
+
+def _build_job_fill_flag(settings: dict, flag: str) -> str:
+    fill = _build_job_command(settings, "fill_model_repository.py")
+    return fill[fill.index(flag) + 1]
+
+
 def _build_job_paths(settings: dict) -> dict[str, str]:
     """Where build-job.sh puts things for these settings, from its own dry run."""
-    result = _build_job("--dry-run", env={**settings, "DATA_DIR": settings["DATA_DIR"]}, check=True)
-    fill = next(c for c in _printed_commands(result.stdout) if c[1].endswith("fill_model_repository.py"))
-    engine = next(c for c in _printed_commands(result.stdout) if c[1].endswith("build_engine.py"))
+    fill = _build_job_command(settings, "fill_model_repository.py")
+    engine = _build_job_command(settings, "build_engine.py")
     return {"repository": fill[fill.index("--out") + 1], "tokenizer": fill[fill.index("--tokenizer-dir") + 1],
             "engine": engine[engine.index("--output-dir") + 1],
             "checkpoint": engine[engine.index("--checkpoint-dir") + 1]}

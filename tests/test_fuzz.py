@@ -23,9 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixtral_triton.client.ensemble import _REQUEST_ERROR
+from mixtral_triton.client.ensemble import Chunk, server_error
 from mixtral_triton.gateway import protocol as gateway_protocol
 from mixtral_triton.protocol import FIELDS, RequestError, ensemble_inputs, json_schema, parse_request
+from mixtral_triton.protocol.errors import INVALID_ARGUMENT, coded
 from mixtral_triton.serving.completion import Completion
 from mixtral_triton.text import TextStream, token_table
 
@@ -146,8 +147,10 @@ def test_the_tokenizer_model_refuses_only_with_request_errors_naming_a_field(pre
         prepared = preprocessor.prepare(inputs)
     except RequestError as error:
         _sendable(str(error))
-        # the form the clients recognise (mixtral_triton.client.ensemble.server_error)
-        assert _REQUEST_ERROR.match(str(error)), str(error)
+        # as the model sends it, the clients read it back as the same refusal
+        refused = server_error(coded(INVALID_ARGUMENT, str(error), error.field))
+        assert isinstance(refused, RequestError) and str(refused) == str(error), str(error)
+        assert refused.field, str(error)
         return
     assert prepared["input_lengths"].reshape(-1)[0] <= 64
     assert prepared["input_lengths"].reshape(-1)[0] + prepared["request_output_len"].reshape(-1)[0] <= 128
@@ -211,7 +214,8 @@ def test_an_sse_event_is_one_line_for_any_text(text):
     """Every streamed chunk is one `data:` line whatever the completion's text holds, also
     for clients that split lines at U+2028, U+0085 and the like (requests' iter_lines)."""
     request = gateway_protocol.OpenAIRequest(parse_request({"prompt": "x", "stream": True}))
-    event = gateway_protocol.CompletionFormat(request, "mixtral").piece(text).decode("utf-8")
+    chunk = Chunk(text, None, 1, 1)
+    event = gateway_protocol.CompletionFormat(request, "mixtral").piece(chunk).decode("utf-8")
     assert event.endswith("\n\n")
     lines = event[:-2].splitlines()
     assert len(lines) == 1 and lines[0].startswith("data: ")

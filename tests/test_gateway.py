@@ -186,6 +186,29 @@ def test_openai_completions_stream_and_not(base_gateway, triton_server):
     assert "".join(c.choices[0].text for c in usage_chunks[:-1]) == whole.text
 
 
+def test_an_openai_client_gets_exactly_max_tokens_with_usage_on_every_chunk(base_gateway, caplog):
+    """Issue 17's request: `user`, `stop: null`, and vLLM's ignore_eos, min_tokens and
+    continuous usage, as a benchmark tool sends them with the official client."""
+    client = openai_client(base_gateway)
+    caplog.set_level("INFO", logger="mixtral_triton.gateway")
+    chunks = list(client.completions.create(
+        model="mixtral", prompt=PROMPT, max_tokens=40, user="bench-user-7", stop=None, stream=True,
+        temperature=1.0, seed=3, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "min_tokens": 40, "top_k": 5, "repetition_penalty": 1.1,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}))
+    *text_chunks, usage_chunk = chunks
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in text_chunks]
+    assert counts == sorted(counts) and all(c.usage.prompt_tokens > 0 for c in chunks)
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 40
+    # logged once the response has gone out, by the gateway's thread
+    deadline = time.monotonic() + 10
+    while not any("user='bench-user-7'" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the request's user was not logged"
+        time.sleep(0.05)
+
+
 def test_openai_sse_wire_format(base_gateway):
     body = {"model": "mixtral", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
     resp = requests.post(f"{base_gateway.url}/v1/completions", json=body, stream=True)
@@ -550,3 +573,61 @@ def test_gateway_script_errors_are_one_line(tmp_path):
             lines = result.stderr.strip().splitlines()
             assert result.returncode == 2 and len(lines) == 1, result.stderr
             assert lines[0].startswith("gateway.py: error: ") and words in lines[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Every OpenAI request field gets an answer (docs/openai.md)
+
+
+def test_the_field_table_covers_every_field_of_openais_requests():
+    from openai.types import completion_create_params as completions
+    from openai.types.chat import completion_create_params as chat
+
+    from mixtral_triton.gateway import protocol as p
+
+    for route, params in (("completions", completions.CompletionCreateParamsBase),
+                          ("chat", chat.CompletionCreateParamsBase)):
+        covered = set(p.openai_fields(route)) | set(p.SAMPLING_FIELDS)
+        assert set(params.__annotations__) | {"stream"} <= covered, route
+    docs = (ROOT / "docs" / "openai.md").read_text()
+    from mixtral_triton.protocol import fields_markdown
+    assert p.openai_fields_markdown() in docs and fields_markdown() in docs
+
+
+def test_no_op_fields_are_accepted_and_the_rest_refused_by_name(base_gateway, instruct):
+    client = openai_client(base_gateway)
+    completion = client.completions.create(
+        model="mixtral", prompt=PROMPT, max_tokens=3, temperature=0, user="u1", best_of=1, n=1,
+        logit_bias={}, suffix="", echo=True, stop=None, logprobs=None)
+    assert completion.choices[0].text.startswith(PROMPT)
+    chat = openai_client(instruct)
+    answer = chat.chat.completions.create(
+        model="mixtral-instruct", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3,
+        user="u2", safety_identifier="s", metadata={"k": "v"}, store=False, service_tier="auto",
+        parallel_tool_calls=True, tool_choice="none", response_format={"type": "text"},
+        modalities=["text"], prompt_cache_key="c", logprobs=False, top_logprobs=0,
+        extra_body={"skip_special_tokens": False, "stop_token_ids": [2]})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    for name, value in (("store", True), ("service_tier", "priority"), ("response_format", {"type": "json_object"}),
+                        ("reasoning_effort", "high"), ("logit_bias", {"5": 1}), ("top_logprobs", 2)):
+        with pytest.raises(openai.BadRequestError) as error:
+            chat.chat.completions.create(model="mixtral-instruct", messages=[{"role": "user", "content": "hi"}],
+                                         extra_body={name: value})
+        assert error.value.param == name and name in error.value.message
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model="mixtral", prompt=PROMPT, suffix="end")
+    assert error.value.param == "suffix"
+
+
+def test_stop_strings_can_be_kept_and_stop_tokens_end_the_text(base_gateway, triton_server):
+    whole = greedy_whole(triton_server, 24)
+    stop = whole.text[len(whole.text) // 2:][:3]
+    assert stop.strip(), whole.text
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stream": False, "stop": [stop]}
+    cut = requests.post(f"{base_gateway.url}/predict", json=body).json()
+    kept = requests.post(f"{base_gateway.url}/predict",
+                         json={**body, "include_stop_str_in_output": True}).json()
+    assert kept["result"] == cut["result"] + stop and kept["finish_reason"] == "stop"
+    stream = requests.post(f"{base_gateway.url}/predict", json={**body, "stream": True,
+                                                                "include_stop_str_in_output": True})
+    assert stream.text == kept["result"]

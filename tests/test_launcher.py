@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import shutil
 import signal
 import socket
@@ -20,10 +21,16 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
+from helpers import PROMPT, Reader
+from mixtral_triton.client import PredictClient
 from mixtral_triton.launcher import TritonServer, free_ports
-from mixtral_triton.launcher.cpu import process_group_alive
+from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, mpi_server_command, serving_rank
+from mixtral_triton.launcher.shutdown import descendants, process_group_alive
+from mixtral_triton.protocol import parse_request
 
 ECHO_REPOSITORY = Path(__file__).parent / "data" / "echo_repository"
+DRAIN_TOKENS = 300  # per stream: several seconds of generation on the CPU engine
+DRAIN_EXIT_TIMEOUT_S = 120  # the drain the launcher is given: far more than the streams need
 LAUNCH = [sys.executable, "-m", "mixtral_triton.launcher.cli"]
 
 
@@ -129,23 +136,65 @@ def test_free_ports_are_distinct_and_free():
     ports.check_free()
 
 
-def test_gpu_dry_run_prints_the_leader_mode_mpirun_command(tmp_path):
+def test_gpu_dry_run_prints_the_plain_orchestrator_mode_server(tmp_path):
     result = subprocess.run(LAUNCH + ["--model-repository", str(tmp_path), "--target", "gpu",
-                                      "--world-size", "4", "--dry-run"],
+                                      "--world-size", "4", "--exit-timeout-secs", "120", "--dry-run"],
+                            capture_output=True, text=True, check=True)
+    printed = shlex.split(result.stdout)
+    # One process, no mpirun: the environment that selects orchestrator mode, then the server.
+    assert printed[:2] == ["TRTLLM_ORCHESTRATOR=1", "MIXTRAL_TRITON_GRPC_URL=127.0.0.1:8001"]
+    assert printed[2] == "/opt/tritonserver/bin/tritonserver" and "mpirun" not in printed
+    assert printed[3:9] == [f"--model-repository={tmp_path.resolve()}", "--http-port=8000", "--grpc-port=8001",
+                            "--metrics-port=8002", "--exit-timeout-secs=120", "--disable-auto-complete-config"]
+    # The server process keeps off the GPUs its workers use: no pools, no peer access.
+    assert printed[9:] == ["--pinned-memory-pool-byte-size=0", "--enable-peer-access=false",
+                           *[f"--cuda-memory-pool-byte-size={gpu}:0" for gpu in range(4)]]
+
+
+def test_gpu_dry_run_prints_the_leader_mode_mpirun_command(tmp_path):
+    result = subprocess.run(LAUNCH + ["--model-repository", str(tmp_path), "--target", "gpu", "--mode", "leader",
+                                      "--world-size", "4", "--exit-timeout-secs", "120", "--dry-run"],
                             capture_output=True, text=True, check=True)
     printed = result.stdout.strip().split()
     ranks = " ".join(printed).split(" : ")
     assert printed[:2] == ["mpirun", "--allow-run-as-root"] and len(ranks) == 4
+    # Every rank, on every node, in leader mode whatever the image's environment says.
+    assert printed[2:6] == ["-x", "TRTLLM_ORCHESTRATOR=0", "-x", "MIXTRAL_TRITON_GRPC_URL=127.0.0.1:8001"]
     for rank, segment in enumerate(ranks):
         words = segment.split()
         assert words[words.index("-n") + 1] == "1"
         assert "/opt/tritonserver/bin/tritonserver" in words
         assert f"--model-repository={tmp_path.resolve()}" in words
         assert f"--backend-config=python,shm-region-prefix-name=prefix{rank}_" in words
-        assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002"} <= set(words)
+        assert {"--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--exit-timeout-secs=120"} <= set(words)
         # Only rank 0 loads the whole repository and serves.
         assert ("--load-model=tensorrt_llm" in words) == (rank > 0)
         assert ("--model-control-mode=explicit" in words) == (rank > 0)
+
+
+def test_leader_mode_finds_rank_0_below_mpirun(tmp_path):
+    """On SIGTERM leader mode signals rank 0 alone (mpirun would kill every rank a second
+    after forwarding it). Here a process tree shaped like mpirun's: a parent with one
+    child per rank, each carrying that rank's arguments."""
+    command = mpi_server_command(tmp_path, 3, free_ports())
+    ranks = " ".join(command).split(" : ")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    rank_args = [words[words.index(NGC_TRITONSERVER) + 1:] for words in map(str.split, ranks)]
+    children = " ".join(f"{shlex.join(sleeper + args)} &" for args in rank_args)
+    parent = subprocess.Popen(["bash", "-c", f"{children} wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(descendants(parent.pid)) < 3:
+            assert time.monotonic() < deadline, "the stand-in ranks never started"
+            time.sleep(0.05)
+        rank0 = serving_rank(parent.pid)
+        argv = Path(f"/proc/{rank0}/cmdline").read_bytes().decode().split("\0")
+        assert "--backend-config=python,shm-region-prefix-name=prefix0_" in argv
+        assert not any(a.startswith("--load-model") for a in argv)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+    assert serving_rank(parent.pid) is None
 
 
 def test_gpu_target_refuses_to_run_without_the_container(tmp_path):
@@ -158,6 +207,17 @@ def test_bad_world_size_is_a_one_line_error(tmp_path):
     error = _one_line_error(["--model-repository", str(tmp_path), "--target", "gpu",
                              "--world-size", "0", "--dry-run"])
     assert "--world-size must be between 1 and 64, got 0" in error
+
+
+def test_a_zombie_stub_under_pid_1_counts_only_when_pid_1_is_the_server():
+    """In the pod tritonserver is the container's PID 1 (orchestrator mode, plain command):
+    its dead stubs still fail the liveness check. Elsewhere a zombie stub handed to PID 1
+    is an orphan of a server that is gone."""
+    from mixtral_triton.launcher.stubs import orphaned
+
+    assert not orphaned("1", "tritonserver")
+    assert orphaned("1", "systemd") and orphaned("1", None)
+    assert not orphaned("4242", "systemd")
 
 
 def test_a_dead_stub_is_seen_until_it_is_reaped(tmp_path):
@@ -180,3 +240,40 @@ def test_a_dead_stub_is_seen_until_it_is_reaped(tmp_path):
         process.kill()
         process.wait()
     assert stubs.dead_stubs(os.getpid()) == []
+
+
+def test_sigterm_drains_streams_in_flight_then_leaves_no_process(cpu_repository, tmp_path):
+    """Kubernetes stops a pod with SIGTERM: the launcher must let Triton finish the streams
+    in flight (up to --exit-timeout-secs) before anything is killed, and still leave no
+    server or stub process behind."""
+    launch = subprocess.Popen(
+        LAUNCH + ["--model-repository", str(cpu_repository), "--free-ports",
+                  "--exit-timeout-secs", str(DRAIN_EXIT_TIMEOUT_S), "--log-file", str(tmp_path / "triton.log")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        ready = launch.stdout.readline()
+        assert ready.startswith("triton ready: http 127.0.0.1:"), ready
+        grpc_url = ready.split()[5]
+        streams = [Reader(PredictClient(grpc_url, timeout_s=300).generate(parse_request(
+            {"prompt": PROMPT, "max_tokens": DRAIN_TOKENS, "temperature": 0}))) for _ in range(3)]
+        for stream in streams:
+            stream.start()
+        for stream in streams:
+            assert stream.started_streaming.wait(60) and stream.error is None, stream.error
+        in_flight = [s for s in streams if s.is_alive()]
+        launch.send_signal(signal.SIGTERM)
+        assert launch.wait(DRAIN_EXIT_TIMEOUT_S + 30) == 0
+        output = launch.stdout.read()
+        assert "triton stopped" in output, output
+    finally:
+        if launch.poll() is None:  # the server runs in its own session: stop it through the launcher
+            launch.send_signal(signal.SIGINT)
+            launch.wait(DRAIN_EXIT_TIMEOUT_S + 30)
+    assert in_flight, "every stream ended before the SIGTERM: the test proved nothing"
+    for stream in streams:
+        stream.join(10)
+        assert stream.error is None, stream.error
+        last = stream.received[-1]
+        assert last.finish_reason in ("length", "stop"), last
+        assert last.finish_reason == "stop" or last.completion_tokens == DRAIN_TOKENS, last
+    assert _processes_mentioning(str(cpu_repository)) == []

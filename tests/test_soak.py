@@ -12,9 +12,16 @@ its own) and Python's and torch's caches: a few MiB, well under the bound.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from mixtral_triton.soak import Runner, plan, running_gateway, serving_processes, soak
+from mixtral_triton.local_stack import GatewayProcess
+from mixtral_triton.soak import (DOC, MAX_CONCURRENCY, Runner, doc_with_results, main, plan, results_markdown,
+                                 serving_processes, soak)
+
+RESULTS = Path(__file__).parents[1] / "bench" / "results" / "soak.json"
 
 REQUESTS, CONCURRENCY, WARMUP = 60, 8, 20
 RSS_GROWTH_BOUND_MIB = 64
@@ -22,7 +29,8 @@ RSS_GROWTH_BOUND_MIB = 64
 
 @pytest.fixture(scope="module")
 def gateway_process(triton_server, tmp_path_factory):
-    with running_gateway(triton_server.grpc_url, None, tmp_path_factory.mktemp("soak") / "gateway.log") as g:
+    with GatewayProcess(triton_server.grpc_url, tmp_path_factory.mktemp("soak") / "gateway.log",
+                        log_level="warning") as g:
         yield g
 
 
@@ -48,3 +56,30 @@ def test_a_small_soak_has_no_failures_and_no_leak(triton_server, gateway_process
         growth = report.growth_kib(label)
         assert growth is not None, f"{label} is gone"
         assert growth < RSS_GROWTH_BOUND_MIB * 1024, f"{label} grew {growth / 1024:.1f} MiB"
+
+
+def test_the_docs_show_the_committed_soak_results_as_rendered():
+    """docs/reliability.md's soak figures are bench/results/soak.json as `scripts/soak.py
+    --write-doc` renders it: none typed by hand, none left behind by a newer results file."""
+    data = json.loads(RESULTS.read_text())
+    machine = data["machine"]
+    assert machine["git_commit"] and machine["git_dirty"] is False, "the committed run must be of a clean tree"
+    assert machine["cores"] and machine["python"] and machine["date_utc"]
+    assert machine["packages"]["nvidia-pytriton"] and machine["packages"]["torch"]
+    doc = DOC.read_text()
+    section = results_markdown(data, "bench/results/soak.json")
+    assert doc_with_results(doc, section) == doc, "run scripts/soak.py --write-doc bench/results/soak.json"
+    assert f"at commit `{machine['git_commit'][:12]}`" in section
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concurrency", "0"], f"--concurrency must be between 1 and {MAX_CONCURRENCY}, got 0"),
+    (["--concurrency", str(MAX_CONCURRENCY + 1)], f"--concurrency must be between 1 and {MAX_CONCURRENCY}"),
+    (["--requests", "10", "--warmup", "10"], "--warmup from 0 to below --requests"),
+    (["--request-timeout", "0"], "--request-timeout must be positive"),
+])
+def test_bad_soak_options_are_one_line_errors_before_anything_starts(args, message, capsys, tmp_path):
+    assert main(args + ["--work-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -47,11 +47,15 @@ def expected_command(ckpt: Path, out: Path, max_batch_size: int, workers: int = 
             "--max_num_tokens", "8192", "--max_beam_width", "1", "--workers", str(workers)]
 
 
-@pytest.mark.parametrize("gpu, max_batch_size", [("H100-80GB", 35), ("A100-80GB", 36)])
-def test_dry_run_prints_the_exact_command(ckpt, tmp_path, capsys, gpu, max_batch_size):
+# max_batch_size: the 128/128 requests the KV cache admits (H100) or the roofline's throughput
+# knee (A100, B200); with --workload 4096/1024, the full-length requests that fit.
+@pytest.mark.parametrize("gpu, workload, max_batch_size", [
+    ("H100-80GB", [], 708), ("A100-80GB", [], 602), ("B200-180GB", [], 1202),
+    ("H100-80GB", ["--workload", "4096/1024"], 35), ("A100-80GB", ["--workload", "4096/1024"], 36)])
+def test_dry_run_prints_the_exact_command(ckpt, tmp_path, capsys, gpu, workload, max_batch_size):
     out = tmp_path / "engines"
     assert engine_main(["--checkpoint-dir", str(ckpt), "--output-dir", str(out), "--gpu", gpu,
-                        "--workers", "2", "--dry-run"]) == 0
+                        "--workers", "2", "--dry-run"] + workload) == 0
     printed = capsys.readouterr()
     assert shlex.split(printed.out) == expected_command(ckpt, out, max_batch_size, workers=2)
     assert "70.62 GB" in printed.err  # the plan, on stderr
@@ -64,8 +68,13 @@ def test_the_converters_checkpoint_is_accepted(tiny_checkpoint, tmp_path):
 
     convert(tiny_checkpoint, tmp_path / "tp4", parallel=resolve(tp=4), dtype="float16", log=lambda _: None)
     build = prepare_build(tmp_path / "tp4", tmp_path / "engines", "A100-40GB", 64, 32)
-    assert (build.plan.tp, build.plan.max_seq_len, build.plan.max_batch_size) == (4, 96, 256)
+    # Lengths shorter than the seed's 128/128: sized for full-length requests of the engine.
+    assert (build.plan.tp, build.plan.max_seq_len, build.plan.workload) == (4, 96, "64/32")
+    assert build.plan.max_batch_size == min(build.plan.kv_admitted_requests, build.plan.throughput_batch, 2048)
     assert build.command[:3] == ["trtllm-build", "--checkpoint_dir", str(tmp_path / "tp4")]
+    # Without lengths, the defaults fit the fixture's 4096 positions (4096 + 1024 would not).
+    build = prepare_build(tmp_path / "tp4", tmp_path / "engines", "A100-40GB")
+    assert (build.plan.max_input_len, build.plan.max_seq_len, build.plan.workload) == (3072, 4096, "128/128")
 
 
 def test_the_plan_follows_the_checkpoint_split(tmp_path):
@@ -141,7 +150,7 @@ def test_a_build_checks_the_engines_and_records_how_they_were_made(ckpt, tmp_pat
     out = run_build(build)
     record = json.loads((out / BUILD_RECORD).read_text())
     assert record["command"] == build.command
-    assert record["plan"]["max_batch_size"] == 35
+    assert record["plan"]["max_batch_size"] == 708
     assert record["versions"]["tensorrt_llm"] is None  # not installed here
     assert record["checkpoint_dir"] == str(ckpt)
 

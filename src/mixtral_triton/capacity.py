@@ -15,6 +15,20 @@ no pipeline parallelism), computed from the model's config:
   headroom left free after the KV cache.
 * KV tokens: what is left, as TensorRT-LLM allocates it: kv_cache_free_gpu_mem_fraction of
   the memory still free once the engine and its activations are loaded.
+
+Engine limits by workload, not by the worst case. The engine's max_input_len/max_seq_len
+bound what one request may ask for; max_batch_size bounds how many requests run at once.
+TensorRT-LLM's default capacity scheduler (GUARANTEED_NO_EVICT,
+cpp/tensorrt_llm/batch_manager/capacityScheduler.cpp) already admits a request only when the
+free KV blocks cover *that request's* prompt + max_tokens, and stops at max_batch_size; so
+max_batch_size is not what keeps the KV cache safe, and sizing it for full-length requests
+(35 on 4 x H100-80GB) leaves the GPUs mostly idle at short requests. Here it is sized for a
+workload shape (input/output tokens, default the seed's 128/128): as many of those requests as
+the KV cache admits, but no more than the roofline's throughput knee (past it a step becomes
+compute bound: more requests only slow each user without more tokens per second) and
+TensorRT-LLM's own default of 2048 (its BuildConfig; its tuning guide: set max_batch_size high
+enough that it does not limit throughput). Longer requests than the workload's are still
+served: the scheduler admits fewer of them at once.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ GPU_MEMORY_BYTES: dict[str, int] = {
     "A100-80GB": 81920 * 2**20,
     "H100-80GB": 81559 * 2**20,
     "H200-141GB": 143771 * 2**20,
+    "B200-180GB": 183359 * 2**20,
 }
 MAX_GPUS = 8  # one node; 8x22B has 8 KV heads, so tp 8 is the widest split without duplication
 
@@ -51,13 +66,42 @@ HEADROOM_BYTES = 1 * GiB
 ACTIVATION_MARGIN = 2
 # TensorRT-LLM's default; larger only adds activation memory without speeding up decoding.
 DEFAULT_MAX_NUM_TOKENS = 8192
-# A ceiling on concurrent requests, so that a small model (the tiny fixture) does not get an
-# absurd limit; 8x22B on 80 GB GPUs stays far below it.
-MAX_BATCH_SIZE_CAP = 256
+# TensorRT-LLM's own default max_batch_size (tensorrt_llm/builder.py BuildConfig): the ceiling
+# here too, reached by small models (the tiny fixture) whose KV cache admits thousands.
+MAX_BATCH_SIZE_CAP = 2048
 # The engine's paged-KV block size (trtllm-build --tokens_per_block); KV tokens come in blocks.
 TOKENS_PER_BLOCK = 32
 # Keep at least this share of the free memory out of the KV cache whatever the GPU size.
 MAX_KV_FRACTION = 0.95
+# Engine length limits when none are given: 8x22B's usual ones, shrunk to fit a model with fewer
+# positions (the tiny fixture has 4096) so that a default is always valid.
+DEFAULT_MAX_INPUT_LEN = 4096
+DEFAULT_MAX_OUTPUT_LEN = 1024
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A request shape: prompt tokens and generated tokens (max_tokens)."""
+
+    input_tokens: int
+    output_tokens: int
+
+    def __str__(self) -> str:
+        return f"{self.input_tokens}/{self.output_tokens}"
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        try:
+            input_tokens, output_tokens = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise UserError(f"--workload must be INPUT/OUTPUT tokens, e.g. 128/128, got {text!r}") from None
+        if input_tokens < 1 or output_tokens < 1:
+            raise UserError(f"--workload tokens must be at least 1 each, got {text!r}")
+        return cls(input_tokens, output_tokens)
+
+
+SEED_WORKLOAD = Workload(128, 128)  # the seed's requests: short prompts, max_tokens 128
+PLAN_WORKLOADS = (SEED_WORKLOAD, Workload(512, 256), Workload(2048, 512), Workload(4096, 1024))
 
 
 @dataclass(frozen=True)
@@ -170,6 +214,10 @@ class CapacityPlan:
     kv_cache_bytes_per_gpu: int
     kv_cache_free_gpu_mem_fraction: float
     kv_cache_tokens: int
+    workload: str
+    kv_admitted_requests: int
+    full_length_requests: int
+    throughput_batch: int
     max_batch_size: int
     max_num_tokens: int
     tokens_per_block: int
@@ -194,7 +242,11 @@ class CapacityPlan:
             ("KV cache per GPU", _gb(self.kv_cache_bytes_per_gpu)),
             ("KV cache tokens", f"{self.kv_cache_tokens:,} (every rank holds its heads of each)"),
             ("max_input_len / max_seq_len", f"{self.max_input_len} / {self.max_seq_len}"),
-            ("max_batch_size", f"{self.max_batch_size} (full-length requests that fit at once)"),
+            ("workload (input/output)", self.workload),
+            ("KV cache admits", f"{self.kv_admitted_requests:,} requests of the workload at once "
+                                f"({self.full_length_requests} of full length)"),
+            ("roofline throughput batch", f"{self.throughput_batch} (past it a decode step is compute bound)"),
+            ("max_batch_size", f"{self.max_batch_size} (the fewer of the two above, at most {MAX_BATCH_SIZE_CAP})"),
             ("max_num_tokens", str(self.max_num_tokens)),
             ("kv_cache_free_gpu_mem_fraction", f"{self.kv_cache_free_gpu_mem_fraction:.2f}"),
         ]
@@ -202,9 +254,40 @@ class CapacityPlan:
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def plan_capacity(gpu: str, gpus: int, max_input_len: int, max_output_len: int,
-                  tp: int | None = None, ep: int = 1, model: ModelShape = MIXTRAL_8X22B) -> CapacityPlan:
-    """The plan, or UserError naming the option, its allowed range, or the numbers that do not fit."""
+def engine_lengths(model: ModelShape, max_input_len: int | None = None,
+                   max_output_len: int | None = None) -> tuple[int, int]:
+    """The engine's max_input_len and max_output_len: those given, the others defaulted so that
+    input + output fit the model's positions."""
+    longest = model.max_position_embeddings
+    if max_output_len is None:
+        room = longest - (max_input_len or 0)
+        max_output_len = min(DEFAULT_MAX_OUTPUT_LEN, room if max_input_len else longest // 4)
+    if max_input_len is None:
+        max_input_len = max(min(DEFAULT_MAX_INPUT_LEN, longest - max_output_len), 1)
+    return max_input_len, max_output_len
+
+
+def kv_admitted_requests(kv_tokens: int, input_tokens: int, output_tokens: int,
+                         tokens_per_block: int = TOKENS_PER_BLOCK) -> int:
+    """Requests of this shape GUARANTEED_NO_EVICT admits at once: each reserves the KV blocks
+    of its whole prompt + max_tokens."""
+    return kv_tokens // tokens_per_block // math.ceil((input_tokens + output_tokens) / tokens_per_block)
+
+
+def mean_decode_context(workload: Workload) -> int:
+    """Tokens a decoding request attends over, on average over its output."""
+    return workload.input_tokens + workload.output_tokens // 2
+
+
+def plan_capacity(gpu: str, gpus: int, max_input_len: int | None = None, max_output_len: int | None = None,
+                  tp: int | None = None, ep: int = 1, model: ModelShape = MIXTRAL_8X22B,
+                  workload: Workload | None = None) -> CapacityPlan:
+    """The plan, or UserError naming the option, its allowed range, or the numbers that do not fit.
+    max_batch_size is sized for `workload`; by default the seed's 128/128 where the engine takes
+    it, else the engine's full-length requests."""
+    # The roofline builds on this module's model shapes, so it is imported here, not at the top.
+    from mixtral_triton.roofline import throughput_batch
+
     if gpu not in GPU_MEMORY_BYTES:
         raise UserError(f"--gpu must be one of {', '.join(GPU_MEMORY_BYTES)}, got {gpu!r}")
     if not 1 <= gpus <= MAX_GPUS:
@@ -223,12 +306,19 @@ def plan_capacity(gpu: str, gpus: int, max_input_len: int, max_output_len: int,
                         f"and, over --ep {ep}, its expert width {model.intermediate_size}, and divide "
                         f"or be a multiple of its {kv_heads} KV heads")
     longest = model.max_position_embeddings
+    max_input_len, max_output_len = engine_lengths(model, max_input_len, max_output_len)
     if not 1 <= max_input_len < longest:
         raise UserError(f"--max-input-len must be between 1 and {longest - 1}, got {max_input_len}")
     if not 1 <= max_output_len <= longest - max_input_len:
         raise UserError(f"--max-output-len must be between 1 and {longest - max_input_len} "
                         f"(input + output at most {longest} positions), got {max_output_len}")
     max_seq_len = max_input_len + max_output_len
+    if workload is None:
+        fits = SEED_WORKLOAD.input_tokens <= max_input_len and SEED_WORKLOAD.output_tokens <= max_output_len
+        workload = SEED_WORKLOAD if fits else Workload(max_input_len, max_output_len)
+    if workload.input_tokens > max_input_len or workload.input_tokens + workload.output_tokens > max_seq_len:
+        raise UserError(f"--workload {workload} is longer than the engine accepts (--max-input-len "
+                        f"{max_input_len}, input + output at most {max_seq_len})")
 
     memory = GPU_MEMORY_BYTES[gpu]
     weights = weight_bytes(model, tp)
@@ -256,9 +346,11 @@ def plan_capacity(gpu: str, gpus: int, max_input_len: int, max_output_len: int,
             f"left for the KV cache, and one request of {max_seq_len} tokens needs "
             f"{_gb(max_seq_len * kv_per_token)}; lower --max-input-len/--max-output-len or use more "
             f"or larger GPUs")
-    # As many full-length requests as the KV cache holds at once: the scheduler never has to
-    # evict a running request, whatever its lengths.
-    max_batch_size = min(kv_tokens // max_seq_len, MAX_BATCH_SIZE_CAP)
+    admitted = kv_admitted_requests(kv_tokens, workload.input_tokens, workload.output_tokens)
+    knee = throughput_batch(gpu, mean_decode_context(workload), tp, model, MAX_BATCH_SIZE_CAP)
+    max_batch_size = min(admitted, knee, MAX_BATCH_SIZE_CAP)
+    # Every step holds one token per decoding request, the rest of max_num_tokens goes to prompts.
+    assert max_num_tokens >= max_batch_size
     return CapacityPlan(
         gpu=gpu, gpus=gpus, tp=tp, ep=ep, max_input_len=max_input_len, max_output_len=max_output_len,
         max_seq_len=max_seq_len, gpu_memory_bytes=memory,
@@ -267,7 +359,9 @@ def plan_capacity(gpu: str, gpus: int, max_input_len: int, max_output_len: int,
         context_reserve_bytes=CONTEXT_RESERVE_BYTES, activation_bytes=activations,
         headroom_bytes=HEADROOM_BYTES, kv_cache_bytes_per_gpu=kv_cache_bytes,
         kv_cache_free_gpu_mem_fraction=fraction, kv_cache_tokens=kv_tokens,
-        max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+        workload=str(workload), kv_admitted_requests=admitted,
+        full_length_requests=kv_admitted_requests(kv_tokens, max_input_len, max_output_len),
+        throughput_batch=knee, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
         tokens_per_block=TOKENS_PER_BLOCK)
 
 
@@ -282,3 +376,36 @@ def _fits_hint(gpu: str, asked: int, model: ModelShape) -> str:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+# The detokenizer (the postprocessing model) serves many streams per process, and its work is
+# Python that holds the GIL: one process keeps at most one core busy, and processes beyond
+# the container's cores only take turns on them. So the count follows the cores Triton's
+# container gets, not the streams; the cores to give it follow from the token rate
+# (BENCHMARKS.md: CPU per 1,000 streamed tokens). Capped because each process is a Python stub
+# of its own (interpreter, token table, a gRPC stream to the engine): at the plan's highest
+# decode rate (4 x B200-180GB at 128/128, about 115,000 tok/s on paper) 64 processes leave each
+# about 1,800 tok/s, so more would only add memory and connections.
+MAX_DETOKENIZER_PROCESSES = 64
+
+
+def detokenizer_processes(cpu_cores: int) -> int:
+    """Postprocessing (detokenizer) processes for a Triton container with `cpu_cores` cores."""
+    if cpu_cores < 1:
+        raise UserError(f"cpu_cores must be at least 1, got {cpu_cores}")
+    return min(cpu_cores, MAX_DETOKENIZER_PROCESSES)
+
+
+# Scale a Triton replica out before its engine's batch is full.
+HPA_ACTIVE_REQUESTS_SHARE = 0.8
+
+
+def gateway_max_concurrency(max_batch_size: int, triton_max_replicas: int, gateway_replicas: int) -> int:
+    """Generations each gateway pod lets in: together, what the fully scaled-out Triton replicas
+    run at once. Fewer would keep the HPA's extra replicas idle; more would only queue work no
+    replica can start (the gateway answers 429 instead)."""
+    return math.ceil(max_batch_size * triton_max_replicas / gateway_replicas)
+
+
+def hpa_active_requests_target(max_batch_size: int) -> int:
+    return math.floor(HPA_ACTIVE_REQUESTS_SHARE * max_batch_size)

@@ -10,23 +10,25 @@ Every step is resumable: a rerun skips the converted, verified ranks.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
+from mixtral_triton.capacity import detokenizer_processes
 from mixtral_triton.convert.layout import SourceCheckpoint
 from mixtral_triton.convert.mapping import check_model, resolve
 from mixtral_triton.convert.writer import convert
 from mixtral_triton.errors import OneLineArgumentParser, UserError, one_line_errors
-from mixtral_triton.repository.fill import Settings, fill_repository
-
-MAX_DETOKENIZERS = 64
+from mixtral_triton.repository.fill import CPU_ENGINES, Settings, fill_repository
+from mixtral_triton.standin import Pacing
 
 
 def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: int = 4,
                      max_batch_size: int = 8, max_input_len: int = 1024, max_seq_len: int = 2048,
-                     gpu: str = "H100-80GB", log=print) -> Path:
+                     gpu: str = "H100-80GB", standin: Pacing | None = None, log=print) -> Path:
+    """``standin`` (cpu only): fill the engine model with the paced table stand-in of
+    mixtral_triton.standin instead of the reference model (load tests)."""
     checkpoint, work_dir = Path(checkpoint).resolve(), Path(work_dir).resolve()
     if not (checkpoint / "config.json").is_file():
         raise UserError(f"{checkpoint} is not a Hugging Face checkpoint folder (no config.json)")
@@ -36,29 +38,31 @@ def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: 
                     max_seq_len=max_seq_len)
     if target == "cpu":
         settings.update(checkpoint_dir=trtllm_checkpoint, max_batch_size=max_batch_size)
+        if standin is not None:
+            settings.update(cpu_engine="standin", standin_gpu=standin.gpu, standin_tp=standin.tp,
+                            standin_pace_scale=standin.scale)
     else:
-        settings["engine_dir"] = engine_dir
+        # Each detokenizer process serves any number of streams: their count follows the
+        # cores of this machine (the serving one, when it builds its own repository), not the
+        # engine's batch; Kubernetes' build job passes the pod's count instead.
+        settings.update(engine_dir=engine_dir,
+                        postprocessing_instance_count=detokenizer_processes(os.cpu_count() or 1))
     settings = Settings(**settings)
     settings.validate_limits()  # a bad option is refused before the conversion, not after
     parallel = resolve(tp=tp)
     check_model(parallel, SourceCheckpoint(checkpoint).model)  # e.g. a TP that cannot split it
     work_dir.mkdir(parents=True, exist_ok=True)
     convert(checkpoint, trtllm_checkpoint, parallel=parallel, log=log)
-    engine_batch = max_batch_size
     if target != "cpu":
-        engine_batch = _engine(trtllm_checkpoint, engine_dir, gpu, max_input_len,
-                               max_seq_len - max_input_len, log)
-    # A detokenizer instance (a process) per stream the engine batches, so that none waits
-    # for a detokenizer; at most as many as the gateway's default --max-concurrency.
-    settings = replace(settings, postprocessing_instance_count=min(engine_batch, MAX_DETOKENIZERS))
+        _engine(trtllm_checkpoint, engine_dir, gpu, max_input_len, max_seq_len - max_input_len, log)
     repository = fill_repository(settings, work_dir / f"model_repository-{target}")
     log(f"model repository ready: {repository}")
     return repository
 
 
 def _engine(trtllm_checkpoint: Path, engine_dir: Path, gpu: str, max_input_len: int,
-            max_output_len: int, log) -> int:
-    """Build the engine (or print how); its max batch size."""
+            max_output_len: int, log) -> None:
+    """Build the engine (or print how)."""
     from mixtral_triton.trtllm_build import prepare_build, run_build
 
     build = prepare_build(trtllm_checkpoint, engine_dir, gpu, max_input_len, max_output_len, 1)
@@ -70,7 +74,6 @@ def _engine(trtllm_checkpoint: Path, engine_dir: Path, gpu: str, max_input_len: 
         engine_dir.mkdir(parents=True, exist_ok=True)
     else:
         log(run_build(build))
-    return build.plan.max_batch_size
 
 
 @one_line_errors
@@ -86,9 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-input-len", type=int, default=1024)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--gpu", default="H100-80GB", help="gpu: the capacity plan's GPU type")
+    p.add_argument("--cpu-engine", choices=CPU_ENGINES, default="reference",
+                   help="cpu: the reference model, or the paced table stand-in for load tests")
+    p.add_argument("--standin-gpu", default="H100-80GB", help="cpu standin: the GPU whose decode pace it keeps")
+    p.add_argument("--standin-pace-scale", type=float, default=1.0,
+                   help="cpu standin: x that GPU's roofline step time (0: no waiting; default 1)")
     args = p.parse_args(argv)
+    if args.cpu_engine == "standin" and args.target != "cpu":
+        raise UserError("--cpu-engine standin applies to --target cpu only")
+    standin = (Pacing(args.standin_gpu, args.tp, args.standin_pace_scale)
+               if args.cpu_engine == "standin" else None)
     build_repository(args.checkpoint, args.work_dir, args.target, args.tp, args.max_batch_size,
-                     args.max_input_len, args.max_seq_len, args.gpu)
+                     args.max_input_len, args.max_seq_len, args.gpu, standin)
     return 0
 
 

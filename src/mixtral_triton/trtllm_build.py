@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MIXTRAL_8X22B, CapacityPlan, ModelShape,
-                                     plan_capacity)
+from mixtral_triton.capacity import (DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_OUTPUT_LEN, GPU_MEMORY_BYTES, MIXTRAL_8X22B,
+                                     SEED_WORKLOAD, CapacityPlan, ModelShape, Workload, plan_capacity)
 from mixtral_triton.errors import UserError, one_line_errors
 
 TRTLLM_BUILD = "trtllm-build"
 BUILD_RECORD = "mixtral_triton_build.json"
-DEFAULT_MAX_INPUT_LEN = 4096
-DEFAULT_MAX_OUTPUT_LEN = 1024
 
 
 @dataclass(frozen=True)
@@ -86,15 +84,17 @@ def engine_command(checkpoint_dir: Path, output_dir: Path, plan: CapacityPlan, w
     ]
 
 
-def prepare_build(checkpoint_dir: Path, output_dir: Path, gpu: str,
-                  max_input_len: int = DEFAULT_MAX_INPUT_LEN,
-                  max_output_len: int = DEFAULT_MAX_OUTPUT_LEN, workers: int = 1) -> EngineBuild:
-    """Check the checkpoint, plan for its split on `gpu`, and assemble the command."""
+def prepare_build(checkpoint_dir: Path, output_dir: Path, gpu: str, max_input_len: int | None = None,
+                  max_output_len: int | None = None, workers: int = 1,
+                  workload: Workload | None = None) -> EngineBuild:
+    """Check the checkpoint, plan for its split on `gpu`, and assemble the command. Lengths not
+    given default to what the checkpoint's positions allow (capacity.engine_lengths)."""
     checkpoint_dir, output_dir = Path(checkpoint_dir).resolve(), Path(output_dir).resolve()
     mapping, shape = read_checkpoint(checkpoint_dir)
     tp = mapping.get("tp_size", 1)
     plan = plan_capacity(gpu, gpus=tp, tp=tp, ep=mapping.get("moe_ep_size", 1),
-                         max_input_len=max_input_len, max_output_len=max_output_len, model=shape)
+                         max_input_len=max_input_len, max_output_len=max_output_len, model=shape,
+                         workload=workload)
     # Each worker holds one rank's weights in host memory while it builds.
     if not 1 <= workers <= tp:
         raise UserError(f"--workers must be between 1 and {tp} (the checkpoint's ranks), got {workers}")
@@ -143,25 +143,39 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _add_limits(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu", required=True, choices=list(GPU_MEMORY_BYTES), help="GPU type")
-    p.add_argument("--max-input-len", type=int, default=DEFAULT_MAX_INPUT_LEN,
-                   help=f"longest prompt in tokens (default {DEFAULT_MAX_INPUT_LEN})")
-    p.add_argument("--max-output-len", type=int, default=DEFAULT_MAX_OUTPUT_LEN,
-                   help=f"most generated tokens per request (default {DEFAULT_MAX_OUTPUT_LEN})")
+def _add_limits(p: argparse.ArgumentParser, gpu_required: bool = True) -> None:
+    p.add_argument("--gpu", required=gpu_required, choices=list(GPU_MEMORY_BYTES), help="GPU type")
+    p.add_argument("--max-input-len", type=int, default=None,
+                   help=f"the engine's longest prompt in tokens (default {DEFAULT_MAX_INPUT_LEN}, less "
+                   "where the model has too few positions)")
+    p.add_argument("--max-output-len", type=int, default=None,
+                   help=f"the engine's most generated tokens per request (default {DEFAULT_MAX_OUTPUT_LEN}, "
+                   "less where the model has too few positions)")
+    p.add_argument("--workload", type=Workload.parse, default=None,
+                   help=f"the request shape INPUT/OUTPUT tokens max_batch_size is sized for (default "
+                   f"{SEED_WORKLOAD}, or the engine's full length where that is shorter); longer requests, "
+                   "up to the engine's limits, are still served, fewer at once")
 
 
 def plan_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="plan_capacity.py",
                 description="Plan GPU memory for the fp16 model: weights and KV cache per GPU, "
-                "and the engine limits that fit. Refuses plans that cannot fit, with the numbers.")
-    _add_limits(p)
+                "and the engine limits that fit, max_batch_size sized for a workload. Refuses plans "
+                "that cannot fit, with the numbers. --table: the plan for every GPU and request shape.")
+    _add_limits(p, gpu_required=False)  # --table without --gpu: every planned GPU
     p.add_argument("--gpus", type=int, default=4, help="GPU count, one rank each (default 4)")
     p.add_argument("--tp", type=int, default=None, help="tensor parallelism (default: --gpus)")
     p.add_argument("--ep", type=int, default=1, help="expert parallelism within tp (default 1)")
     p.add_argument("--model-config", type=Path, default=None,
                    help="config.json (or its folder) of the model; default Mixtral-8x22B-v0.1's")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output.add_argument("--table", action="store_true",
+                        help="print the workload plan (markdown) for every planned GPU, or --gpu's, and "
+                        "the request shapes 128/128, 512/256, 2048/512 and 4096/1024")
+    output.add_argument("--render-overlay", type=Path, metavar="DIR",
+                        help="write DIR/kustomization.yaml: the Kubernetes overlay for --gpu, every limit "
+                        "(engine, detokenizer processes, gateway, HPA) from this plan")
     return p
 
 
@@ -169,8 +183,22 @@ def plan_parser() -> argparse.ArgumentParser:
 def plan_main(argv: list[str] | None = None) -> int:
     args = plan_parser().parse_args(argv)
     model = ModelShape.from_file(args.model_config) if args.model_config else MIXTRAL_8X22B
+    if args.table:
+        from mixtral_triton.roofline import PLAN_GPUS, workload_plan, workload_plan_markdown
+
+        gpus = (args.gpu,) if args.gpu else PLAN_GPUS
+        print(workload_plan_markdown(workload_plan(gpus, sized_for=args.workload, gpu_count=args.gpus,
+                                                   model=model)))
+        return 0
+    if args.gpu is None:
+        raise UserError(f"--gpu is required (one of {', '.join(GPU_MEMORY_BYTES)}) unless --table is given")
     plan = plan_capacity(args.gpu, args.gpus, args.max_input_len, args.max_output_len,
-                         tp=args.tp, ep=args.ep, model=model)
+                         tp=args.tp, ep=args.ep, model=model, workload=args.workload)
+    if args.render_overlay:
+        from mixtral_triton.overlay import write_overlay
+
+        print(write_overlay(args.render_overlay, plan))
+        return 0
     print(plan.to_json() if args.json else plan.table())
     return 0
 
@@ -193,7 +221,7 @@ def engine_parser() -> argparse.ArgumentParser:
 def engine_main(argv: list[str] | None = None) -> int:
     args = engine_parser().parse_args(argv)
     build = prepare_build(args.checkpoint_dir, args.output_dir, args.gpu, args.max_input_len,
-                          args.max_output_len, args.workers)
+                          args.max_output_len, args.workers, args.workload)
     print(build.plan.table(), file=sys.stderr)
     if args.dry_run:
         print(shlex.join(build.command))

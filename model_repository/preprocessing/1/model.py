@@ -10,6 +10,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.protocol import RequestError
+from mixtral_triton.protocol.errors import INVALID_ARGUMENT, coded
 from mixtral_triton.serving.engine_client import EngineClient
 from mixtral_triton.serving.preprocess import Preprocessor
 from mixtral_triton.serving.runs import RunRegistry, server_registry_path
@@ -35,7 +36,8 @@ class TritonPythonModel:
             prepared = self.preprocessor.prepare(inputs, request.request_id())
         except RequestError as exc:
             return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+                error=pb_utils.TritonError(coded(INVALID_ARGUMENT, str(exc), exc.field),
+                                           pb_utils.TritonError.INVALID_ARG))
         if prepared["stop"].any():
             for engine_id in self.runs.cancel(request.request_id()):
                 if not self.engine.stop(engine_id):  # e.g. a full engine queue refused it

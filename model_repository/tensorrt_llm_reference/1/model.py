@@ -1,7 +1,9 @@
 """The CPU reference engine behind the tensorrt_llm model's tensor contract.
 
 Requests go to mixtral_triton.reference.Engine (in-flight batching on a background
-thread); its events come back as streamed responses. Like the C++ backend, the instance
+thread), stepping the reference model or, for load tests (parameter `engine`: "standin"),
+the paced table stand-in of mixtral_triton.standin; its events come back as
+streamed responses. Like the C++ backend, the instance
 checks for cancelled requests periodically, and a request with `stop = true` cancels the
 running request of the same request id.
 """
@@ -13,9 +15,11 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, UNAVAILABLE, coded
 from mixtral_triton.reference import Engine, ReferenceModel
 from mixtral_triton.reference.engine import QueueFull
 from mixtral_triton.reference.contract import is_stop_request, output_arrays, request_from_inputs
+from mixtral_triton.standin import Pacing, TableModel
 
 CANCELLATION_CHECK_PERIOD_S = 0.05
 # The C++ backend's request gauge, same name and labels, so dashboards, autoscaling and
@@ -28,7 +32,11 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # more threads than cores left stalls every step many-fold
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
-        model = ReferenceModel.from_trtllm_checkpoint(params["checkpoint_dir"])
+        if params["engine"] == "standin":
+            model = TableModel.from_folders(params["tokenizer_dir"], params["checkpoint_dir"], Pacing(
+                params["standin_gpu"], int(params["standin_tp"]), float(params["standin_pace_scale"])))
+        else:
+            model = ReferenceModel.from_trtllm_checkpoint(params["checkpoint_dir"])
         # The queue bound of this model's dynamic_batching, which the C++ backend also
         # applies to its executor: more requests waiting for a batch slot are refused.
         queue_policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
@@ -63,7 +71,7 @@ class TritonPythonModel:
             engine_request = request_from_inputs(inputs)
         except (KeyError, TypeError, ValueError, UserError) as exc:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)),
+                coded(INVALID_ARGUMENT, f"invalid request: {exc}"), pb_utils.TritonError.INVALID_ARG)),
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         prompt_tokens = len(engine_request.input_ids)
@@ -82,7 +90,7 @@ class TritonPythonModel:
                     self.live.pop(event.request_id, None)
                     self.active_gauge.set(len(self.live))
             if event.finish_reason == "error":
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("engine step failed")),
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(coded(INTERNAL, "engine step failed"))),
                             flags=flags)
             elif event.tokens or not event.finished:
                 arrays = output_arrays(event.tokens, prompt_tokens, generated[0])
@@ -96,12 +104,12 @@ class TritonPythonModel:
                 handle = self.engine.submit(engine_request, on_event)
             except QueueFull as exc:  # overload: the client may retry, unlike a bad request
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    str(exc), pb_utils.TritonError.UNAVAILABLE)),
+                    coded(UNAVAILABLE, str(exc)), pb_utils.TritonError.UNAVAILABLE)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             except UserError as exc:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    str(exc), pb_utils.TritonError.INVALID_ARG)),
+                    coded(INVALID_ARGUMENT, str(exc)), pb_utils.TritonError.INVALID_ARG)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             self.live[handle.id] = (request, request.request_id())

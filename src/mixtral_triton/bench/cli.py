@@ -1,11 +1,14 @@
 """`scripts/bench/run.py`: measure, write bench/results/latest.json, regenerate BENCHMARKS.md
 and bench/plots/*.png.
 
-    .venv/bin/python scripts/bench/run.py                 # everything (7-10 min on 2 cores)
-    .venv/bin/python scripts/bench/run.py --quick         # fewer cells (1-2 min)
-    .venv/bin/python scripts/bench/run.py --only serving  # or converter, perf_analyzer (repeatable)
+    .venv/bin/python scripts/bench/run.py                 # everything
+    .venv/bin/python scripts/bench/run.py --quick         # fewer cells, fewer rounds
+    .venv/bin/python scripts/bench/run.py --only serving  # or converter, perf_analyzer, scale (repeatable)
+    .venv/bin/python scripts/bench/run.py --only scale --anchor PATH  # with tensorrtllm_backend's ensemble
     .venv/bin/python scripts/bench/run.py --report-only   # re-render from latest.json
 
+A run measures a commit: a tree that differs from it (the benchmark's own outputs aside) is
+refused unless --allow-dirty, and then every figure of the sections it measured is marked.
 With --only, the other sections of latest.json are kept as they were (each section records
 when, on which commit and how it was measured), so the report always covers every section.
 """
@@ -21,7 +24,9 @@ from pathlib import Path
 from mixtral_triton.errors import UserError, one_line_errors
 
 ROOT = Path(__file__).resolve().parents[3]
-SECTIONS = ("serving", "perf_analyzer", "converter")
+SECTIONS = ("serving", "perf_analyzer", "converter", "scale")
+# What a run rewrites: not part of what it measures, so not a reason to call the tree dirty.
+OUTPUTS = ("BENCHMARKS.md", "bench/results", "bench/plots")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,6 +36,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="one shape (128/128), concurrency 1 and 8, fewer requests, one conversion")
     p.add_argument("--report-only", action="store_true", help="measure nothing: re-render the report")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="measure a tree that differs from its commit (every figure it measures is marked so)")
+    p.add_argument("--anchor", type=Path, metavar="PATH",
+                   help="scale: a checkout (or git directory) of triton-inference-server/tensorrtllm_backend; "
+                        "its v0.19.0 ensemble is rebuilt in the work dir and measured beside ours "
+                        "(skipped without it)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     p.add_argument("--work-dir", type=Path, default=ROOT / "bench" / ".work",
                    help="fixtures, converted checkpoints, repositories and logs (kept between runs, git-ignored)")
@@ -49,29 +60,39 @@ def _load(path: Path) -> dict:
 
 
 def _plans(quick: bool):
-    from mixtral_triton.bench.serving import ServingPlan
+    from mixtral_triton.bench.path_sweep import ServingPlan
+    from mixtral_triton.bench.scale import ScalePlan
     from mixtral_triton.bench.workload import Shape
 
     if quick:
-        return ServingPlan(shapes=[Shape(128, 128)], concurrencies=[1, 8], requests_per_worker=2,
-                           min_requests=4, prompt_pool=8, perf_analyzer_concurrencies=(1,),
-                           in_process_batches=(1, 8)), (1,)
-    return ServingPlan(shapes=[Shape(128, 128), Shape(32, 256)], concurrencies=[1, 2, 4, 8, 16]), (1, 2)
+        return (ServingPlan(shapes=[Shape(128, 128)], concurrencies=[1, 8], rounds=3, min_requests=2,
+                            prompt_pool=8, perf_analyzer_concurrencies=(1,), in_process_batches=(1, 8)),
+                (1,), ScalePlan.quick())
+    return (ServingPlan(shapes=[Shape(128, 128), Shape(32, 256)], concurrencies=[1, 2, 4, 8, 16]), (1, 2),
+            ScalePlan())
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from mixtral_triton.bench import machine, report
+    from mixtral_triton.bench.targets import targets
 
     results = _load(args.results)
     if not args.report_only:
         wanted = set(args.only or SECTIONS)
-        machine_info = machine.describe(ROOT)
+        machine_info = machine.describe(ROOT, OUTPUTS)
+        if machine_info["git_commit"] is None:
+            raise UserError(f"{ROOT} is not a git checkout: a benchmark measures a commit")
+        if machine_info["git_dirty"] and not args.allow_dirty:
+            paths = machine_info["git_dirty_paths"]
+            raise UserError(f"the tree differs from commit {machine_info['git_commit'][:12]} in {len(paths)} path(s) "
+                            f"({', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''}): commit first, or pass "
+                            "--allow-dirty to mark every figure of this run as measured on a dirty tree")
         results["schema"] = 1
         results["machine"] = machine_info
         results.setdefault("runs", {})
-        serving_plan, converter_workers = _plans(args.quick)
+        serving_plan, converter_workers, scale_plan = _plans(args.quick)
         args.work_dir.mkdir(parents=True, exist_ok=True)
         print(f"benchmark: {', '.join(s for s in SECTIONS if s in wanted)}{' (quick)' if args.quick else ''}; "
               f"{machine_info['cores']} cores, load average {machine_info['load_average_at_start']}", flush=True)
@@ -82,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "load_average_at_end": machine.load_average()}
 
         if "serving" in wanted or "perf_analyzer" in wanted:
-            from mixtral_triton.bench.serving import plan_dict, run_serving
+            from mixtral_triton.bench.path_sweep import plan_dict, run_serving
 
             serving_plan.run_paths = "serving" in wanted
             serving_plan.perf_analyzer = "perf_analyzer" in wanted
             started = time.monotonic()
             print("serving" + (" + perf_analyzer" if serving_plan.perf_analyzer else ""), flush=True)
-            section = run_serving(ROOT, args.work_dir / "serving", serving_plan, log=_log)
+            section = run_serving(args.work_dir / "serving", serving_plan, log=_log)
             pa = section.pop("perf_analyzer", None)
             if serving_plan.run_paths:
                 section["plan"] = plan_dict(serving_plan)
@@ -104,10 +125,17 @@ def main(argv: list[str] | None = None) -> int:
             print("converter", flush=True)
             results["converter"] = run_converter(args.work_dir / "converter", workers=converter_workers, log=_log)
             stamp("converter", started)
+        if "scale" in wanted:
+            from mixtral_triton.bench.scale import run_scale
+
+            started = time.monotonic()
+            print("scale", flush=True)
+            results["scale"] = run_scale(args.work_dir / "scale", scale_plan, args.anchor, log=_log)
+            stamp("scale", started)
         from mixtral_triton.bench.gpu import gpu_section
 
         results["gpu"] = gpu_section()
-        results["targets"] = report.targets(results)
+        results["targets"] = targets(results)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.results.with_name(f".{args.results.name}.tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
@@ -117,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{args.results} does not exist: run without --report-only first")
     for path in report.write_report(results, ROOT, args.plots, args.report):
         print(f"wrote {path}", flush=True)
-    for row in results.get("targets") or report.targets(results):
-        verdict = "n/a" if row["ok"] is None else ("met" if row["ok"] else "MISSED")
-        print(f"  [{verdict:>6}] {row['target']}: {row['measured']}", flush=True)
+    for row in targets(results):
+        print(f"  [{row['verdict']:>12}] {row['target']}: {row['measured']}", flush=True)
     return 0
 
 

@@ -1,84 +1,21 @@
 """The GPU section, on paper (NOTHING here was measured): Mixtral 8x22B fp16 at TP=4 on
 A100-80GB and H100-SXM, from the model's config.
 
-Decode roofline: a decode step reads, on every GPU, its shard of the weights the step
-touches plus the KV cache of every sequence in the batch; at small batch that traffic, not
-arithmetic, bounds the step: t_step >= bytes_per_gpu / HBM bandwidth. A token activates 2
-of the 8 experts of every layer, so a batch of one reads the attention, two experts, the
-router, norms and the output head (about 39B of the 141B parameters); a batch of B tokens
-touches E(1 - (1 - k/E)^B) experts per layer on average (uniform routing), all 8 well
-before B = 32, after which every step reads the whole shard. Left out of the bound: the
-TP all-reduces (2 per layer), kernel launch gaps and sampling, so real steps are slower.
-
+Decode roofline: mixtral_triton.roofline (how it bounds a step is explained there).
 KV capacity beside the weights: mixtral_triton.capacity's plan (the one the build uses).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-from mixtral_triton.capacity import (DTYPE_BYTES, MIXTRAL_8X22B, ModelShape, kv_bytes_per_token, plan_capacity,
-                                     weight_bytes)
+from mixtral_triton.capacity import MIXTRAL_8X22B, ModelShape, plan_capacity, weight_bytes
 from mixtral_triton.errors import UserError
+from mixtral_triton.roofline import GPUS as ROOFLINE_GPUS
+from mixtral_triton.roofline import parameter_groups, step_bounds
 
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    capacity_name: str  # mixtral_triton.capacity's GPU key
-    hbm_bytes_per_s: float
-    fp16_dense_flops: float
-    source: str
-
-
-# NVIDIA's datasheets: A100 80GB SXM (HBM2e 2,039 GB/s, 312 TFLOPS fp16 tensor dense) and
-# H100 SXM5 80GB (HBM3 3.35 TB/s, 989 TFLOPS fp16 tensor dense; 1,979 is with sparsity).
-GPUS = (
-    Gpu("A100-80GB SXM", "A100-80GB", 2.039e12, 312e12,
-        "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM: 2,039 GB/s, FP16 tensor 312 TFLOPS dense)"),
-    Gpu("H100-SXM 80GB", "H100-80GB", 3.35e12, 989e12,
-        "NVIDIA H100 Tensor Core GPU datasheet (SXM: 3.35 TB/s, FP16 tensor 989 TFLOPS dense)"),
-)
+GPUS = (ROOFLINE_GPUS["A100-80GB"], ROOFLINE_GPUS["H100-80GB"])
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 GRID = ((128, 128), (128, 2048), (2048, 128), (2048, 2048))
 CONCURRENCY_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def parameter_groups(m: ModelShape) -> dict[str, int]:
-    """Whole-model parameter counts by group."""
-    h, d = m.hidden_size, m.head_size
-    attention = m.num_hidden_layers * (2 * h * m.num_attention_heads * d + 2 * h * m.num_key_value_heads * d)
-    expert = 3 * h * m.intermediate_size  # w1, w2, w3 of one expert in one layer
-    return {
-        "attention": attention,
-        "experts_all": m.num_hidden_layers * m.num_experts * expert,
-        "expert_one_layer": expert,
-        "router": m.num_hidden_layers * m.num_experts * h,
-        "norms": (2 * m.num_hidden_layers + 1) * h,
-        "embedding": m.vocab_size * h,
-        "lm_head": m.vocab_size * h,
-    }
-
-
-def expected_experts(batch: int, m: ModelShape) -> float:
-    """Distinct experts a batch of `batch` decode tokens touches per layer (uniform routing)."""
-    return m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** batch)
-
-
-def step_bytes_per_gpu(m: ModelShape, tp: int, batch: int, context: int) -> dict:
-    """Bytes one GPU reads in one decode step of `batch` sequences of `context` tokens."""
-    g = parameter_groups(m)
-    experts = expected_experts(batch, m)
-    kv_heads = math.ceil(m.num_key_value_heads / tp)
-    attention = m.num_hidden_layers * (2 * m.hidden_size * m.num_attention_heads * m.head_size // tp
-                                       + 2 * m.hidden_size * kv_heads * m.head_size)
-    weights = (attention + experts * m.num_hidden_layers * g["expert_one_layer"] / tp
-               + math.ceil(m.vocab_size / tp) * m.hidden_size  # the rank's vocabulary slice
-               + batch * m.hidden_size  # embedding rows looked up
-               + g["norms"]) * DTYPE_BYTES + g["router"] * 4  # router weights stay float32
-    kv = batch * context * kv_bytes_per_token(m, tp)
-    return {"weights": weights, "kv": kv, "total": weights + kv, "experts_touched": experts}
 
 
 def roofline(m: ModelShape = MIXTRAL_8X22B, tp: int = 4, context: int = 2048) -> dict:
@@ -89,17 +26,12 @@ def roofline(m: ModelShape = MIXTRAL_8X22B, tp: int = 4, context: int = 2048) ->
     rows = []
     for gpu in GPUS:
         half = context // 2
-        kv_tokens = plan_capacity(gpu.capacity_name, tp, half, context - half, model=m).kv_cache_tokens
+        kv_tokens = plan_capacity(gpu.name, tp, half, context - half, model=m).kv_cache_tokens
         for batch in BATCHES:
-            b = step_bytes_per_gpu(m, tp, batch, context)
-            memory_s = b["total"] / gpu.hbm_bytes_per_s
-            # 2 FLOPs per weight per token over the touched weights (one expert copy per
-            # token-choice), attention over the context ignored: a lower bound
-            flops = 2 * batch * (g["attention"] / tp + m.num_hidden_layers * m.top_k * g["expert_one_layer"] / tp
-                                 + g["lm_head"] / tp)
-            compute_s = flops / gpu.fp16_dense_flops
+            b = step_bounds(gpu.name, batch, context, tp, m)
+            memory_s, compute_s = b["memory_s"], b["compute_s"]
             step = max(memory_s, compute_s)
-            rows.append({"gpu": gpu.name, "batch": batch, "context": context,
+            rows.append({"gpu": gpu.label, "batch": batch, "context": context,
                          "experts_touched_per_layer": round(b["experts_touched"], 2),
                          "weight_gb_per_gpu": b["weights"] / 1e9, "kv_gb_per_gpu": b["kv"] / 1e9,
                          "step_ms_memory_bound": memory_s * 1e3, "step_ms_compute_bound": compute_s * 1e3,
@@ -118,16 +50,16 @@ def kv_capacity(tp: int = 4) -> list[dict]:
     for gpu in GPUS:
         for isl, osl in GRID:
             try:
-                plan = plan_capacity(gpu.capacity_name, tp, isl, osl)
+                plan = plan_capacity(gpu.name, tp, isl, osl)
             except UserError as exc:
-                out.append({"gpu": gpu.name, "isl": isl, "osl": osl, "error": str(exc)})
+                out.append({"gpu": gpu.label, "isl": isl, "osl": osl, "error": str(exc)})
                 continue
-            out.append({"gpu": gpu.name, "isl": isl, "osl": osl,
+            out.append({"gpu": gpu.label, "isl": isl, "osl": osl,
                         "weights_gb_per_gpu": plan.weight_bytes_per_gpu / 1e9,
                         "kv_cache_gb_per_gpu": plan.kv_cache_bytes_per_gpu / 1e9,
                         "kv_kib_per_token_per_gpu": plan.kv_bytes_per_token_per_gpu / 1024,
                         "kv_cache_tokens": plan.kv_cache_tokens,
-                        "max_batch_size_full_length": plan.max_batch_size,
+                        "max_batch_size_full_length": plan.full_length_requests,
                         "kv_cache_free_gpu_mem_fraction": plan.kv_cache_free_gpu_mem_fraction})
     return out
 

@@ -14,10 +14,11 @@ PACKAGES = ("mixtral-triton", "nvidia-pytriton", "tritonclient", "torch", "trans
             "numpy", "safetensors", "grpcio", "aiohttp", "fastapi", "uvicorn", "matplotlib")
 
 
-def _git(root: Path, *args: str) -> str | None:
+def _git(root: Path, *args: str, strip: bool = True) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=10).stdout
+        return out.strip() if strip else out
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -49,14 +50,26 @@ def load_average() -> list[float] | None:
         return None
 
 
-def describe(root: Path) -> dict:
+def dirty_paths(root: Path, outputs: tuple[str, ...] = ()) -> list[str] | None:
+    """Paths that differ from the commit (modified, staged or untracked, git-ignored files
+    aside), leaving out the benchmark's own outputs (`outputs`: paths or folder prefixes
+    relative to the repository), which a run rewrites and which measure nothing; None when
+    git cannot say."""
+    status = _git(root, "status", "--porcelain", "--untracked-files=all", strip=False)
+    if status is None:
+        return None
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if line.strip()]
+    return [p for p in paths if not any(p == o or p.startswith(o.rstrip("/") + "/") for o in outputs)]
+
+
+def describe(root: Path, outputs: tuple[str, ...] = ()) -> dict:
     versions = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    status = _git(root, "status", "--porcelain")
+    dirty = dirty_paths(root, outputs)
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hostname": platform.node(),
@@ -68,6 +81,7 @@ def describe(root: Path) -> dict:
         "python": sys.version.split()[0],
         "packages": versions,
         "git_commit": _git(root, "rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "git_dirty_paths": dirty,
         "load_average_at_start": load_average(),
     }

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from mixtral_triton.bench.workload import Prompt, Shape
 
+ROOT = Path(__file__).resolve().parents[3]
+
 
 def environment() -> dict[str, str]:
     """perf_analyzer's environment (mixtral_triton.launcher.perf: libcudart from the wheel)."""
@@ -62,9 +64,10 @@ def command(url: str, input_file: Path, concurrency: int, request_count: int, ex
 
 
 def _from_export(export: Path, shape: Shape | None) -> dict:
-    """Our statistics (serving.summarize) from perf_analyzer's per-response timestamps (ns)
+    """Our statistics (statistics.summarize) from perf_analyzer's per-response timestamps (ns)
     and outputs: each response's new tokens are its completion_tokens minus the previous."""
-    from mixtral_triton.bench.serving import Record, summarize
+    from mixtral_triton.bench.request_clients import Record
+    from mixtral_triton.bench.statistics import summarize
 
     doc = json.loads(export.read_text())
     records = []
@@ -126,3 +129,35 @@ def run_one(url: str, input_file: Path, concurrency: int, request_count: int, wo
 def _shown(argv: list[str]) -> str:
     shown = ["perf_analyzer" if i == 0 else a for i, a in enumerate(argv)]
     return " ".join(shown)
+
+
+def run_section(stack, plan, pools: dict, work: Path, log) -> dict:
+    """perf_analyzer against the section's server (a SupervisedStack), per plan (a ServingPlan)."""
+    out: dict = {"binary": binary(), "runs": []}
+    if binary() is None:
+        out["missing"] = "perf_analyzer is not installed (tritonclient[all])"
+        return out
+    if missing_libraries():
+        out["missing"] = f"perf_analyzer cannot load {', '.join(missing_libraries())} (scripts/setup.sh)"
+        return out
+    shape = plan.perf_analyzer_shape
+    ours = write_input(work / f"pa-input-{shape.input_tokens}-{shape.output_tokens}.json", pools[shape], shape)
+    inputs = [("bench", ours, shape)]
+    project = ROOT / "scripts" / "perf" / "ensemble_input.json"
+    if project.is_file():
+        inputs.append(("project", project, None))
+    else:
+        out["project_input_missing"] = str(project)
+    for label, input_file, input_shape in inputs:
+        for concurrency in plan.perf_analyzer_concurrencies:
+            count = plan.count(concurrency) * plan.rounds  # as many requests as our cell
+            result = run_one(stack.server.grpc_url, input_file, concurrency, count, work, label, input_shape)
+            stack.check(f"perf_analyzer {label} c={concurrency}", hung="timed out" in result.get("error", ""))
+            result.update(input=label, input_file=str(input_file), concurrency=concurrency,
+                          shape=input_shape.label if input_shape else None)
+            out["runs"].append(result)
+            fe = result.get("from_export") or {}
+            log(f"  perf_analyzer {label:<7} c={concurrency:<2} "
+                + (f"{fe.get('output_tokens_per_s') or 0:7.1f} tok/s  TTFT p50 {(fe.get('ttft_ms') or {}).get('p50') or 0:7.1f} ms"
+                   if fe else f"error: {result.get('error', '')[:200]}"))
+    return out

@@ -20,7 +20,7 @@ from mixtral_triton.errors import UserError, one_line_errors
 from mixtral_triton.protocol import FIELDS, RequestError, parse_request
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-_TYPES = {"integer": int, "number": float, "stop": str}
+_TYPES = {"integer": int, "number": float, "stop": str, "token_ids": int}
 _OWN = ("prompt", "stream")  # the positional prompt and --no-stream
 
 
@@ -47,9 +47,12 @@ def parser() -> argparse.ArgumentParser:
         default = "not sent" if spec.default is None else repr(spec.default)
         rules = f"; {spec.bounds_rule}" if spec.bounds_rule else ""
         help_text = f"{spec.description} (default {default}{rules})".replace("%", "%%")
-        if spec.kind == "stop":
-            p.add_argument(_option(spec.name), dest=spec.name, action="append", type=str,
-                           default=None, metavar="TEXT", help=help_text + "; repeat for more")
+        if spec.kind in ("stop", "token_ids"):
+            p.add_argument(_option(spec.name), dest=spec.name, action="append", type=_TYPES[spec.kind],
+                           default=None, metavar=spec.kind.upper(), help=help_text + "; repeat for more")
+        elif spec.kind == "boolean":
+            p.add_argument(_option(spec.name), dest=spec.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)
         else:
             p.add_argument(_option(spec.name), dest=spec.name, type=_TYPES[spec.kind],
                            default=None, metavar=spec.kind.upper(), help=help_text)

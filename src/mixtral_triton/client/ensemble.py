@@ -3,7 +3,6 @@ request, and what one streamed response says."""
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from mixtral_triton.protocol import FIELDS, PredictRequest, RequestError, ensemble_inputs
+from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, TRITON_UNAVAILABLE, UNAVAILABLE, read_code
 from mixtral_triton.serving.engine_request import stop_inputs
 
 ENSEMBLE = "ensemble"
@@ -18,7 +18,7 @@ ENSEMBLE = "ensemble"
 CANCEL_WAIT_S = 10.0
 OUTPUTS = ("text_output", "finish_reason", "prompt_tokens", "completion_tokens")
 _DATATYPES = {np.dtype(object): "BYTES", np.dtype(np.bool_): "BOOL", np.dtype(np.int32): "INT32",
-              np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64"}
+              np.dtype(np.float32): "FP32", np.dtype(np.uint64): "UINT64", np.dtype(np.float16): "FP16"}
 
 
 class ServerError(RuntimeError):
@@ -130,30 +130,23 @@ def chunk_of(result) -> Chunk | None:
                  completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]))
 
 
-# Triton's gRPC stream carries an error's message but not its status code, and the ensemble
-# prefixes the message with its own name. A request the tokenizer model refused reads as
-# mixtral_triton.protocol writes it: the field (or ensemble input) name first.
-_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
-_REQUEST_ERROR = re.compile(r"^(?P<field>[a-z_]+)(\[\d+\])? (must|is required)")
-_FIELD_OF_INPUT = {spec.tensor: spec.name for spec in FIELDS}
-# A full queue (Triton's scheduler, or the engine's max_queue_size) is an overload to retry,
-# which the gRPC stream cannot say with a status either.
-_OVERLOADED = re.compile(r"exceeds maximum queue size|engine's queue is full", re.IGNORECASE)
-# A Python model's stub process died (Triton 2.51 neither restarts it nor stops reporting
-# the model ready): the server cannot serve until it is restarted.
-_STUB_DOWN = re.compile(r"Stub process '[^']*' is not healthy")
+# What a refused or failed request's error says: our models' code first
+# (mixtral_triton.protocol.errors), Triton's own wording for the errors it makes itself.
+_FIELD_OF_INPUT = {name: spec.name for spec in FIELDS for name in (spec.tensor, *spec.tensor_aliases)}
+_STATUS_OF_KIND = {UNAVAILABLE: "UNAVAILABLE", INTERNAL: "INTERNAL"}
 
 
 def server_error(error) -> Exception:
     """The RequestError (naming the predict field) for a refused request; else a
-    ServerError with the gRPC status where the transport gave one."""
+    ServerError with the gRPC status the error's code or wording says (UNAVAILABLE for
+    overload and a dead stub), or the one the transport gave."""
     message = error.message() if hasattr(error, "message") else str(error)
-    message = _ENSEMBLE_PREFIX.sub("", message)
-    refused = _REQUEST_ERROR.match(message)
-    if refused:
-        field = refused.group("field")
-        return RequestError(_FIELD_OF_INPUT.get(field, field), message)
-    if _OVERLOADED.search(message) or _STUB_DOWN.search(message):
+    code = read_code(message)
+    if code is not None and code.kind == INVALID_ARGUMENT:
+        return RequestError(_FIELD_OF_INPUT.get(code.field, code.field), code.message)
+    if code is not None:
+        return ServerError(code.message, _STATUS_OF_KIND[code.kind])
+    if TRITON_UNAVAILABLE.search(message):
         return ServerError(message, "UNAVAILABLE")
     status = error.status() if hasattr(error, "status") else None
     return ServerError(message, status.removeprefix("StatusCode.") if status else None)

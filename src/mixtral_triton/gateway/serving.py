@@ -196,16 +196,16 @@ class GenerationResponse(Response):
             else:
                 await self._whole(send, first, following())
             last = streamed[-1]
-            log.info("%s %s: finish=%s prompt_tokens=%d completion_tokens=%d %.3fs", self.route,
+            log.info("%s %s: finish=%s prompt_tokens=%d completion_tokens=%d %.3fs%s", self.route,
                      self.request_id, last.finish_reason, last.prompt_tokens,
-                     last.completion_tokens, time.monotonic() - started)
+                     last.completion_tokens, time.monotonic() - started, self._user())
 
     async def _stream(self, send, first: Chunk, rest) -> None:
         fmt = self.fmt
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", fmt.media_type.encode()), (b"x-request-id", self.request_id.encode()),
             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
-        await _body(send, fmt.opening() + self._render(first))
+        await _body(send, fmt.opening(first) + self._render(first))
         try:
             async for chunk in rest:
                 await _body(send, self._render(chunk))
@@ -233,10 +233,14 @@ class GenerationResponse(Response):
         for event in json_response_events(200, body, {"X-Request-Id": self.request_id}):
             await send(event)
 
+    def _user(self) -> str:
+        # repr: a label from the client cannot forge log lines
+        return f" user={self.fmt.user[:256]!r}" if self.fmt.user else ""
+
     def _render(self, chunk: Chunk) -> bytes:
         if chunk.finish_reason is not None:
             return self.fmt.closing(chunk)
-        return self.fmt.piece(chunk.text) if chunk.text else b""
+        return self.fmt.piece(chunk) if chunk.text else b""
 
     def _error(self, exc: Exception) -> GatewayError:
         if isinstance(exc, RequestError):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from mixtral_triton.errors import OneLineArgumentParser, UserError, one_line_errors
 from mixtral_triton.launcher.cpu import TritonServer, cpu_server_command
-from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, mpi_server_command
+from mixtral_triton.launcher.gpu import (NGC_TRITONSERVER, mpi_server_command, orchestrator_environment,
+                                         orchestrator_server_command, serve_leader_mode)
 from mixtral_triton.launcher.ports import Ports, free_ports
 
 
@@ -21,7 +22,9 @@ def parser() -> argparse.ArgumentParser:
         prog="mixtral-triton-launch",
         description="Start Triton Inference Server on a filled model repository. "
         "--target cpu runs the server from the nvidia-pytriton wheel on this machine; "
-        "--target gpu runs the NGC TensorRT-LLM container's server under mpirun, one rank per GPU.")
+        "--target gpu runs the NGC TensorRT-LLM container's server: in orchestrator mode (the "
+        "default) it execs the one tritonserver process, whose engine model spawns a worker per "
+        "GPU; in leader mode it runs mpirun, one tritonserver rank per GPU.")
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--host", default="127.0.0.1",
@@ -30,7 +33,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--free-ports", action="store_true", help="pick three free ports instead")
-    p.add_argument("--world-size", type=int, default=4, help="gpu target: MPI ranks, one per GPU (default 4)")
+    p.add_argument("--mode", choices=["orchestrator", "leader"], default="orchestrator",
+                   help="gpu target: orchestrator (default): one tritonserver process with "
+                   "TRTLLM_ORCHESTRATOR=1, one node; leader: mpirun, one tritonserver rank per GPU, "
+                   "the layout that can span nodes")
+    p.add_argument("--world-size", type=int, default=4,
+                   help="gpu target: the engine's GPUs (its tensor-parallel size), one MPI rank "
+                   "each in leader mode (default 4)")
     p.add_argument("--tritonserver", default=NGC_TRITONSERVER, help="gpu target: server binary")
     p.add_argument("--exit-timeout-secs", type=int, default=5,
                    help="how long the server drains in-flight requests on shutdown")
@@ -55,15 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ports = free_ports() if args.free_ports else Ports(args.http_port, args.grpc_port, args.metrics_port)
 
     if args.target == "gpu":
-        command = mpi_server_command(repo, args.world_size, ports, args.tritonserver,
-                                     args.exit_timeout_secs)
-        if args.dry_run:
-            print(shlex.join(command))
-            return 0
-        if shutil.which("mpirun") is None or not Path(args.tritonserver).exists():
-            raise UserError("the gpu target runs inside nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 "
-                            f"(mpirun and {args.tritonserver} not found here)")
-        os.execvp(command[0], command)
+        return launch_gpu(args, repo, ports)
 
     if args.dry_run:
         print(shlex.join(cpu_server_command(repo, ports, args.host, args.exit_timeout_secs,
@@ -71,6 +72,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     return serve_until_signal(TritonServer(repo, ports, args.host, args.log_file,
                                            args.exit_timeout_secs, args.log_verbose))
+
+
+def launch_gpu(args: argparse.Namespace, repo: Path, ports: Ports) -> int:
+    if args.mode == "orchestrator":
+        env = orchestrator_environment(ports)
+        command = orchestrator_server_command(repo, args.world_size, ports, args.tritonserver,
+                                              args.exit_timeout_secs)
+        needed = [args.tritonserver]
+    else:
+        env = {}
+        command = mpi_server_command(repo, args.world_size, ports, args.tritonserver,
+                                     args.exit_timeout_secs)
+        needed = [args.tritonserver, "mpirun"]
+    if args.dry_run:
+        print(shlex.join([f"{name}={value}" for name, value in env.items()] + command))
+        return 0
+    missing = [tool for tool in needed if shutil.which(tool) is None]
+    if missing:
+        raise UserError("the gpu target runs inside nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 "
+                        f"({' and '.join(missing)} not found here)")
+    if args.mode == "leader":
+        return serve_leader_mode(command, args.exit_timeout_secs)
+    # The server replaces this process, so that a container's SIGTERM reaches it directly.
+    os.execve(command[0], command, {**os.environ, **env})
 
 
 def serve_until_signal(server: TritonServer) -> int:

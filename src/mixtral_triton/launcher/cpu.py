@@ -15,7 +15,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from mixtral_triton.errors import UserError
 from mixtral_triton.launcher.ports import GRPC_URL_ENV, Ports, free_ports
+from mixtral_triton.launcher.shutdown import stop_process_group
 from mixtral_triton.launcher.stubs import dead_stubs
 
 # Logged as errors by every start on a machine without a GPU, and harmless there.
@@ -201,16 +201,8 @@ class TritonServer:
             return None
         if timeout_s is None:
             timeout_s = self.exit_timeout_s + 5.0
-        pgid = self.process.pid  # start_new_session: the group id is the server's pid
         regions = _stub_shm_regions(self.process.pid)
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(pgid)
-        self.process.wait()
+        stop_process_group(self.process, timeout_s)
         for region in regions:  # a killed stub leaves its region (1 MiB or more) in /dev/shm
             region.unlink(missing_ok=True)
         return self.process.returncode
@@ -267,18 +259,3 @@ def _stub_shm_regions(pid: int) -> list[Path]:
                     and re.fullmatch(rb"[\w.-]+", argv[2]):
                 regions.append(Path("/dev/shm") / argv[2].decode())
     return regions
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def process_group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True

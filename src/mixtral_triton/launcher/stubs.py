@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 STUB = "triton_python_backend_stub"
+SERVER = "tritonserver"
 _PROC = Path("/proc")
 
 
@@ -52,9 +53,15 @@ def stub_processes(server_pid: int) -> dict[str, int]:
     return stubs
 
 
+def _comm(pid: int | str) -> str | None:
+    try:
+        return (_PROC / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return None
+
+
 def _is_dead_stub(pid: int) -> bool:
-    """A zombie stub whose server is still running: a zombie handed to PID 1 belongs to a
-    server that is gone (an init that does not reap, as in some sandboxes, keeps it)."""
+    """A zombie stub whose server is still running."""
     try:
         stat = (_PROC / str(pid) / "stat").read_text()
     except OSError:
@@ -62,7 +69,14 @@ def _is_dead_stub(pid: int) -> bool:
     # "pid (comm) state ppid ...": comm is cut to 15 characters and may hold spaces.
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
     state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
-    return state == "Z" and comm == STUB[:15] and ppid != "1"
+    return state == "Z" and comm == STUB[:15] and not orphaned(ppid, _comm(1))
+
+
+def orphaned(ppid: str, init_comm: str | None) -> bool:
+    """Whether a zombie with this parent belongs to a server that is gone: a zombie handed
+    to PID 1 does (an init that does not reap, as in some sandboxes, keeps it), unless PID 1
+    is the server itself, as in a container whose command is `tritonserver`."""
+    return ppid == "1" and init_comm != SERVER
 
 
 def dead_stubs(server_pid: int | None = None) -> list[int]:

@@ -1,5 +1,11 @@
 """The wire protocol of the `predict` API, shared by the client, the gateway and the Triton models."""
 
+from mixtral_triton.protocol.ensemble import (
+    ENSEMBLE_ONLY_BY_NAME,
+    ENSEMBLE_ONLY_INPUTS,
+    EnsembleInput,
+    ensemble_input_specs,
+)
 from mixtral_triton.protocol.predict import (
     FIELDS,
     FIELDS_BY_NAME,
@@ -16,6 +22,10 @@ from mixtral_triton.protocol.predict import (
 )
 
 __all__ = [
+    "ENSEMBLE_ONLY_BY_NAME",
+    "ENSEMBLE_ONLY_INPUTS",
+    "EnsembleInput",
+    "ensemble_input_specs",
     "FIELDS",
     "FIELDS_BY_NAME",
     "MAX_STOPS",

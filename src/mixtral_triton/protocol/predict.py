@@ -35,7 +35,9 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class FieldSpec:
     name: str
-    kind: str  # "string", "boolean", "integer", "number" or "stop" (a string or a list of them)
+    # "string", "boolean", "integer", "number", "stop" (a string or a list of them) or
+    # "token_ids" (a list of token ids)
+    kind: str
     default: Any
     description: str
     minimum: float | None = None
@@ -44,6 +46,8 @@ class FieldSpec:
     exclusive_maximum: bool = False
     tensor: str | None = None  # the input of TensorRT-LLM's `ensemble` model it feeds
     tensor_dtype: str | None = None  # that input's Triton data type
+    # Older ensemble input names of the same field (genai-perf sends `min_length`)
+    tensor_aliases: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -61,7 +65,9 @@ class FieldSpec:
 
 
 # Tensor names and data types: triton_backend/all_models/inflight_batcher_llm/ensemble/config.pbtxt
-# of TensorRT-LLM. Every input there has dims [1] except stop_words ([-1]).
+# of TensorRT-LLM where the field is one of its inputs (dims [1], stop_words [-1]); the
+# vLLM sampling extensions it lacks (ignore_eos, stop_token_ids, include_stop_str_in_output,
+# skip_special_tokens) are inputs of this project's ensemble under vLLM's names.
 FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("prompt", "string", REQUIRED, "The text to complete (non-empty).",
               tensor="text_input", tensor_dtype="TYPE_STRING"),
@@ -79,7 +85,7 @@ FIELDS: tuple[FieldSpec, ...] = (
               minimum=0, maximum=INT32_MAX, tensor="top_k", tensor_dtype="TYPE_INT32"),
     FieldSpec("stop", "stop", None, f"A string or a list of at most {MAX_STOPS} non-empty strings "
               f"of at most {MAX_STOP_CHARS} characters; generation ends before the first one, "
-              "which is not returned.",
+              "which is not returned (unless include_stop_str_in_output).",
               tensor="stop_words", tensor_dtype="TYPE_STRING"),
     FieldSpec("seed", "integer", None, "Random seed for sampling; omit for a random one.",
               minimum=0, maximum=UINT64_MAX, tensor="seed", tensor_dtype="TYPE_UINT64"),
@@ -92,6 +98,26 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("frequency_penalty", "number", 0.0, "Subtracted from a token's score once per time "
               "it was generated (as in OpenAI).",
               minimum=-2, maximum=2, tensor="frequency_penalty", tensor_dtype="TYPE_FP32"),
+    FieldSpec("min_tokens", "integer", 0, "Generate at least this many tokens before the end "
+              "token may end the completion (at most max_tokens; a stop string still ends it).",
+              minimum=0, maximum=INT32_MAX, tensor="min_tokens", tensor_dtype="TYPE_INT32",
+              tensor_aliases=("min_length",)),
+    FieldSpec("ignore_eos", "boolean", False, "Never end on the end token: generate max_tokens "
+              "tokens unless a stop string or stop token ends the completion first.",
+              tensor="ignore_eos", tensor_dtype="TYPE_BOOL"),
+    FieldSpec("stop_token_ids", "token_ids", None, f"At most {MAX_STOPS} token ids that end the "
+              "completion when generated (the token's text is returned, as in vLLM; a special "
+              "token's text is empty).",
+              minimum=0, maximum=INT32_MAX, tensor="stop_token_ids", tensor_dtype="TYPE_INT32"),
+    FieldSpec("include_stop_str_in_output", "boolean", False, "Return the stop string that "
+              "ended the completion at its end.",
+              tensor="include_stop_str_in_output", tensor_dtype="TYPE_BOOL"),
+    FieldSpec("skip_special_tokens", "boolean", True, "Leave special tokens (such as </s>) out "
+              "of the text; false writes them as their text.",
+              tensor="skip_special_tokens", tensor_dtype="TYPE_BOOL"),
+    FieldSpec("exclude_input_in_output", "boolean", True, "false returns the prompt first, "
+              "then the completion (OpenAI's echo).",
+              tensor="exclude_input_in_output", tensor_dtype="TYPE_BOOL"),
 )
 FIELDS_BY_NAME = {spec.name: spec for spec in FIELDS}
 
@@ -111,6 +137,12 @@ class PredictRequest:
     repetition_penalty: float
     presence_penalty: float
     frequency_penalty: float
+    min_tokens: int
+    ignore_eos: bool
+    stop_token_ids: tuple[int, ...]
+    include_stop_str_in_output: bool
+    skip_special_tokens: bool
+    exclude_input_in_output: bool
 
 
 def parse_request(body: Any) -> PredictRequest:
@@ -130,6 +162,10 @@ def parse_request(body: Any) -> PredictRequest:
         else:
             values[spec.name] = _check(spec, body[spec.name])
     values["stop"] = values["stop"] or ()
+    values["stop_token_ids"] = values["stop_token_ids"] or ()
+    if values["min_tokens"] > values["max_tokens"]:
+        raise RequestError("min_tokens", f"min_tokens must be <= max_tokens ({values['max_tokens']}), "
+                           f"got {values['min_tokens']}")
     return PredictRequest(**values)
 
 
@@ -152,6 +188,8 @@ def _check(spec: FieldSpec, value: Any) -> Any:
         return value
     if spec.kind == "stop":
         return _check_stop(spec, value, fail)
+    if spec.kind == "token_ids":
+        return _check_token_ids(spec, value, fail)
     # bool is a subclass of int in Python, but true is not a number in the API.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise fail("an integer" if spec.kind == "integer" else "a number")
@@ -177,6 +215,16 @@ def _check_stop(spec: FieldSpec, value: Any, fail) -> tuple[str, ...]:
         if not _is_unicode(stop):
             raise RequestError(spec.name, f"{where} must be {VALID_TEXT}, got {_show(stop)}")
     return tuple(stops)
+
+
+def _check_token_ids(spec: FieldSpec, value: Any, fail) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_STOPS:
+        raise fail(f"a list of at most {MAX_STOPS} token ids")
+    for i, token in enumerate(value):
+        if isinstance(token, bool) or not isinstance(token, int) or not _within(spec, token):
+            raise RequestError(spec.name, f"{spec.name}[{i}] must be a token id {spec.bounds_rule}, "
+                               f"got {_show(token)}")
+    return tuple(value)
 
 
 # JSON can spell a lone UTF-16 surrogate ("\ud800"), and a body of invalid UTF-8 decoded
@@ -216,7 +264,8 @@ def check_lengths(prompt_tokens: int, max_tokens: int, *, max_input_len: int, ma
 def ensemble_inputs(request: PredictRequest) -> dict[str, np.ndarray]:
     """The inputs of TensorRT-LLM's `ensemble` model for one request (batch of 1).
 
-    Optional fields left unset (seed, stop) are not sent, so the server's default applies.
+    Optional fields left unset (seed, stop, stop_token_ids) are not sent, so the server's
+    default applies.
     """
     values = {spec.name: getattr(request, spec.name) for spec in FIELDS}
     if request.temperature == 0:
@@ -228,7 +277,9 @@ def ensemble_inputs(request: PredictRequest) -> dict[str, np.ndarray]:
         value = values[spec.name]
         if value is None or value == ():
             continue
-        if spec.tensor_dtype == "TYPE_STRING":
+        if spec.kind == "token_ids":
+            inputs[spec.tensor] = np.array([list(value)], dtype=np.int32)
+        elif spec.tensor_dtype == "TYPE_STRING":
             items = [value] if isinstance(value, str) else list(value)
             inputs[spec.tensor] = np.array([[item.encode("utf-8") for item in items]], dtype=object)
         else:
@@ -249,14 +300,18 @@ def json_schema() -> dict:
             item = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
             schema = {"anyOf": [item, {"type": "array", "items": item, "maxItems": MAX_STOPS},
                                 {"type": "null"}]}
+        elif spec.kind == "token_ids":
+            item = {"type": "integer", "minimum": spec.minimum, "maximum": spec.maximum}
+            schema = {"anyOf": [{"type": "array", "items": item, "maxItems": MAX_STOPS}, {"type": "null"}]}
         else:
             schema = {"type": _JSON_TYPES[spec.kind]}
             if spec.default is None:
                 schema = {"type": [schema["type"], "null"]}
         if spec.kind == "string":
             schema["minLength"] = 1
-        for bound, key, exclusive in ((spec.minimum, "minimum", spec.exclusive_minimum),
-                                      (spec.maximum, "maximum", spec.exclusive_maximum)):
+        bounds = () if spec.kind == "token_ids" else ((spec.minimum, "minimum", spec.exclusive_minimum),
+                                                       (spec.maximum, "maximum", spec.exclusive_maximum))
+        for bound, key, exclusive in bounds:
             if bound is not None:
                 schema[f"exclusive{key.title()}" if exclusive else key] = bound
         if not spec.required:
@@ -274,9 +329,10 @@ def fields_markdown() -> str:
             "| --- | --- | --- | --- | --- | --- |"]
     for spec in FIELDS:
         default = "required" if spec.required else f"`{json.dumps(spec.default)}`"
-        kind = "string or list of strings" if spec.kind == "stop" else spec.kind
+        kind = {"stop": "string or list of strings", "token_ids": "list of integers"}.get(spec.kind, spec.kind)
         rows.append(f"| `{spec.name}` | {kind} | {default} | {spec.bounds_rule or ''} "
-                    f"| `{spec.tensor}` ({spec.tensor_dtype}) | {spec.description} |")
+                    f"| {', '.join(f'`{name}`' for name in (spec.tensor, *spec.tensor_aliases))} "
+                    f"({spec.tensor_dtype}) | {spec.description} |")
     return "\n".join(rows) + "\n"
 
 

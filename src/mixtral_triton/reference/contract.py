@@ -2,7 +2,9 @@
 reference Request, and the engine's events as its outputs.
 
 Absent inputs take TensorRT-LLM's defaults (temperature 1, top_k 0 and top_p 0 = greedy,
-seed 0), so that a client sees the same behaviour from either engine model.
+seed 0), so that a client sees the same behaviour from either engine model. An end_id of
+-1 means no end token, as for TensorRT-LLM's executor (its LLM API sends -1 for
+ignore_eos): the request ends at its length or a stop word.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mixtral_triton.protocol.ensemble import NO_END_ID
 from mixtral_triton.reference.engine import Request
 from mixtral_triton.reference.sampling import SamplingParams
 
@@ -52,7 +55,7 @@ def request_from_inputs(inputs: Mapping[str, np.ndarray]) -> Request:
     return Request(
         input_ids=input_ids[:length].tolist(),
         max_tokens=int(_scalar(inputs, "request_output_len")),
-        end_id=_scalar(inputs, "end_id"),
+        end_id=None if _scalar(inputs, "end_id") == NO_END_ID else _scalar(inputs, "end_id"),
         pad_id=_scalar(inputs, "pad_id"),
         stop_words=word_list(inputs.get("stop_words_list")),
         bad_words=word_list(inputs.get("bad_words_list")),

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Sequence
 
 from mixtral_triton.errors import UserError
 from mixtral_triton.reference.forward import ReferenceModel, SequenceCache
-from mixtral_triton.reference.sampling import SamplingParams, TokenSampler
+from mixtral_triton.reference.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,11 @@ class RequestHandle:
 class _Active:
     """Engine-side state of one request."""
 
-    def __init__(self, handle: RequestHandle, request: Request, max_tokens: int, vocab_size: int):
+    def __init__(self, handle: RequestHandle, request: Request, max_tokens: int, sampler):
         self.handle = handle
         self.request = request
         self.max_tokens = max_tokens
-        self.sampler = TokenSampler(request.sampling, request.input_ids, vocab_size, request.end_id,
-                                    request.bad_words)
+        self.sampler = sampler  # the model's: turns its step output for this request into a token
         self.cache: SequenceCache | None = None  # created on admission, dropped when finished
         self.next_input = list(request.input_ids)  # what the next step feeds: the prompt, then the last token
         self.generated: list[int] = []
@@ -153,7 +152,8 @@ class QueueFull(UserError):
 
 
 class Engine:
-    """In-flight batching over a ReferenceModel; thread-safe ``submit`` and ``cancel``.
+    """In-flight batching over a ReferenceModel (or the load tests' TableModel, which has the
+    same interface); thread-safe ``submit`` and ``cancel``.
 
     ``max_seq_len`` (default: unlimited) bounds prompt + generated tokens: a longer prompt
     is refused, and ``max_tokens`` is cut to fit, as TensorRT-LLM's executor does.
@@ -195,7 +195,7 @@ class Engine:
                 raise QueueFull(f"the engine's queue is full: {queued} requests already wait for "
                                 f"a batch slot (max_queue_size {self._max_queue_size}); retry later")
             handle = RequestHandle(next(self._ids), self, on_event)
-            active = _Active(handle, request, max_tokens, self._model.config.vocab_size)
+            active = _Active(handle, request, max_tokens, self._model.new_sampler(request))
             self._waiting.append(active)
             self._by_id[handle.id] = active
             self._lock.notify()

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.reference.sampling import TokenSampler
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -274,6 +275,11 @@ class ReferenceModel:
 
     def new_sequence(self) -> SequenceCache:
         return SequenceCache(self.config.num_layers)
+
+    def new_sampler(self, request) -> TokenSampler:
+        """How a request's next token is chosen from this model's logits (the Engine asks)."""
+        return TokenSampler(request.sampling, request.input_ids, self.config.vocab_size, request.end_id,
+                            request.bad_words)
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[Sequence[int]], caches: Sequence[SequenceCache],

@@ -109,4 +109,9 @@ class TokenSampler:
             # Keep the most likely tokens until their mass reaches top_p (at least one).
             keep = int((probs.cumsum(0) < p.top_p).sum()) + 1
             probs, order = probs[:keep] / probs[:keep].sum(), order[:keep]
-        return int(order[torch.multinomial(probs, 1, generator=self._generator)])
+        # Drawn in vocabulary order, not in the sorted order: near-equal probabilities swap
+        # places in a sort under the last-bit differences a batch's packing makes, which
+        # would change the token a seed draws whatever else runs beside it.
+        kept = torch.zeros(logits.shape[-1], dtype=probs.dtype)
+        kept[order] = probs
+        return int(torch.multinomial(kept, 1, generator=self._generator))

@@ -7,7 +7,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from mixtral_triton.errors import one_line_errors
-from mixtral_triton.repository.fill import (LOGITS_DATATYPES, MODELS, SCHEDULER_POLICIES,
+from mixtral_triton.repository.fill import (CPU_ENGINES, LOGITS_DATATYPES, MODELS, SCHEDULER_POLICIES,
                                             Settings, default_templates, fill_repository)
 
 _HELP = {
@@ -25,10 +25,16 @@ _HELP = {
     "enable_kv_cache_reuse": "gpu: reuse the KV cache of shared prompt prefixes",
     "max_queue_size": "requests queued before Triton refuses more (0: unbounded)",
     "logits_datatype": f"the engine's logits type: one of {', '.join(LOGITS_DATATYPES)}",
+    "gpu_device_ids": "gpu: the CUDA devices of the engine's ranks, one per rank",
     "add_special_tokens": "prepend the tokenizer's BOS token to prompts",
     "skip_special_tokens": "leave special tokens out of the output text",
     "preprocessing_instance_count": "preprocessing model instances",
-    "postprocessing_instance_count": "postprocessing model instances: streams served at once",
+    "postprocessing_instance_count": "detokenizer processes (postprocessing instances), each serving many streams: follow the cores",
+    "cpu_engine": f"cpu: what the engine model steps: one of {', '.join(CPU_ENGINES)} "
+                  "(standin: fixed tokens at a GPU's decode pace, for load tests)",
+    "standin_gpu": "cpu standin: the GPU whose roofline decode step time it waits",
+    "standin_tp": "cpu standin: that GPU engine's tensor parallel size",
+    "standin_pace_scale": "cpu standin: x the roofline step time (0: no waiting)",
 }
 
 

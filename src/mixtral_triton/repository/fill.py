@@ -19,6 +19,7 @@ from pathlib import Path
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.standin import Pacing
 from mixtral_triton.repository.pbtxt import parse_config
 from mixtral_triton.repository.wiring import wiring_problems
 
@@ -31,6 +32,9 @@ MODELS = {
             "tensorrt_llm": "tensorrt_llm_reference", "postprocessing": "postprocessing"},
 }
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+# cpu: what the tensorrt_llm model steps: the reference model computing from the checkpoint,
+# or the paced table stand-in of mixtral_triton.standin (load tests).
+CPU_ENGINES = ("reference", "standin")
 LOGITS_DATATYPES = ("TYPE_FP32", "TYPE_FP16", "TYPE_BF16")
 # Written into every filled repository; only a folder holding it (or an empty one) is
 # ever replaced, so a mistyped --out cannot wipe unrelated files.
@@ -62,12 +66,18 @@ class Settings:
     enable_kv_cache_reuse: bool = True
     max_queue_size: int = 0  # 0: unbounded
     logits_datatype: str = "TYPE_FP32"  # the engine's logits type (trtllm-build --logits_dtype)
+    # gpu: the CUDA devices of the engine's ranks, one per rank (TP 4 on a 4-GPU node or pod).
+    gpu_device_ids: str = "0,1,2,3"
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
     preprocessing_instance_count: int = 1
-    # Streams detokenized at once (one per instance, see postprocessing/config.pbtxt): at
-    # least the engine's max batch size.
-    postprocessing_instance_count: int = 8
+    # Detokenizer processes, each serving any number of streams (postprocessing/config.pbtxt):
+    # they follow the cores Triton gets, not the streams; 2 = the CPU development machine.
+    postprocessing_instance_count: int = 2
+    cpu_engine: str = "reference"
+    standin_gpu: str = "H100-80GB"  # the stand-in's decode steps last as long as this GPU's
+    standin_tp: int = 4
+    standin_pace_scale: float = 1.0  # x the roofline step time; 0: no waiting
 
     def validate(self) -> None:
         self.validate_limits()
@@ -104,6 +114,16 @@ class Settings:
         if self.batch_scheduler_policy not in SCHEDULER_POLICIES:
             raise UserError(f"unknown batch scheduler policy {self.batch_scheduler_policy!r}: "
                             f"choose one of {', '.join(SCHEDULER_POLICIES)}")
+        ids = self.gpu_device_ids.split(",")
+        if not all(re.fullmatch(r"\d+", i) for i in ids) or len(set(map(int, ids))) != len(ids):
+            raise UserError("--gpu-device-ids must be distinct GPU numbers separated by commas "
+                            f"(one per engine rank, e.g. 0,1,2,3), got {self.gpu_device_ids!r}")
+        if self.cpu_engine not in CPU_ENGINES:
+            raise UserError(f"unknown --cpu-engine {self.cpu_engine!r}: choose one of {', '.join(CPU_ENGINES)}")
+        if self.target != "cpu" and self.cpu_engine != "reference":
+            raise UserError(f"--cpu-engine {self.cpu_engine} applies to --target cpu only")
+        if self.cpu_engine == "standin":
+            Pacing(self.standin_gpu, self.standin_tp, self.standin_pace_scale)  # refuses a bad GPU or scale
         if self.logits_datatype not in LOGITS_DATATYPES:
             raise UserError(f"unknown logits data type {self.logits_datatype!r}: "
                             f"choose one of {', '.join(LOGITS_DATATYPES)}")

@@ -20,11 +20,14 @@ class Completion:
     """
 
     def __init__(self, table: Sequence[bytes], stop_strings: Sequence[str], max_tokens: int,
-                 prompt_tokens: int):
-        self._text = TextStream(table, stop_strings)
+                 prompt_tokens: int, include_stop: bool = False,
+                 count_outputs: tuple[bool, bool] = (False, False)):
+        self._text = TextStream(table, stop_strings, include_stop)
         self.max_tokens = max_tokens
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self._count_outputs = count_outputs
+        self._counted = 0  # completion tokens reported in num_output_tokens so far
 
     @property
     def stopped(self) -> bool:
@@ -37,6 +40,19 @@ class Completion:
         self.completion_tokens += len(token_ids)
         return self._text.push(token_ids)
 
+    def count_outputs(self) -> dict[str, int]:
+        """TensorRT-LLM's own count outputs for the next response, each only when the
+        request asked for it (return_num_input_tokens / return_num_output_tokens):
+        num_input_tokens is the prompt's tokens, num_output_tokens the tokens since the
+        previous response, as its tensorrt_llm model counts them (they add up to the
+        completion's)."""
+        want_input, want_output = self._count_outputs
+        out = {"num_input_tokens": self.prompt_tokens} if want_input else {}
+        if want_output:
+            out["num_output_tokens"] = self.completion_tokens - self._counted
+            self._counted = self.completion_tokens
+        return out
+
     def finish(self, cancelled: bool = False) -> tuple[str, str]:
         """The text held back until the end, and the finish reason."""
         if cancelled and not self.stopped:
@@ -45,3 +61,4 @@ class Completion:
         if self.stopped:
             return text, "stop"
         return text, "length" if self.completion_tokens >= self.max_tokens else "stop"
+

@@ -16,12 +16,12 @@ from typing import Mapping
 
 import numpy as np
 
-from mixtral_triton.protocol import FIELDS, MAX_STOP_CHARS, MAX_STOPS, RequestError, check_lengths, parse_request
+from mixtral_triton.protocol import (
+    ENSEMBLE_ONLY_INPUTS, FIELDS, MAX_STOP_CHARS, MAX_STOPS, RequestError, check_lengths, parse_request)
+from mixtral_triton.protocol.ensemble import ABSENT, NO_END_ID, refusal
 from mixtral_triton.serving.tensors import scalar, strings
 from mixtral_triton.text import words_list
 
-# Ensemble inputs that are not fields of the predict API, with their checks below.
-EXTRA_INPUTS = ("bad_words", "end_id", "pad_id", "min_tokens", "beam_width", "stop")
 # Engine inputs this model produces, in the order of its config's outputs. Their names in
 # the config are these, upper-cased (a model cannot have an input and an output of one name).
 ENGINE_INPUTS = (
@@ -29,6 +29,9 @@ ENGINE_INPUTS = (
     "bad_words_list", "streaming", "temperature", "runtime_top_k", "runtime_top_p", "seed",
     "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "stop",
 )
+# What the detokenizer needs besides the engine's inputs (upper-cased in the config too).
+DETOKENIZER_INPUTS = ("stop_strings", "echo_text", "include_stop_str_in_output",
+                      "skip_special_tokens", "return_num_input_tokens", "return_num_output_tokens")
 
 
 class Preprocessor:
@@ -55,18 +58,28 @@ class Preprocessor:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
 
     def prepare(self, inputs: Mapping[str, np.ndarray], request_id: str = "") -> dict[str, np.ndarray]:
-        """Engine inputs (each [1, ...]) plus `stop_strings` for the detokenizer."""
+        """Engine inputs (each [1, ...]) plus the DETOKENIZER_INPUTS."""
         if scalar(inputs, "stop"):
             if not request_id:
                 raise RequestError("stop", "stop must come with the id of the request to cancel "
                                    "(gRPC request_id, HTTP \"id\")")
             return self._cancel()
+        for spec in ENSEMBLE_ONLY_INPUTS:
+            if spec.name in inputs:
+                why = refusal(spec, None if spec.only in (None, ABSENT) else scalar(inputs, spec.name))
+                if why:
+                    raise RequestError(spec.name, why)
         body = {"prompt": scalar(inputs, "text_input")}
         for spec in FIELDS:
-            if spec.name == "prompt" or spec.tensor not in inputs:
+            names = [name for name in (spec.tensor, *spec.tensor_aliases) if name in inputs]
+            if spec.name == "prompt" or not names:
                 continue
-            body[spec.name] = (strings(inputs, spec.tensor) if spec.kind == "stop"
-                               else scalar(inputs, spec.tensor))
+            values = [_field_value(inputs, spec, name) for name in names]
+            if any(repr(value) != repr(values[0]) for value in values[1:]):  # NaN equals itself here
+                raise RequestError(names[1], f"{names[1]} is the older name of {names[0]}; "
+                                   f"give one of them, or the same value, got {values[1]!r} "
+                                   f"and {values[0]!r}")
+            body[spec.name] = values[0]
         body.setdefault("stream", False)
         if body["prompt"] is None:
             raise RequestError("text_input", "text_input is required")
@@ -81,8 +94,12 @@ class Preprocessor:
                       max_seq_len=self.max_seq_len)
         end_id = self._token_id(inputs, "end_id", self.end_id)
         pad_id = self._token_id(inputs, "pad_id", self.pad_id)
-        min_tokens = _integer(inputs, "min_tokens", 1, 0, request.max_tokens)
-        _integer(inputs, "beam_width", 1, 1, 1)  # beam search is not served
+        if request.ignore_eos:
+            end_id = NO_END_ID
+        for i, token in enumerate(request.stop_token_ids):
+            if token >= self.vocab_size:
+                raise RequestError("stop_token_ids", f"stop_token_ids[{i}] must be a token id "
+                                   f"< {self.vocab_size} (the vocabulary's size), got {token}")
         bad_words = strings(inputs, "bad_words")
         _check_word_list("bad_words", bad_words)
 
@@ -101,7 +118,7 @@ class Preprocessor:
             "request_output_len": request.max_tokens,
             "end_id": end_id,
             "pad_id": pad_id,
-            "stop_words_list": _words(self.tokenizer, request.stop),
+            "stop_words_list": _words(self.tokenizer, request.stop, request.stop_token_ids),
             "bad_words_list": _words(self.tokenizer, bad_words),
             "streaming": request.stream,
             "temperature": temperature,
@@ -111,12 +128,22 @@ class Preprocessor:
             "repetition_penalty": request.repetition_penalty,
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
-            "min_tokens": min_tokens,
+            "min_tokens": request.min_tokens,
             "stop": False,
         }
         out = {name: _tensor(name, values[name]) for name in ENGINE_INPUTS}
-        out["stop_strings"] = _string_list(request.stop)
+        out.update(self._detokenizer_inputs(request, inputs))
         return out
+
+    @staticmethod
+    def _detokenizer_inputs(request, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        echo = "" if request.exclude_input_in_output else request.prompt
+        return {"stop_strings": _string_list(request.stop),
+                "echo_text": np.array([[echo.encode("utf-8")]], dtype=object),
+                "include_stop_str_in_output": _flag(request.include_stop_str_in_output),
+                "skip_special_tokens": _flag(request.skip_special_tokens),
+                "return_num_input_tokens": _flag(scalar(inputs, "return_num_input_tokens")),
+                "return_num_output_tokens": _flag(scalar(inputs, "return_num_output_tokens"))}
 
     def _cancel(self) -> dict[str, np.ndarray]:
         """A `stop` request only names the request id to cancel; the rest is placeholder."""
@@ -127,7 +154,7 @@ class Preprocessor:
                       streaming=False, temperature=1.0, runtime_top_p=1.0, repetition_penalty=1.0,
                       stop=True)
         out = {name: _tensor(name, values[name]) for name in ENGINE_INPUTS}
-        out["stop_strings"] = _string_list(())
+        out.update(self._detokenizer_inputs(_CANCEL, {}))
         return out
 
     def _token_id(self, inputs: Mapping[str, np.ndarray], name: str, default: int) -> int:
@@ -153,8 +180,20 @@ def _check_word_list(name: str, words: list[str]) -> None:
                                f"characters, got one of {len(word)}")
 
 
-def _words(tokenizer, words) -> np.ndarray:
-    array = words_list(tokenizer, list(words))
+def _field_value(inputs: Mapping[str, np.ndarray], spec, name: str):
+    if spec.kind == "stop":
+        return strings(inputs, name)
+    if spec.kind == "token_ids":
+        return inputs[name].reshape(-1).tolist()
+    return scalar(inputs, name)
+
+
+def _flag(value) -> np.ndarray:
+    return np.array([[bool(value)]], np.bool_)
+
+
+def _words(tokenizer, words, token_ids=()) -> np.ndarray:
+    array = words_list(tokenizer, list(words), [[token] for token in token_ids])
     if array.shape[1] == 0:  # no words: one padding column, as a tensor cannot be empty here
         array = np.array([[0], [-1]], np.int32)
     return array
@@ -171,6 +210,10 @@ def _tensor(name: str, value) -> np.ndarray:
     """[1, ...]: these models are batched (max_batch_size > 0), one request per item."""
     array = np.asarray(value, dtype=_ENGINE_DTYPES.get(name, np.int32))
     return array.reshape(1, 1) if array.ndim == 0 else array[None]
+
+
+# What a `stop` request's placeholder outputs are made of.
+_CANCEL = parse_request({"prompt": "-", "max_tokens": 1, "stream": False})
 
 
 def _string_list(items) -> np.ndarray:

@@ -1,11 +1,10 @@
 """Generations in flight, shared by the model instances (processes) of one Triton server.
 
 Why this exists: the streaming detokenizer runs as several instances, each a process of
-its own serving one stream at a time (as TensorRT-LLM's tensorrt_llm_bls does; a crash
-then takes one instance, not every stream, and detokenizing runs in parallel). A `stop` for
-a request id may then be taken by another process than the one running that request, and
-the running one must still learn that it was cancelled (to report "cancelled", not
-"stop"). So the runs live in a small SQLite database that every instance opens: each run
+its own serving many streams (processes follow the cores, so that detokenizing runs in
+parallel and a crash takes only that process's streams). A `stop` for a request id is
+taken by the tokenizer model, another process than the one running that request, and the
+running one must still learn that it was cancelled (to report "cancelled", not "stop"). So the runs live in a small SQLite database that every instance opens: each run
 is registered under the client's request id with a private engine request id, a `stop`
 marks every run of its client id cancelled and gets their engine ids to stop, and the
 run's owner removes it when its stream ends.
@@ -79,6 +78,7 @@ class RunRegistry:
                          "client_id TEXT NOT NULL, owner INTEGER NOT NULL, "
                          "cancelled INTEGER NOT NULL DEFAULT 0)")
         self._db.execute("CREATE INDEX IF NOT EXISTS runs_by_client ON runs (client_id)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner, cancelled)")
         # Runs a dead instance of this server left behind can never finish: drop them.
         owners = [owner for (owner,) in self._db.execute("SELECT DISTINCT owner FROM runs")]
         for owner in owners:
@@ -95,9 +95,12 @@ class RunRegistry:
                                 "RETURNING engine_id", (client_id,)).fetchall()
         return [engine_id for (engine_id,) in rows]
 
-    def is_cancelled(self, engine_id: str) -> bool:
-        row = self._db.execute("SELECT cancelled FROM runs WHERE engine_id = ?", (engine_id,)).fetchone()
-        return bool(row and row[0])
+    def cancelled_here(self) -> set[str]:
+        """The engine ids of this process's runs that a `stop` has marked cancelled: one
+        query per process however many streams it serves."""
+        rows = self._db.execute("SELECT engine_id FROM runs WHERE owner = ? AND cancelled = 1",
+                                (os.getpid(),))
+        return {engine_id for (engine_id,) in rows}
 
     def finish(self, engine_id: str) -> bool:
         """Forget the run; whether it had been cancelled."""

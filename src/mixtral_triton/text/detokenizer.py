@@ -28,19 +28,22 @@ from typing import Iterable, Sequence
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def token_table(tokenizer) -> tuple[bytes, ...]:
+def token_table(tokenizer, skip_special_tokens: bool = True) -> tuple[bytes, ...]:
     """id -> the bytes the token stands for, from a Hugging Face tokenizer.
 
     '▁' is a space, byte-fallback '<0xNN>' is the byte NN, and special tokens (those the
-    tokenizer flags special, as skip_special_tokens drops them) are empty.
+    tokenizer flags special, as skip_special_tokens drops them) are empty, or their own
+    text (`</s>`) with skip_special_tokens false.
     """
     silent = set(tokenizer.all_special_ids)
     silent.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+    if not skip_special_tokens:
+        silent = set()
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     return tuple(b"" if i in silent else _piece_bytes(piece) for i, piece in enumerate(pieces))
 
 
-def load_token_table(tokenizer_dir: str | Path) -> tuple[bytes, ...]:
+def load_token_table(tokenizer_dir: str | Path, skip_special_tokens: bool = True) -> tuple[bytes, ...]:
     """`token_table` of the tokenizer in a folder, read with the `tokenizers` library when
     the folder has a tokenizer.json: the same table, without importing transformers (and
     torch with it, ~300 MB and seconds per process; the detokenizer runs several)."""
@@ -49,12 +52,14 @@ def load_token_table(tokenizer_dir: str | Path) -> tuple[bytes, ...]:
         from transformers import AutoTokenizer
 
         return token_table(AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
-                                                         trust_remote_code=False))
+                                                         trust_remote_code=False), skip_special_tokens)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     silent = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
     silent.update(i for i in map(tokenizer.token_to_id, _special_token_names(folder)) if i is not None)
+    if not skip_special_tokens:
+        silent = set()
     pieces = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size(with_added_tokens=True))]
     return tuple(b"" if i in silent or piece is None else _piece_bytes(piece)
                  for i, piece in enumerate(pieces))

@@ -26,6 +26,7 @@ class StopMatcher:
         self._max_held = max((len(stop) for stop in stops), default=1) - 1
         self._held = ""
         self.stopped = False
+        self.matched = ""  # the stop that ended the text, once stopped
 
     @property
     def held(self) -> str:
@@ -41,10 +42,11 @@ class StopMatcher:
         best = None
         for stop in self._stops:
             start = text.find(stop)
-            if start >= 0 and (best is None or (start + len(stop), start) < best):
-                best = (start + len(stop), start)
+            if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
+                best = (start + len(stop), start, stop)
         if best is not None:
             self.stopped = True
+            self.matched = best[2]
             self._held = ""
             return text[:best[1]]
         keep = self._partial_stop_length(text)
@@ -68,12 +70,14 @@ class TextStream:
     """One request's completion: token ids in, stop-cut text out.
 
     `stopped` turns true once a stop string has matched; from then on no text comes out
-    and the caller should end generation.
+    and the caller should end generation. With `include_stop` the matched stop string
+    ends the text (vLLM's include_stop_str_in_output).
     """
 
-    def __init__(self, table: Sequence[bytes], stop: Sequence[str] = ()):
+    def __init__(self, table: Sequence[bytes], stop: Sequence[str] = (), include_stop: bool = False):
         self._detokenizer = Detokenizer(table)
         self._stops = StopMatcher(stop)
+        self._include_stop = include_stop
 
     @property
     def stopped(self) -> bool:
@@ -82,10 +86,13 @@ class TextStream:
     def push(self, token_ids: Iterable[int]) -> str:
         if self.stopped:
             return ""
-        return self._stops.push(self._detokenizer.push(token_ids))
+        return self._with_stop(self._stops.push(self._detokenizer.push(token_ids)))
 
     def finish(self) -> str:
         if self.stopped:
             return ""
-        text = self._stops.push(self._detokenizer.finish())
-        return text + self._stops.finish()
+        text = self._with_stop(self._stops.push(self._detokenizer.finish()))
+        return text if self.stopped else text + self._stops.finish()
+
+    def _with_stop(self, text: str) -> str:
+        return text + self._stops.matched if self.stopped and self._include_stop else text

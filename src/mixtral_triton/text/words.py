@@ -53,13 +53,14 @@ def _in_context(tokenizer, text: str) -> list[int]:
     return ids[len(anchor):]
 
 
-def words_list(tokenizer, words: Sequence[str]) -> np.ndarray:
-    """The [2, N] int32 array for TensorRT-LLM; [2, 0] when there are no words."""
+def words_list(tokenizer, words: Sequence[str], token_words: Sequence[Sequence[int]] = ()) -> np.ndarray:
+    """The [2, N] int32 array for TensorRT-LLM; [2, 0] when there are no words.
+    `token_words` are words given as token ids already (vLLM's stop_token_ids)."""
     flat: list[int] = []
     ends: list[int] = []
-    for word in words:
-        for ids in word_token_ids(tokenizer, word):
-            flat.extend(ids)
-            ends.append(len(flat))
+    sequences = [ids for word in words for ids in word_token_ids(tokenizer, word)]
+    for ids in sequences + [list(word) for word in token_words]:
+        flat.extend(ids)
+        ends.append(len(flat))
     # Every form has at least one id, so row 1 never needs more room than row 0.
     return np.array([flat, ends + [-1] * (len(flat) - len(ends))], dtype=np.int32).reshape(2, -1)

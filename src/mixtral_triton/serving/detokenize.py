@@ -1,0 +1,91 @@
+"""The streaming detokenizer's work for many streams in one process (one asyncio loop):
+call the engine, turn its tokens into text, answer; the postprocessing model is its glue.
+
+Per process: one gRPC channel to the engine (a call per stream), the token table, and one
+task that looks every CANCELLATION_CHECK_PERIOD_S whether a `stop` marked any of this
+process's runs cancelled (one query, whatever the number of streams). Per stream: a
+`Completion` (a few hundred bytes of state) and the engine call's reader task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mixtral_triton.serving.completion import Completion
+from mixtral_triton.serving.engine_client import AsyncEngineClient
+from mixtral_triton.serving.engine_request import engine_inputs
+from mixtral_triton.serving.runs import RunRegistry
+from mixtral_triton.serving.tensors import strings
+
+# How often the process looks whether a `stop` marked one of its runs cancelled. The
+# tokenizer model, which takes the stop, also stops the engine at once; this covers a stop
+# that came before the engine had the request. The C++ backend checks its own
+# cancellations every 100 ms.
+CANCELLATION_CHECK_PERIOD_S = 0.05
+
+# send(text, finish_reason, completion, final): one response of the stream
+Send = Callable[[str, str, Completion, bool], None]
+
+
+class StreamingDetokenizer:
+    """Serves any number of streams at once; use it from one event loop."""
+
+    def __init__(self, tables: Mapping[bool, Sequence[bytes]], engine: AsyncEngineClient, runs: RunRegistry):
+        self.tables = tables  # by skip_special_tokens
+        self.engine = engine
+        self.runs = runs
+        self._live = 0
+        self._cancelled: set[str] = set()
+        self._watch: asyncio.Task | None = None
+
+    async def generate(self, client_id: str, inputs: Mapping[str, np.ndarray], send: Send) -> None:
+        """One request: text to `send` as it comes (or once, when not streaming), the
+        last response with the finish reason."""
+        flag = lambda name: bool(inputs[name].reshape(-1)[0])  # noqa: E731
+        completion = Completion(self.tables[flag("SKIP_SPECIAL_TOKENS")], strings(inputs, "STOP_STRINGS"),
+                                int(inputs["REQUEST_OUTPUT_LEN"].reshape(-1)[0]),
+                                int(inputs["INPUT_LENGTHS"].reshape(-1)[0]),
+                                include_stop=flag("INCLUDE_STOP_STR_IN_OUTPUT"),
+                                count_outputs=(flag("RETURN_NUM_INPUT_TOKENS"), flag("RETURN_NUM_OUTPUT_TOKENS")))
+        streaming = flag("STREAMING")
+        # exclude_input_in_output false: the prompt comes first, as its own text
+        echo = "".join(strings(inputs, "ECHO_TEXT"))
+        engine_id = uuid.uuid4().hex  # unique, so a stop never hits another client's run
+        self.runs.start(client_id, engine_id)
+        self._live += 1
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._watch_cancellations())
+        pieces: list[str] = []
+        if echo and streaming:
+            send(echo, "", completion, False)
+        elif echo:
+            pieces.append(echo)
+        try:
+            ending = False  # a stop string matched or the run was cancelled: drain quietly
+            async for token_ids in self.engine.stream(engine_inputs(inputs), engine_id):
+                if ending:
+                    continue
+                text = completion.add(token_ids)
+                if text and streaming:
+                    send(text, "", completion, False)
+                elif text:
+                    pieces.append(text)
+                if completion.stopped or engine_id in self._cancelled:
+                    ending = True
+                    await self.engine.stop(engine_id)  # then read the stream to its end
+        finally:
+            self._live -= 1
+            self._cancelled.discard(engine_id)
+            cancelled = self.runs.finish(engine_id)
+        tail, reason = completion.finish(cancelled=cancelled)
+        pieces.append(tail)
+        send("".join(pieces), reason, completion, True)
+
+    async def _watch_cancellations(self) -> None:
+        while self._live:
+            self._cancelled = self.runs.cancelled_here()
+            await asyncio.sleep(CANCELLATION_CHECK_PERIOD_S)
