@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPAT = ROOT / ".venv-image-compat"
 
 PROMPTS = ["What is mistral wind?", "  two leading spaces", "tabs\tand\nnew lines\n\n",
            "Café crème, 日本語, and 🙂: tell me a story", "[INST] control text [/INST]", "</s><s> specials",
@@ -74,15 +73,12 @@ if __name__ == "__main__":
 import pytest  # noqa: E402  (the script above needs none of the test machinery)
 import requests  # noqa: E402
 
-from helpers import gateway  # noqa: E402
+from helpers import gateway, tool_venv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def compat_python() -> Path:
-    made = subprocess.run([str(ROOT / "scripts" / "tools-venv.sh"), "image-compat"], capture_output=True,
-                          text=True, timeout=1200)
-    assert made.returncode == 0, made.stdout + made.stderr
-    return COMPAT / "bin" / "python"
+    return tool_venv("image-compat") / "bin" / "python"
 
 
 def compat_run(compat_python: Path, *arguments: str, **kwargs) -> subprocess.CompletedProcess:

@@ -25,10 +25,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import active_requests, gateway
+from helpers import active_requests, gateway, tool_venv
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV = ROOT / ".venv-genai-perf"
 REQUESTS = 6
 INPUT_TOKENS = 24
 OUTPUT_TOKENS = 12
@@ -36,11 +34,7 @@ OUTPUT_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def genai_perf() -> Path:
-    """The tool's venv, made (or found up to date) by the project's own script."""
-    made = subprocess.run([str(ROOT / "scripts" / "tools-venv.sh"), "genai-perf"], capture_output=True,
-                          text=True, timeout=1200)
-    assert made.returncode == 0, made.stdout + made.stderr
-    return VENV / "bin" / "genai-perf"
+    return tool_venv("genai-perf") / "bin" / "genai-perf"
 
 
 @pytest.fixture(scope="module")
