@@ -45,7 +45,7 @@ def product_answers(base: Path, instruct: Path) -> dict:
     import transformers
 
     from mixtral_triton.gateway.chat import ChatTemplate
-    from mixtral_triton.serving.preprocess import Preprocessor
+    from mixtral_triton.ensemble_models.preprocess import Preprocessor
     from mixtral_triton.text import Detokenizer, load_token_table
 
     out = {"versions": {"python": f"{sys.version_info.major}.{sys.version_info.minor}",
@@ -184,11 +184,6 @@ def _answer(url: str, path: str, body: dict) -> tuple[int, str]:
     return reply.status_code, text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tritonclient 2.71 refuses the reserved request parameter triton_enable_empty_final_response "
-    "that client/ensemble.py sets on every stream request (2.51 let it through), and its asyncio "
-    "client has no enable_empty_final_response option: every generation fails on the image's client "
-    "(the gateway then waits for its --timeout)"))
 def test_the_gateway_answers_the_same_on_the_image_versions(compat_gateway, triton_server,
                                                             tiny_instruct_checkpoint):
     with gateway(triton_grpc_url=triton_server.grpc_url, tokenizer_dir=tiny_instruct_checkpoint) as ours:
