@@ -35,13 +35,6 @@ API_KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
-def base_gateway(triton_server, tiny_checkpoint):
-    """The base model (no chat template) behind a gateway with its tokenizer folder."""
-    with gateway(triton_grpc_url=triton_server.grpc_url, tokenizer_dir=tiny_checkpoint) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
 def instruct(tiny_instruct_checkpoint, tmp_path_factory):
     """A second Triton server on the Instruct checkpoint's repository, and its gateway."""
     from mixtral_triton.pipeline import build_repository

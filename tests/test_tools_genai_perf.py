@@ -44,12 +44,6 @@ def chat_gateway(triton_server, tiny_instruct_checkpoint):
         yield g
 
 
-@pytest.fixture(scope="module")
-def base_gateway(triton_server, tiny_checkpoint):
-    with gateway(triton_grpc_url=triton_server.grpc_url, tokenizer_dir=tiny_checkpoint) as g:
-        yield g
-
-
 def profile(genai_perf: Path, work: Path, tokenizer: Path, *arguments: str) -> tuple[dict, list[dict]]:
     """Run `genai-perf profile`; its summary (profile_export_genai_perf.json) and the requests
     perf_analyzer recorded (profile_export.json: inputs and every response)."""

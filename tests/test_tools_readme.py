@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import active_requests, gateway
+from helpers import active_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,12 +23,6 @@ def load_testing_commands() -> list[str]:
     blocks = re.findall(r"^```bash\n(.*?)^```", section.group(1), re.DOTALL | re.MULTILINE)
     assert len(blocks) == 3, blocks
     return blocks
-
-
-@pytest.fixture(scope="module")
-def base_gateway(triton_server, tiny_checkpoint):
-    with gateway(triton_grpc_url=triton_server.grpc_url, tokenizer_dir=tiny_checkpoint) as g:
-        yield g
 
 
 @pytest.mark.parametrize("index", range(3), ids=["perf_analyzer", "genai-perf-tensorrtllm",
