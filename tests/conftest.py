@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import gateway
 from mixtral_triton.local_stack import LocalStack, fixture_checkpoint
 
 
@@ -53,3 +54,10 @@ def triton_server(tiny_stack):
     (tests that stop or break a server start their own)."""
     with tiny_stack:
         yield tiny_stack.triton
+
+
+@pytest.fixture(scope="module")
+def base_gateway(triton_server, tiny_checkpoint):
+    """The base model (no chat template) behind a gateway with its tokenizer folder."""
+    with gateway(triton_grpc_url=triton_server.grpc_url, tokenizer_dir=tiny_checkpoint) as g:
+        yield g

@@ -8,10 +8,12 @@ import contextlib
 import queue
 import re
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import requests
@@ -246,3 +248,16 @@ class Reader(threading.Thread):
         finally:
             self.ended_at = time.monotonic()
             self.started_streaming.set()
+
+
+# ---------------------------------------------------------------------------------------
+# The extra venvs (scripts/tools-venv.sh)
+
+
+def tool_venv(name: str) -> Path:
+    """.venv-NAME, made or found up to date by the project's own script (first run: minutes)."""
+    root = Path(__file__).resolve().parents[1]
+    made = subprocess.run([str(root / "scripts" / "tools-venv.sh"), name], capture_output=True, text=True,
+                          timeout=1200)
+    assert made.returncode == 0, made.stdout + made.stderr
+    return root / f".venv-{name}"

@@ -362,3 +362,18 @@ def test_errors_are_classified_by_code_then_by_tritons_wording(message, kind, fi
         assert not str(error).startswith("[")
     else:
         assert isinstance(error, ServerError) and error.status == status
+
+
+@pytest.mark.parametrize("engine_error, status", [
+    ("[unavailable] the engine's queue is full: 3 requests", "UNAVAILABLE"),  # its own code stays
+    ("[request id: 0d8f] Exceeds maximum queue size", "UNAVAILABLE"),  # Triton's overload wording
+    ("Stub process 'tensorrt_llm_0_0' is not healthy.", "UNAVAILABLE"),
+    ("CUDA error: an illegal memory access", "INTERNAL"),
+])
+def test_an_engine_error_relayed_by_the_detokenizer_keeps_its_kind(engine_error, status):
+    from mixtral_triton.client.ensemble import ServerError, server_error
+    from mixtral_triton.protocol.errors import relayed
+
+    error = server_error(f"in ensemble 'ensemble', {relayed(engine_error, 'generation failed')}")
+    assert isinstance(error, ServerError) and error.status == status
+    assert engine_error.split("] ")[-1] in str(error)

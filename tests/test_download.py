@@ -13,6 +13,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from mixtral_triton.download import (ALLOW_PATTERNS, TOKENIZER_FILES, check_checkpoint, fetch_checkpoint,
                                      main)
 from mixtral_triton.errors import UserError
+from mixtral_triton.progress import Progress
 
 
 @pytest.fixture
@@ -105,8 +106,9 @@ def test_a_download_fetches_only_safetensors_configs_and_tokenizer(monkeypatch, 
                         lambda repo_id, revision=None: ["config.json", "model-00001-of-00001.safetensors"])
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert fetch_checkpoint("org/model", tmp_path / "dest", "v1") == tiny_checkpoint
+    # Progress with time left: plain lines where the output is not a terminal.
     assert calls == [("org/model", {"revision": "v1", "local_dir": tmp_path / "dest",
-                                    "allow_patterns": ALLOW_PATTERNS})]
+                                    "allow_patterns": ALLOW_PATTERNS, "tqdm_class": Progress})]
     assert ALLOW_PATTERNS == ["model*.safetensors", "*.json", "tokenizer.model"]
 
 

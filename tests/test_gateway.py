@@ -35,13 +35,6 @@ API_KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
-def base_gateway(triton_server, tiny_checkpoint):
-    """The base model (no chat template) behind a gateway with its tokenizer folder."""
-    with gateway(triton_grpc_url=triton_server.grpc_url, tokenizer_dir=tiny_checkpoint) as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
 def instruct(tiny_instruct_checkpoint, tmp_path_factory):
     """A second Triton server on the Instruct checkpoint's repository, and its gateway."""
     from mixtral_triton.pipeline import build_repository
@@ -546,9 +539,20 @@ def test_gateway_script_serves_until_ctrl_c(triton_server, tmp_path):
                     break
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.1)
-        resp = requests.post(f"{url}/predict", json={"prompt": PROMPT, "max_tokens": 3, "stream": False},
-                             headers={"Authorization": f"Api-Key {API_KEY}"})
-        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+        # One kept-alive connection, idle past uvicorn's own 5 s keep-alive between two
+        # requests: the gateway (--keep-alive-timeout, default 75 s) has not closed it, so a
+        # pooled client never sends on a connection that is being closed.
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        sockets = []
+        for pause in (0, 6):
+            time.sleep(pause)
+            connection.request("POST", "/predict", json.dumps({"prompt": PROMPT, "max_tokens": 3, "stream": False}),
+                               {"Authorization": f"Api-Key {API_KEY}", "Content-Type": "application/json"})
+            resp = connection.getresponse()  # RemoteDisconnected had the gateway closed it
+            assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 3
+            sockets.append(connection.sock)
+        connection.close()
+        assert sockets[0] is sockets[1], "the second request did not go out on the first one's connection"
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=30)
         assert process.returncode == 0, output
@@ -566,6 +570,7 @@ def test_gateway_script_errors_are_one_line(tmp_path):
         port = taken.getsockname()[1]
         for args, words in ((["--port", str(port)], "already in use"),
                             (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
+                            (["--keep-alive-timeout", "0"], "--keep-alive-timeout must be positive"),
                             (["--tokenizer-dir", str(tmp_path / "none"), "--port", str(free_ports().http)],
                              "is not a folder")):
             result = subprocess.run([sys.executable, str(ROOT / "client" / "gateway.py"), *args],

@@ -246,8 +246,11 @@ def test_sigterm_drains_streams_in_flight_then_leaves_no_process(cpu_repository,
     """Kubernetes stops a pod with SIGTERM: the launcher must let Triton finish the streams
     in flight (up to --exit-timeout-secs) before anything is killed, and still leave no
     server or stub process behind."""
+    # A copy of its own, so that the processes left behind are told apart from those of the
+    # session's shared server on the same repository.
+    repository = shutil.copytree(cpu_repository, tmp_path / "repository")
     launch = subprocess.Popen(
-        LAUNCH + ["--model-repository", str(cpu_repository), "--free-ports",
+        LAUNCH + ["--model-repository", str(repository), "--free-ports",
                   "--exit-timeout-secs", str(DRAIN_EXIT_TIMEOUT_S), "--log-file", str(tmp_path / "triton.log")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -276,4 +279,4 @@ def test_sigterm_drains_streams_in_flight_then_leaves_no_process(cpu_repository,
         last = stream.received[-1]
         assert last.finish_reason in ("length", "stop"), last
         assert last.finish_reason == "stop" or last.completion_tokens == DRAIN_TOKENS, last
-    assert _processes_mentioning(str(cpu_repository)) == []
+    assert _processes_mentioning(str(repository)) == []

@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 from mixtral_triton.errors import UserError, one_line_errors
+from mixtral_triton.progress import Progress
 
 MODEL_ID = "mistral-community/Mixtral-8x22B-v0.1"
 # model*.safetensors, not *.safetensors: some Mistral repositories also carry the same
@@ -43,8 +44,9 @@ def fetch_checkpoint(source: str = MODEL_ID, local_dir: Path | None = None,
                                         OfflineModeIsEnabled)
     try:
         refuse_pickle_only(list_repo_files(source, revision=revision), source)
+        # Progress: huggingface_hub's bars on a terminal, plain lines with time left elsewhere.
         folder = snapshot_download(source, revision=revision, local_dir=local_dir,
-                                   allow_patterns=ALLOW_PATTERNS)
+                                   allow_patterns=ALLOW_PATTERNS, tqdm_class=Progress)
     except (HTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, HFValidationError) as exc:
         raise UserError(f"cannot download {source}: {exc}".splitlines()[0]) from None
     return check_checkpoint(Path(folder))

@@ -113,9 +113,9 @@ def run_build(build: EngineBuild) -> Path:
         raise UserError(f"--output-dir {out} is not empty; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    result = subprocess.run(build.command, check=False)
-    if result.returncode:
-        raise UserError(f"{TRTLLM_BUILD} failed with exit code {result.returncode} (its output is above)")
+    returncode = _run_with_progress(build.command, out, build.plan.tp)
+    if returncode:
+        raise UserError(f"{TRTLLM_BUILD} failed with exit code {returncode} (its output is above)")
     expected = ["config.json"] + [f"rank{r}.engine" for r in range(build.plan.tp)]
     missing = [name for name in expected if not (out / name).is_file() or not (out / name).stat().st_size]
     if missing:
@@ -129,6 +129,20 @@ def run_build(build: EngineBuild) -> Path:
     }
     (out / BUILD_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def _run_with_progress(command: list[str], out: Path, ranks: int) -> int:
+    """Run trtllm-build with a bar over the rank engines it has written (each rank{r}.engine
+    appears when that rank is built), so the time left is estimated from the ranks done."""
+    from mixtral_triton.progress import Progress
+
+    with subprocess.Popen(command) as child, Progress(total=ranks, desc="building engines", unit=" rank",
+                                                       unit_scale=False) as bar:
+        while child.poll() is None:
+            time.sleep(1.0)
+            bar.update(len(list(out.glob("rank*.engine"))) - bar.n)
+        bar.update(len(list(out.glob("rank*.engine"))) - bar.n)
+    return child.returncode
 
 
 def _version(distribution: str) -> str | None:

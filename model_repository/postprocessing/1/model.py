@@ -12,7 +12,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mixtral_triton.protocol.errors import INTERNAL, coded, read_code
+from mixtral_triton.protocol.errors import relayed
 from mixtral_triton.ensemble_models.detokenize import StreamingDetokenizer
 from mixtral_triton.ensemble_models.engine_client import AsyncEngineClient
 from mixtral_triton.ensemble_models.runs import RunRegistry, server_registry_path
@@ -59,8 +59,8 @@ class TritonPythonModel:
 
             await self.detokenizer.generate(request.request_id(), inputs, send)
         except Exception as exc:  # the stream must end with the error, never hang
-            # the engine's own code, if it sent one, reads first in the message
-            message = str(exc) if read_code(str(exc)) else coded(INTERNAL, f"generation failed: {exc}")
+            # the engine's code, or Triton's overload wording, stays readable by the client
+            message = relayed(str(exc), "generation failed")
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 

@@ -139,7 +139,7 @@ def _child(argv: list[str]) -> int:
 
     after_imports = _status(os.getpid())
     start = time.perf_counter()
-    convert(src, out, parallel=resolve(tp=args.tp), workers=args.workers, log=lambda *_: None)
+    convert(src, out, parallel=resolve(tp=args.tp), workers=args.workers, log=lambda *_: None, progress=False)
     wall = time.perf_counter() - start
     status = _status(os.getpid())
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -16,6 +16,7 @@ from typing import AsyncIterator
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from mixtral_triton.client.empty_final import open_stream
 from mixtral_triton.client.ensemble import (
     CANCEL_WAIT_S, ENSEMBLE, Chunk, Completion, ServerError, cancel_call, chunk_of, ends_request,
     generation_call, is_final, new_request_id, probe_calls, server_error)
@@ -78,7 +79,7 @@ class AsyncPredictClient:
         outbox: asyncio.Queue = asyncio.Queue()
         inbox: asyncio.Queue = asyncio.Queue()
         try:
-            call = self._grpc().stream_infer(_requests(outbox))
+            call = open_stream(self._grpc(), _requests(outbox))
         except InferenceServerException:
             return False
         reader = asyncio.create_task(_read(call, inbox))
@@ -118,7 +119,7 @@ class AsyncPredictClient:
         inbox: asyncio.Queue = asyncio.Queue()
         outbox.put_nowait(generation_call(request, request_id))
         try:
-            call = self._grpc().stream_infer(_requests(outbox))
+            call = open_stream(self._grpc(), _requests(outbox))
         except InferenceServerException as exc:
             raise server_error(exc) from None
         # The responses are read by a task of their own, so that neither a timeout nor the
@@ -187,7 +188,7 @@ async def _end_stream(grpc, call, reader: asyncio.Task, outbox: asyncio.Queue, i
             stop_inbox: asyncio.Queue = asyncio.Queue()
             stop_outbox.put_nowait(cancel_call(cancel_id))
             stop_outbox.put_nowait(_END)
-            stop_call = grpc.stream_infer(_requests(stop_outbox))
+            stop_call = open_stream(grpc, _requests(stop_outbox))
             stop_reader = asyncio.create_task(_read(stop_call, stop_inbox))
             for answers in (inbox, stop_inbox):
                 while not ends_request(*await _next(answers, CANCEL_WAIT_S)):

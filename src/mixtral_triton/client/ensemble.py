@@ -82,23 +82,19 @@ def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
 
 
 # Every request on a stream asks for the empty final response, so that the client knows
-# when a request has ended (a stop request answers with that marker only).
-_EMPTY_FINAL = {"triton_enable_empty_final_response": True}
-
-
+# when a request has ended (a stop request answers with that marker only): the blocking
+# client through its option, the asyncio paths through mixtral_triton.client.empty_final.
 def generation_call(request: PredictRequest, request_id: str) -> dict:
-    """One request on a stream, as the keyword arguments of tritonclient's stream calls:
-    the blocking client's `async_stream_infer(**call)` and the dicts that the asyncio
-    client's `stream_infer` request iterator yields."""
+    """One request on a stream, as the keyword arguments of the blocking client's
+    `async_stream_infer(**call, enable_empty_final_response=True)` and of
+    `empty_final.stream_request`."""
     return {"model_name": ENSEMBLE, "inputs": request_inputs(request),
-            "outputs": requested_outputs(), "request_id": request_id,
-            "parameters": dict(_EMPTY_FINAL)}
+            "outputs": requested_outputs(), "request_id": request_id}
 
 
 def cancel_call(request_id: str) -> dict:
-    """The `stop` request for `request_id`, sent on the stream that carries the request."""
-    return {"model_name": ENSEMBLE, "inputs": cancel_inputs(), "request_id": request_id,
-            "parameters": dict(_EMPTY_FINAL)}
+    """The `stop` request for `request_id`, sent on a stream of its own."""
+    return {"model_name": ENSEMBLE, "inputs": cancel_inputs(), "request_id": request_id}
 
 
 def probe_calls(request_id: str) -> list[dict]:
@@ -106,8 +102,7 @@ def probe_calls(request_id: str) -> list[dict]:
     engine: both answer it at once, whatever the load. (Sent to the ensemble it would also
     need a free detokenizer instance, which at full load may take a whole generation.)"""
     return [{"model_name": "preprocessing", "inputs": cancel_inputs(), "request_id": request_id},
-            {"model_name": "tensorrt_llm", "inputs": infer_inputs(stop_inputs()),
-             "request_id": request_id, "parameters": dict(_EMPTY_FINAL)}]
+            {"model_name": "tensorrt_llm", "inputs": infer_inputs(stop_inputs()), "request_id": request_id}]
 
 
 def ends_request(result, error) -> bool:

@@ -45,7 +45,7 @@ class PredictClient:
         finished = False
         try:
             try:
-                client.async_stream_infer(**generation_call(request, request_id))
+                client.async_stream_infer(**generation_call(request, request_id), enable_empty_final_response=True)
             except grpcclient.InferenceServerException as exc:
                 finished = True  # the stream broke before the request went out
                 raise _stream_error(responses, exc) from None
@@ -76,7 +76,7 @@ class PredictClient:
         stopper = grpcclient.InferenceServerClient(self.url)
         try:
             stopper.start_stream(callback=lambda result, error: stop_responses.put((result, error)))
-            stopper.async_stream_infer(**cancel_call(request_id))
+            stopper.async_stream_infer(**cancel_call(request_id), enable_empty_final_response=True)
             for answers in (responses, stop_responses):
                 while not ends_request(*_next(answers, CANCEL_WAIT_S)):
                     pass

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from mixtral_triton.errors import UserError, one_line_errors
+from mixtral_triton.progress import Progress
 from mixtral_triton.convert.layout import DTYPES
 from mixtral_triton.convert.mapping import resolve
 from mixtral_triton.convert.verify import verify
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         parallel = resolve(args.tp_size, args.pp_size, args.moe_tp_size, args.moe_ep_size)
         convert(args.src, args.out, parallel=parallel, dtype=args.dtype, workers=args.workers,
-                memory_budget=args.memory_budget, clamp_fp16=args.clamp_fp16)
+                memory_budget=args.memory_budget, clamp_fp16=args.clamp_fp16, log=Progress.write)
     else:
-        verify(args.src, args.out)
+        verify(args.src, args.out, log=Progress.write)
     return 0

@@ -16,13 +16,17 @@ import torch
 from safetensors import safe_open
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.progress import Progress
 from mixtral_triton.convert.layout import (DTYPES, SAFETENSORS_NAMES, Block, Output, SourceCheckpoint, iter_values,
-                                           rank_layout, read_header, trtllm_config)
+                                           one_torch_thread, rank_layout, read_header, trtllm_config)
 from mixtral_triton.convert.mapping import check_model, resolve
 from mixtral_triton.convert.writer import CHUNK_BYTES, file_sha256, load_manifest
 
 
-def verify(src: Path, out: Path, *, chunk_bytes: int = CHUNK_BYTES, log: Callable[[str], None] = print) -> dict:
+def verify(src: Path, out: Path, *, chunk_bytes: int = CHUNK_BYTES, log: Callable[[str], None] = print,
+           progress: bool = True) -> dict:
+    """Raises UserError naming what differs. `progress`: a bar with time left on stderr over
+    the bytes read (each rank file's sha256, then its values against the source)."""
     out = Path(out)
     config_path = out / "config.json"
     if not config_path.is_file():
@@ -46,15 +50,20 @@ def verify(src: Path, out: Path, *, chunk_bytes: int = CHUNK_BYTES, log: Callabl
         keys = sorted(k for k in expected.keys() | config.keys() if config.get(k) != expected.get(k))
         problems.append(f"config.json differs from TensorRT-LLM's in {keys}")
     layouts = [rank_layout(source.model, parallel, rank, dtype) for rank in range(parallel.world_size)]
-    for rank, outputs in enumerate(layouts):
-        path = out / f"rank{rank}.safetensors"
-        if not path.is_file():
-            problems.append(f"{path.name} is missing")
-            continue
-        entry = manifest["ranks"].get(str(rank)) if manifest else None
-        if manifest and (entry is None or file_sha256(path) != entry["sha256"]):
-            problems.append(f"{path.name} does not match the sha256 in manifest.json")
-        problems += check_rank(path, outputs, source, clamp_fp16, chunk_bytes)
+    present = [rank for rank in range(parallel.world_size) if (out / f"rank{rank}.safetensors").is_file()]
+    total = sum((out / f"rank{rank}.safetensors").stat().st_size * bool(manifest)
+                + sum(tensor.nbytes for tensor in layouts[rank]) for rank in present)
+    with one_torch_thread(), Progress(total=total, desc="verifying", unit="B", unit_scale=True,
+                                      disable=not progress) as bar:
+        for rank, outputs in enumerate(layouts):
+            path = out / f"rank{rank}.safetensors"
+            if rank not in present:
+                problems.append(f"{path.name} is missing")
+                continue
+            entry = manifest["ranks"].get(str(rank)) if manifest else None
+            if manifest and (entry is None or file_sha256(path, bar) != entry["sha256"]):
+                problems.append(f"{path.name} does not match the sha256 in manifest.json")
+            problems += check_rank(path, outputs, source, clamp_fp16, chunk_bytes, bar)
     problems += check_coverage(source, layouts)
     if problems:
         more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -67,7 +76,7 @@ def verify(src: Path, out: Path, *, chunk_bytes: int = CHUNK_BYTES, log: Callabl
 
 
 def check_rank(path: Path, outputs: list[Output], source: SourceCheckpoint, clamp_fp16: bool,
-               chunk_bytes: int) -> list[str]:
+               chunk_bytes: int, bar: Progress | None = None) -> list[str]:
     try:  # the reader TensorRT-LLM uses must accept the file
         with safe_open(path, framework="pt") as f:
             f.keys()
@@ -93,6 +102,8 @@ def check_rank(path: Path, outputs: list[Output], source: SourceCheckpoint, clam
             for values in iter_values(tensor, source, clamp_fp16, chunk_bytes):
                 want_bytes = values.view(torch.uint8).numpy().reshape(-1)
                 got = np.frombuffer(f.read(want_bytes.nbytes), dtype=np.uint8)
+                if bar is not None:
+                    bar.update(want_bytes.nbytes)
                 if not np.array_equal(got, want_bytes):
                     problems.append(f"{path.name}: {tensor.name} differs from the source")
                     break
@@ -108,7 +119,7 @@ def check_coverage(source: SourceCheckpoint, layouts: list[list[Output]]) -> lis
             for part in tensor.parts:
                 if isinstance(part, Block):
                     info = source.tensors[part.source]
-                    cols = part.cols or (0, info.shape[1] if len(info.shape) > 1 else 1)
+                    cols = part.cols or (0, info.row_values)
                     blocks[part.source].add((*part.rows, *cols))
     problems = []
     for name, info in source.tensors.items():

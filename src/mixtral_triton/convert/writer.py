@@ -19,16 +19,17 @@ import json
 import os
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, NamedTuple
 
 import torch
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.progress import Progress
 from mixtral_triton.convert.audit import audit, enforce, fp16_sources
 from mixtral_triton.convert.layout import (DTYPES, SAFETENSORS_NAMES, Output, SourceCheckpoint, iter_values,
-                                           rank_layout, trtllm_config)
+                                           one_torch_thread, rank_layout, trtllm_config)
 from mixtral_triton.convert.mapping import Parallel, check_model
 
 CHUNK_BYTES = 16 * 2**20
@@ -42,9 +43,10 @@ MANIFEST_FORMAT = 1
 
 def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16", workers: int = 1,
             memory_budget: int | None = None, clamp_fp16: bool = False, chunk_bytes: int = CHUNK_BYTES,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Convert SRC into OUT (created if needed; resumed if it holds an unfinished run of the
-    same conversion). Returns the manifest."""
+    same conversion). Returns the manifest. `progress`: bars with time left on stderr
+    (mixtral_triton.progress) for the writing and the float16 audit."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if workers < 1:
@@ -74,7 +76,7 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
     stop_audit = threading.Event()
     if dtype == "float16" and manifest["audit"] is None:
         def audited(threads: int) -> None:
-            result = audit(source, fp16_sources(layouts), threads, chunk_bytes, stop_audit)
+            result = audit(source, fp16_sources(layouts), threads, chunk_bytes, stop_audit, progress)
             log(result.summary())
             enforce(result, clamp_fp16)
             manifest["audit"] = result.to_json()
@@ -101,22 +103,7 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
         log(f"rank {rank}: already written and verified")
 
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
-            futures = {pool.submit(write_rank, out, rank, layouts[rank], source, clamp_fp16, chunk_bytes,
-                                   gate): rank
-                       for rank in todo}
-            try:
-                for future in as_completed(futures):
-                    rank, entry = futures[future], future.result()
-                    manifest["ranks"][str(rank)] = entry
-                    _write_json_atomic(out / MANIFEST, manifest)
-                    log(f"rank {rank}: wrote {entry['file']} ({entry['bytes']} bytes)")
-            except BaseException:
-                # A failed rank (or Ctrl-C) stops the ranks not yet started; those running finish
-                # but stay out of the manifest, so a rerun writes them again.
-                for pending in futures:
-                    pending.cancel()
-                raise
+        _write_ranks(out, todo, layouts, source, manifest, clamp_fp16, chunk_bytes, workers, gate, log, progress)
         if gate is not None:
             gate()  # no rank was left to write: the audit must still pass and be recorded
     except BaseException:
@@ -133,11 +120,72 @@ def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16",
     return manifest
 
 
+def _write_ranks(out: Path, todo: list[int], layouts: list[list[Output]], source: SourceCheckpoint, manifest: dict,
+                 clamp_fp16: bool, chunk_bytes: int, workers: int, gate: Callable[[], None] | None, log,
+                 progress: bool) -> None:
+    """Write the ranks in `todo`, `workers` at a time, and publish each in a thread of its own:
+    its fsync (seconds for gigabytes), the audit gate, the rename and the manifest entry, so
+    the next rank's writing overlaps the disk catching up with the last one's."""
+    failed = threading.Event()  # a rank failed to write or publish: start no new work
+
+    def publish(rank: int, written: _Written) -> None:
+        try:
+            entry = publish_rank(out, rank, written, gate)
+        except BaseException:
+            failed.set()
+            raise
+        manifest["ranks"][str(rank)] = entry  # only this thread writes the manifest meanwhile
+        _write_json_atomic(out / MANIFEST, manifest)
+        log(f"rank {rank}: wrote {entry['file']} ({entry['bytes']} bytes)")
+
+    def write(rank: int) -> Future:
+        if failed.is_set():
+            raise _Stopped()
+        try:
+            written = write_rank(out, rank, layouts[rank], source, clamp_fp16, chunk_bytes, failed, bar)
+        except BaseException:
+            failed.set()
+            raise
+        return publisher.submit(publish, rank, written)
+
+    total = sum(tensor.nbytes for rank in todo for tensor in layouts[rank])
+    with one_torch_thread(), Progress(total=total, desc="converting", unit="B", unit_scale=True,
+                                      disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1) as publisher:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+            writes = [pool.submit(write, rank) for rank in todo]
+            try:
+                for future in writes:
+                    future.exception()  # wait
+            except BaseException:  # Ctrl-C: the ranks not yet started never start
+                failed.set()
+                for future in writes:
+                    future.cancel()
+                raise
+        # Ranks written before a failure are still published (the publisher drains its queue).
+        publishes = [future.result() for future in writes if future.exception() is None]
+    errors = [future.exception() for future in writes + publishes if future.exception() is not None]
+    # The first real error, not the _Stopped of ranks that merely saw it.
+    errors = [exc for exc in errors if not isinstance(exc, _Stopped)] or errors
+    if errors:
+        raise errors[0]
+
+
+class _Stopped(Exception):
+    """A rank not written because another one failed."""
+
+
+class _Written(NamedTuple):
+    tmp: Path
+    bytes: int
+    sha256: str
+
+
 def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckpoint, clamp_fp16: bool,
-               chunk_bytes: int, gate: Callable[[], None] | None = None) -> dict:
-    """Stream one rank file; returns its manifest entry. `gate` (the float16 audit) must
-    return before the file takes its final name."""
-    final, tmp = out / f"rank{rank}.safetensors", out / f".rank{rank}.safetensors.tmp"
+               chunk_bytes: int, stop: threading.Event | None = None, bar: Progress | None = None) -> _Written:
+    """Stream one rank into its temporary file (not yet fsynced: publish_rank does that);
+    `stop` (another rank failed) ends it early."""
+    tmp = out / f".rank{rank}.safetensors.tmp"
     header, offset = {}, 0
     for tensor in outputs:
         header[tensor.name] = {"dtype": SAFETENSORS_NAMES[DTYPES[tensor.dtype]], "shape": list(tensor.shape),
@@ -152,33 +200,50 @@ def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckp
                 f.write(piece)
                 digest.update(piece)
             for tensor in outputs:
-                write_tensor(f, digest, tensor, source, clamp_fp16, chunk_bytes)
-            f.flush()
-            os.fsync(f.fileno())
+                if stop is not None and stop.is_set():
+                    raise _Stopped()
+                write_tensor(f, digest, tensor, source, clamp_fp16, chunk_bytes, bar)
         size = tmp.stat().st_size
         if size != 8 + len(head) + offset:
             raise RuntimeError(f"{tmp} has {size} bytes, expected {8 + len(head) + offset}")
-        sha256 = digest.hexdigest()
-        if gate is not None:
-            gate()
-        os.replace(tmp, final)
-        _fsync_dir(out)
+        return _Written(tmp, size, digest.hexdigest())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         digest.close()
-    return {"file": final.name, "bytes": size, "sha256": sha256}
+
+
+def publish_rank(out: Path, rank: int, written: _Written, gate: Callable[[], None] | None = None) -> dict:
+    """fsync the written rank, wait for `gate` (the float16 audit), then give it its final
+    name; returns its manifest entry. On any failure the temporary file is removed."""
+    final = out / f"rank{rank}.safetensors"
+    try:
+        fd = os.open(written.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if gate is not None:
+            gate()
+        os.replace(written.tmp, final)
+        _fsync_dir(out)
+    except BaseException:
+        written.tmp.unlink(missing_ok=True)
+        raise
+    return {"file": final.name, "bytes": written.bytes, "sha256": written.sha256}
 
 
 def write_tensor(f: BinaryIO, digest, tensor: Output, source: SourceCheckpoint, clamp_fp16: bool,
-                 chunk_bytes: int) -> None:
+                 chunk_bytes: int, bar: Progress | None = None) -> None:
     written = 0
     for values in iter_values(tensor, source, clamp_fp16, chunk_bytes):
         data = values.view(torch.uint8).numpy()
         digest.update(data)  # hashed in another thread while this thread writes it
         f.write(data)
         written += data.nbytes
+        if bar is not None:
+            bar.update(data.nbytes)
         del values, data  # free this chunk before the next is computed
     if written != tensor.nbytes:
         raise RuntimeError(f"{tensor.name}: wrote {written} bytes, the layout says {tensor.nbytes}")
@@ -241,11 +306,13 @@ def load_manifest(out: Path) -> dict | None:
     return manifest
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, bar: Progress | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(8 * 2**20):
             digest.update(block)
+            if bar is not None:
+                bar.update(len(block))
     return digest.hexdigest()
 
 

@@ -32,6 +32,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aio_grpcclient
 from tritonclient.utils import InferenceServerException
 
+from mixtral_triton.client.empty_final import open_stream
 from mixtral_triton.client.ensemble import infer_inputs
 from mixtral_triton.launcher.ports import GRPC_URL_ENV
 from mixtral_triton.ensemble_models.engine_request import ENGINE_OUTPUTS, new_token_ids, stop_inputs
@@ -41,7 +42,6 @@ DEFAULT_GRPC_URL = "127.0.0.1:8001"  # Triton's default gRPC port
 # than any step, so that only a wedged server ends a stream this way.
 RESPONSE_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 30.0
-_EMPTY_FINAL = {"triton_enable_empty_final_response": True}
 
 
 def server_grpc_url() -> str:
@@ -104,8 +104,7 @@ class AsyncEngineClient:
 
         async def requests():
             yield {"model_name": self.model, "inputs": infer_inputs(dict(arrays)), "request_id": request_id,
-                   "outputs": [grpcclient.InferRequestedOutput(name) for name in ENGINE_OUTPUTS],
-                   "parameters": dict(_EMPTY_FINAL)}
+                   "outputs": [grpcclient.InferRequestedOutput(name) for name in ENGINE_OUTPUTS]}
             await finished.wait()  # the stream stays open until its final response
 
         arrived: deque = deque()  # (token ids, None) or (None, error)
@@ -113,7 +112,7 @@ class AsyncEngineClient:
 
         async def read():
             try:
-                async for result, error in self._grpc().stream_infer(requests()):
+                async for result, error in open_stream(self._grpc(), requests()):
                     if error is not None:
                         arrived.append((None, RuntimeError(error.message())))
                         break
@@ -160,14 +159,13 @@ class AsyncEngineClient:
     async def stop(self, request_id: str) -> bool:
         """Cancel the engine's request `request_id` (see EngineClient.stop)."""
         async def requests():
-            yield {"model_name": self.model, "inputs": infer_inputs(stop_inputs()), "request_id": request_id,
-                   "parameters": dict(_EMPTY_FINAL)}
+            yield {"model_name": self.model, "inputs": infer_inputs(stop_inputs()), "request_id": request_id}
 
         ok = False
         try:
             async with asyncio.timeout(STOP_TIMEOUT_S):
                 # Read to the call's end: leaving it open would cancel it on the server.
-                async for _, error in self._grpc().stream_infer(requests()):
+                async for _, error in open_stream(self._grpc(), requests()):
                     ok = error is None
         except (TimeoutError, InferenceServerException):
             return False

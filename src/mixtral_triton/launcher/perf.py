@@ -3,7 +3,9 @@
 The binary is a C++ program linked against `libb64.so.0d` (Debian: `libb64-0d`) and
 `libcudart.so.12`, even for CPU-only use. The CUDA runtime comes from the PyPI wheel
 `nvidia-cuda-runtime-cu12`, which the loader does not search: its `lib/` folder has to
-be on LD_LIBRARY_PATH (docs/cpu-triton-stack.md). Used by the tests and the benchmarks.
+be on LD_LIBRARY_PATH (docs/cpu-triton-stack.md). Used by the tests, the benchmarks and
+the `mixtral-triton-perf-analyzer` command, which users (and genai-perf) run instead of the
+bare binary.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from mixtral_triton.errors import UserError
+from mixtral_triton.errors import UserError, one_line_errors
 
 # What to install when a library is missing, by library file name.
 _PROVIDERS = {
@@ -74,3 +76,13 @@ def check_perf_analyzer(env: Mapping[str, str] | None = None) -> Path:
         hints = "; ".join(f"{lib}: {_PROVIDERS.get(lib, 'install it')}" for lib in missing)
         raise UserError(f"perf_analyzer cannot run, missing shared libraries: {hints}")
     return binary
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> int:
+    """`mixtral-triton-perf-analyzer ARGS...`: perf_analyzer ARGS... with its libraries found.
+    Replaces this process, so perf_analyzer's exit status, output and signals are the caller's."""
+    env = perf_analyzer_environment()
+    binary = check_perf_analyzer(env)
+    arguments = sys.argv[1:] if argv is None else argv
+    os.execve(binary, [str(binary), *arguments], env)

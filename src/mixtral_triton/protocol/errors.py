@@ -54,3 +54,13 @@ TRITON_UNAVAILABLE = re.compile(
     r"Exceeds maximum queue size"
     r"|Stub process( '[^']*')? is not healthy"
     r"|Failed to obtain the health mutex")
+
+
+def relayed(message: str, context: str) -> str:
+    """An error another model sent us, as we pass it on: its own code if it has one; Triton's
+    wording for overload or a dead stub as `unavailable` (the client may retry); anything else
+    as `internal`, after `context`."""
+    if read_code(message) is not None:
+        return message
+    kind = UNAVAILABLE if TRITON_UNAVAILABLE.search(message) else INTERNAL
+    return coded(kind, f"{context}: {message}")

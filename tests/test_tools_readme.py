@@ -1,0 +1,48 @@
+"""The README's load-testing commands, read from the README and run as written against the
+real CPU server: only the addresses (`scripts/serve.sh`'s default ports), the tokenizer
+folder it writes and genai-perf's report folder are replaced by this test's own."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import active_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_testing_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^## Load testing\n(.*?)^## ", readme, re.DOTALL | re.MULTILINE)
+    assert section, "README.md has no '## Load testing' section"
+    blocks = re.findall(r"^```bash\n(.*?)^```", section.group(1), re.DOTALL | re.MULTILINE)
+    assert len(blocks) == 3, blocks
+    return blocks
+
+
+@pytest.mark.parametrize("index", range(3), ids=["perf_analyzer", "genai-perf-tensorrtllm",
+                                                 "genai-perf-completions"])
+def test_readme_load_testing_command_runs(index, triton_server, base_gateway, tiny_checkpoint, tmp_path):
+    command = load_testing_commands()[index]
+    for written, ours in (("localhost:8001", triton_server.grpc_url),
+                          ("localhost:8080", base_gateway.url.removeprefix("http://")),
+                          (".cache/serve/hub/tiny", str(tiny_checkpoint)),
+                          (".cache/genai-perf/", f"{tmp_path}/")):
+        command = command.replace(written, ours)
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=ROOT, capture_output=True,
+                         text=True, timeout=1200)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    if index == 0:  # perf_analyzer
+        assert "Detected decoupled model" in output, output
+        assert re.search(r"Concurrency: 2, throughput: [\d.]+ infer/sec", output), output
+    else:
+        summary = json.loads(next(tmp_path.rglob("profile_export_genai_perf.json")).read_text())
+        assert summary["request_count"]["avg"] == 8, summary
+        assert summary["output_sequence_length"]["min"] > 0, summary
+    assert active_requests(triton_server) == 0
