@@ -38,15 +38,15 @@ def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: 
                     max_seq_len=max_seq_len)
     if target == "cpu":
         settings.update(checkpoint_dir=trtllm_checkpoint, max_batch_size=max_batch_size)
-        if standin is not None:
-            settings.update(cpu_engine="standin", standin_gpu=standin.gpu, standin_tp=standin.tp,
-                            standin_pace_scale=standin.scale)
     else:
         # Each detokenizer process serves any number of streams: their count follows the
         # cores of this machine (the serving one, when it builds its own repository), not the
         # engine's batch; Kubernetes' build job passes the pod's count instead.
         settings.update(engine_dir=engine_dir,
                         postprocessing_instance_count=detokenizer_processes(os.cpu_count() or 1))
+    if standin is not None:  # Settings refuses it for any target but cpu
+        settings.update(cpu_engine="standin", standin_gpu=standin.gpu, standin_tp=standin.tp,
+                        standin_pace_scale=standin.scale)
     settings = Settings(**settings)
     settings.validate_limits()  # a bad option is refused before the conversion, not after
     parallel = resolve(tp=tp)
@@ -95,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--standin-pace-scale", type=float, default=1.0,
                    help="cpu standin: x that GPU's roofline step time (0: no waiting; default 1)")
     args = p.parse_args(argv)
-    if args.cpu_engine == "standin" and args.target != "cpu":
-        raise UserError("--cpu-engine standin applies to --target cpu only")
     standin = (Pacing(args.standin_gpu, args.tp, args.standin_pace_scale)
                if args.cpu_engine == "standin" else None)
     build_repository(args.checkpoint, args.work_dir, args.target, args.tp, args.max_batch_size,
