@@ -246,7 +246,7 @@ def _first_greedy_token(server, tiny_checkpoint) -> int:
     ids = AutoTokenizer.from_pretrained(str(tiny_checkpoint)).encode(PROMPT)
 
     async def generated() -> list[int]:
-        engine = AsyncEngineClient("tensorrt_llm", server.grpc_url)
+        engine = AsyncEngineClient("tensorrt_llm", server.grpc_url, server.http_url)
         return [token async for batch in engine.stream({
             "input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
             "request_output_len": np.array([[1]], np.int32), "runtime_top_k": np.array([[1]], np.int32)},

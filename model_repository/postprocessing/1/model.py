@@ -1,7 +1,7 @@
 """Streaming detokenizer: calls the engine and turns its token stream into text.
 
 Why it calls the engine itself rather than being an ensemble step after it, and why one
-process serves many streams: see this model's config.pbtxt; why over gRPC rather than BLS:
+process serves many streams: see this model's config.pbtxt; why over loopback rather than BLS:
 mixtral_triton.ensemble_models.engine_client. The logic is in mixtral_triton.ensemble_models.detokenize;
 this file is the Triton glue.
 """

@@ -1,10 +1,11 @@
 """The streaming detokenizer's work for many streams in one process (one asyncio loop):
 call the engine, turn its tokens into text, answer; the postprocessing model is its glue.
 
-Per process: one gRPC channel to the engine (a call per stream), the token table, and one
-task that looks every CANCELLATION_CHECK_PERIOD_S whether a `stop` marked any of this
-process's runs cancelled (one query, whatever the number of streams). Per stream: a
-`Completion` (a few hundred bytes of state) and the engine call's reader task.
+Per process: a pool of keep-alive HTTP connections to the engine (one per stream in flight)
+and a gRPC channel for stops, the token table, and one task that looks every
+CANCELLATION_CHECK_PERIOD_S whether a `stop` marked any of this process's runs cancelled
+(one query, whatever the number of streams). Per stream: a `Completion` (a few hundred
+bytes of state) and its connection's parser.
 
 A streamed response costs far more than a token (an IPC round trip to the server, the
 ensemble's hop, the client's gRPC message), so a stream sends at most one response per

@@ -1,22 +1,28 @@
-"""The serving models' connection to the tensorrt_llm model: gRPC over loopback to the
-server they run in, not Triton's BLS.
+"""The serving models' connection to the tensorrt_llm model: the server they run in, over
+loopback, not Triton's BLS.
 
 Why not BLS: in the Python backend's stub (Triton 2.51, and python_backend's main branch
 as of 2026-11), the responses of a decoupled BLS call are turned into numpy arrays on the
 stub's message thread, which never takes the GIL (`Stub::ProcessBLSResponseDecoupled` ->
 `InferResponse::LoadFromSharedMemory` -> the `PbTensor` constructor). That races with
 the model's own Python thread and corrupts the stub's heap: it crashed our detokenizer
-every few thousand streamed requests (docs/reliability.md). A gRPC client delivers its
-responses on threads (or the event loop) that hold the GIL.
+every few thousand streamed requests (docs/reliability.md). A client on the event loop
+holds the GIL for everything it does.
 
-Two clients: `EngineClient` (blocking; the tokenizer model's stops) and
-`AsyncEngineClient` (asyncio; the detokenizer, which serves many streams from one event
-loop: each stream is a gRPC call of its own on one shared channel, so no two requests'
-answers are ever written on one gRPC stream, a pattern that can abort Triton 2.51's gRPC
-frontend, docs/cpu-triton-stack.md).
+Two ways in, by what is cheapest for each:
+- The token streams go over HTTP, Triton's generate_stream endpoint, read by the
+  detokenizer's event loop itself (`generate_stream.GenerateStreamClient`): per engine
+  response it costs the detokenizer about half the CPU of a grpc.aio stream, whose messages
+  each cross from its poller thread to the loop (docs/serving.md). One connection per
+  stream at a time, kept alive and reused.
+- Stops (rare) go over gRPC, as TensorRT-LLM's own clients send them: `EngineClient`
+  (blocking; the tokenizer model's) and `AsyncEngineClient.stop` (the detokenizer's), each
+  a call of its own, so no two requests' answers are ever written on one gRPC stream, a
+  pattern that can abort Triton 2.51's gRPC frontend (docs/cpu-triton-stack.md).
 
-The server's gRPC address comes from the environment the server was started with
-(`MIXTRAL_TRITON_GRPC_URL`, which the launchers set); without it, Triton's default port.
+The server's addresses come from the environment the server was started with
+(`MIXTRAL_TRITON_HTTP_URL` and `MIXTRAL_TRITON_GRPC_URL`, which the launchers set);
+without them, Triton's default ports.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
-from collections import deque
 from typing import AsyncIterator, Mapping
 
 import numpy as np
@@ -34,10 +39,12 @@ from tritonclient.utils import InferenceServerException
 
 from mixtral_triton.client.empty_final import open_stream
 from mixtral_triton.client.ensemble import infer_inputs
-from mixtral_triton.launcher.ports import GRPC_URL_ENV
-from mixtral_triton.ensemble_models.engine_request import ENGINE_OUTPUTS, new_token_ids, stop_inputs
+from mixtral_triton.launcher.ports import GRPC_URL_ENV, HTTP_URL_ENV
+from mixtral_triton.ensemble_models.generate_stream import GenerateStreamClient, GenerateStreamError
+from mixtral_triton.ensemble_models.engine_request import new_token_ids, stop_inputs
 
 DEFAULT_GRPC_URL = "127.0.0.1:8001"  # Triton's default gRPC port
+DEFAULT_HTTP_URL = "127.0.0.1:8000"  # and HTTP port
 # Longest wait for the engine's next response before the stream is given up: far longer
 # than any step, so that only a wedged server ends a stream this way.
 RESPONSE_TIMEOUT_S = 600.0
@@ -46,6 +53,10 @@ STOP_TIMEOUT_S = 30.0
 
 def server_grpc_url() -> str:
     return os.environ.get(GRPC_URL_ENV) or DEFAULT_GRPC_URL
+
+
+def server_http_url() -> str:
+    return os.environ.get(HTTP_URL_ENV) or DEFAULT_HTTP_URL
 
 
 class EngineClient:
@@ -76,15 +87,21 @@ class EngineClient:
 
 
 class AsyncEngineClient:
-    """Many engine streams at once from one event loop, on one gRPC channel.
+    """Many engine streams at once from one event loop: the token streams over HTTP
+    (`http_url`), the stops on one gRPC channel (`url`); both "host:port", by default the
+    server's own from the environment.
 
-    Create and use it on one event loop (the channel belongs to the loop it is first used on).
+    Create and use it on one event loop (its connections belong to the loop they are first
+    used on).
     """
 
-    def __init__(self, model: str, url: str | None = None):
+    def __init__(self, model: str, url: str | None = None, http_url: str | None = None):
         self.model = model
         self.url = url or server_grpc_url()
+        self.http_url = http_url or server_http_url()
         self._client: aio_grpcclient.InferenceServerClient | None = None
+        self._tokens: GenerateStreamClient | None = None
+        self._stopping: set[asyncio.Future] = set()  # stops of streams left early, kept alive
 
     def _grpc(self) -> aio_grpcclient.InferenceServerClient:
         if self._client is None:
@@ -97,64 +114,31 @@ class AsyncEngineClient:
         loop), tokens come in batches, so that it sends fewer, larger responses.
 
         An error raises. The caller ends a stream early with `stop(request_id)` and keeps
-        reading to its end; never by cancelling the gRPC call: under load that made Triton
-        2.51's gRPC frontend abort the whole server ("proto_buffer_writer.h: ASSERTION
-        FAILED: !byte_buffer->Valid()")."""
-        finished = asyncio.Event()
-
-        async def requests():
-            yield {"model_name": self.model, "inputs": infer_inputs(dict(arrays)), "request_id": request_id,
-                   "outputs": [grpcclient.InferRequestedOutput(name) for name in ENGINE_OUTPUTS]}
-            await finished.wait()  # the stream stays open until its final response
-
-        arrived: deque = deque()  # (token ids, None) or (None, error)
-        wake = asyncio.Event()
-
-        async def read():
-            try:
-                async for result, error in open_stream(self._grpc(), requests()):
-                    if error is not None:
-                        arrived.append((None, RuntimeError(error.message())))
-                        break
-                    response = result.get_response()
-                    ids = _token_ids(response)
-                    if ids:
-                        arrived.append((ids, None))
-                        wake.set()
-                    if response.parameters["triton_final_response"].bool_param:
-                        break
-                else:
-                    arrived.append((None, RuntimeError(f"{self.model} closed the stream early")))
-            except Exception as exc:  # the connection failed: the stream ends with it
-                arrived.append((None, RuntimeError(str(exc))))
-            finally:
-                finished.set()
-                wake.set()
-
-        reader = asyncio.create_task(read())
+        reading to its end; a caller that leaves early (an exception) closes the connection,
+        which Triton does not pass to the engine (server issue 7077), so the engine is then
+        stopped here."""
+        if self._tokens is None:
+            host, _, port = self.http_url.rpartition(":")
+            self._tokens = GenerateStreamClient(self.model, host, int(port))
+        ended = False
         try:
-            while True:
-                async with asyncio.timeout(RESPONSE_TIMEOUT_S):
-                    await wake.wait()
-                wake.clear()
-                batch: list[int] = []
-                error = None
-                while arrived:
-                    ids, error = arrived.popleft()
-                    if error is not None:
-                        break
-                    batch += ids
-                if batch:
-                    yield batch
-                if error is not None:
-                    raise error
-                if finished.is_set() and not arrived:
-                    return
+            async with asyncio.timeout(RESPONSE_TIMEOUT_S) as deadline:
+                async for responses in self._tokens.events(arrays, request_id):
+                    deadline.reschedule(asyncio.get_running_loop().time() + RESPONSE_TIMEOUT_S)
+                    batch = [token for response in responses for token in new_token_ids(response)]
+                    if batch:
+                        yield batch
+            ended = True
         except TimeoutError:
             raise RuntimeError(f"no response from {self.model} in {RESPONSE_TIMEOUT_S:.0f} s") from None
+        except (GenerateStreamError, OSError) as exc:
+            ended = True  # the engine's request ended (or never started) with the error
+            raise RuntimeError(str(exc)) from None
         finally:
-            finished.set()
-            await reader
+            if not ended:
+                stopping = asyncio.ensure_future(self.stop(request_id))
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
 
     async def stop(self, request_id: str) -> bool:
         """Cancel the engine's request `request_id` (see EngineClient.stop)."""
@@ -170,13 +154,3 @@ class AsyncEngineClient:
         except (TimeoutError, InferenceServerException):
             return False
         return ok
-
-
-def _token_ids(response) -> list[int]:
-    """New token ids of one engine response (ModelInferResponse), read from its raw bytes."""
-    arrays = {}
-    for output, raw in zip(response.outputs, response.raw_output_contents):
-        arrays[output.name] = np.frombuffer(raw, np.int32).reshape(output.shape)
-    if "output_ids" not in arrays:
-        return []  # the empty final response
-    return new_token_ids(arrays["output_ids"], arrays.get("sequence_length"))

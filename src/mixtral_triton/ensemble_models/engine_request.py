@@ -9,10 +9,6 @@ import numpy as np
 
 from mixtral_triton.ensemble_models.preprocess import ENGINE_INPUTS
 
-# Only the new tokens of each step come back: the prompt is never echoed.
-ENGINE_OUTPUTS = ("output_ids", "sequence_length")
-
-
 def engine_inputs(prepared: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     inputs = {name: prepared[name.upper()] for name in ENGINE_INPUTS if name != "stop"}
     for name in ("stop_words_list", "bad_words_list"):
@@ -31,13 +27,19 @@ def stop_inputs() -> dict[str, np.ndarray]:
             "request_output_len": np.ones((1, 1), np.int32), "stop": np.ones((1, 1), np.bool_)}
 
 
-def new_token_ids(output_ids: np.ndarray, sequence_length: np.ndarray | None) -> list[int]:
-    """The token ids of one engine response ([1, beams, tokens]; beam 0 is served).
+def new_token_ids(response: Mapping[str, object]) -> list[int]:
+    """The new token ids of one engine response as Triton's generate_stream writes it:
+    `output_ids` ([1, beams, tokens], flattened: beam 0 is the only one served) as a list,
+    or a bare number when it holds one token; absent from the empty final response.
 
     `sequence_length` bounds the valid ids; it counts only the new tokens when the prompt
     is excluded, and slicing by it is right whichever way an engine counts.
     """
-    ids = output_ids.reshape(-1) if output_ids.ndim < 3 else output_ids[0, 0]
-    if sequence_length is not None:
-        ids = ids[:int(sequence_length.reshape(-1)[0])]
-    return ids.tolist()
+    ids = response.get("output_ids")
+    if ids is None:
+        return []
+    ids = ids if isinstance(ids, list) else [ids]
+    length = response.get("sequence_length")
+    if isinstance(length, list):
+        length = length[0] if length else None
+    return ids[:length] if isinstance(length, int) else ids
