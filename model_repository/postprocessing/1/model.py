@@ -46,24 +46,31 @@ class TritonPythonModel:
                 return
             prompt_tokens = inputs["INPUT_LENGTHS"].reshape(1, 1).astype(np.int32)
 
-            def send(text, finish_reason, completion, final):
+            def send(text, completion, completion_tokens, finish_reason, final, failure):
+                # on the detokenizer's sender thread (mixtral_triton.ensemble_models.outbox)
+                if failure is not None:
+                    _send_error(sender, failure)
+                    return
                 reason = np.array([[finish_reason.encode()]], dtype=object) if final else _NOT_FINISHED
                 sender.send(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=object)),
                     pb_utils.Tensor("finish_reason", reason),
                     pb_utils.Tensor("prompt_tokens", prompt_tokens),
-                    pb_utils.Tensor("completion_tokens", np.array([[completion.completion_tokens]], np.int32)),
+                    pb_utils.Tensor("completion_tokens", np.array([[completion_tokens]], np.int32)),
                 ] + [pb_utils.Tensor(name, np.array([[n]], np.int32))
-                     for name, n in completion.count_outputs().items()]),
+                     for name, n in completion.count_outputs(completion_tokens).items()]),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
             await self.detokenizer.generate(request.request_id(), inputs, send)
         except Exception as exc:  # the stream must end with the error, never hang
-            # the engine's code, or Triton's overload wording, stays readable by the client
-            message = relayed(str(exc), "generation failed")
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            _send_error(sender, exc)
 
     def finalize(self):
         # The engine channel belongs to the stub's event loop and ends with the process.
         self.detokenizer.runs.close()
+
+
+def _send_error(sender, exc: Exception) -> None:
+    # the engine's code, or Triton's overload wording, stays readable by the client
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(relayed(str(exc), "generation failed"))),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -40,17 +40,18 @@ class Completion:
         self.completion_tokens += len(token_ids)
         return self._text.push(token_ids)
 
-    def count_outputs(self) -> dict[str, int]:
-        """TensorRT-LLM's own count outputs for the next response, each only when the
-        request asked for it (return_num_input_tokens / return_num_output_tokens):
-        num_input_tokens is the prompt's tokens, num_output_tokens the tokens since the
-        previous response, as its tensorrt_llm model counts them (they add up to the
-        completion's)."""
+    def count_outputs(self, completion_tokens: int) -> dict[str, int]:
+        """TensorRT-LLM's own count outputs for the next response, whose text goes up to
+        `completion_tokens` tokens, each only when the request asked for it
+        (return_num_input_tokens / return_num_output_tokens): num_input_tokens is the
+        prompt's tokens, num_output_tokens the tokens since the previous response, as its
+        tensorrt_llm model counts them (they add up to the completion's). Called by the one
+        thread that sends this stream's responses, in order."""
         want_input, want_output = self._count_outputs
         out = {"num_input_tokens": self.prompt_tokens} if want_input else {}
         if want_output:
-            out["num_output_tokens"] = self.completion_tokens - self._counted
-            self._counted = self.completion_tokens
+            out["num_output_tokens"] = completion_tokens - self._counted
+            self._counted = completion_tokens
         return out
 
     def finish(self, cancelled: bool = False) -> tuple[str, str]:

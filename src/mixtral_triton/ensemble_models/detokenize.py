@@ -13,7 +13,8 @@ MIN_RESPONSE_INTERVAL_S: text that arrives sooner waits for the interval's end (
 stream's end) and goes out with what came meanwhile. The first token always goes out at
 once (TTFT is untouched), and a real engine's decode step is longer than the interval, so
 on a GPU only a detokenizer that fell behind groups tokens; text and counts are the same
-however tokens are grouped.
+however tokens are grouped. The responses go out from the process's sender thread
+(mixtral_triton.ensemble_models.outbox), which merges what a stream gathered while it was busy.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from mixtral_triton.ensemble_models.completion import Completion
 from mixtral_triton.ensemble_models.engine_client import AsyncEngineClient
 from mixtral_triton.ensemble_models.engine_request import engine_inputs
+from mixtral_triton.ensemble_models.outbox import Outbox
 from mixtral_triton.ensemble_models.runs import RunRegistry
 from mixtral_triton.ensemble_models.tensors import strings
 
@@ -40,8 +42,11 @@ CANCELLATION_CHECK_PERIOD_S = 0.05
 # only tokens that come faster than an engine makes them (a backlog) are grouped.
 MIN_RESPONSE_INTERVAL_S = 0.002
 
-# send(text, finish_reason, completion, final): one response of the stream
-Send = Callable[[str, str, Completion, bool], None]
+
+
+# send(text, completion, completion tokens so far, finish reason, final, error): one
+# response of a stream, called from the process's sender thread (mixtral_triton.ensemble_models.outbox)
+Send = Callable[[str, Completion, int, str, bool, Exception | None], None]
 
 
 class StreamingDetokenizer:
@@ -54,10 +59,12 @@ class StreamingDetokenizer:
         self._live = 0
         self._cancelled: set[str] = set()
         self._watch: asyncio.Task | None = None
+        self.outbox = Outbox()
 
     async def generate(self, client_id: str, inputs: Mapping[str, np.ndarray], send: Send) -> None:
-        """One request: text to `send` as it comes (or once, when not streaming), the
-        last response with the finish reason."""
+        """One request: text to `send` as it comes (or once, when not streaming), the last
+        response with the finish reason, or with the error that ended the stream; returns
+        once the last response is sent."""
         flag = lambda name: bool(inputs[name].reshape(-1)[0])  # noqa: E731
         completion = Completion(self.tables[flag("SKIP_SPECIAL_TOKENS")], strings(inputs, "STOP_STRINGS"),
                                 int(inputs["REQUEST_OUTPUT_LEN"].reshape(-1)[0]),
@@ -72,32 +79,32 @@ class StreamingDetokenizer:
         self._live += 1
         if self._watch is None or self._watch.done():
             self._watch = asyncio.create_task(self._watch_cancellations())
-        pieces: list[str] = []  # text not sent yet
+        # The stream's responses go out from the sender thread.
+        box = self.outbox.box(lambda text, tokens, reason, final, failure:
+                              send(text, completion, tokens, reason, final, failure))
+        pieces: list[str] = []  # text not handed to the box yet
         if echo and streaming:
-            send(echo, "", completion, False)
+            box.put(echo, 0)
         elif echo:
             pieces.append(echo)
         loop = asyncio.get_running_loop()
         next_send = 0.0  # loop time before which new text waits (the first token never does)
         timer: asyncio.TimerHandle | None = None
-        failed: list[Exception] = []  # a send that failed in a timer, raised in this stream
 
         def flush() -> None:
             nonlocal next_send, timer
             timer = None
             if pieces:
-                try:
-                    send("".join(pieces), "", completion, False)
-                except Exception as exc:  # noqa: BLE001 - re-raised by the stream below
-                    failed.append(exc)
+                box.put("".join(pieces), completion.completion_tokens)
                 pieces.clear()
                 next_send = loop.time() + MIN_RESPONSE_INTERVAL_S
 
+        failure = None
         try:
             ending = False  # a stop string matched or the run was cancelled: drain quietly
             async for token_ids in self.engine.stream(engine_inputs(inputs), engine_id):
-                if failed:
-                    raise failed[0]
+                if box.error is not None:
+                    raise box.error
                 if ending:
                     continue
                 text = completion.add(token_ids)
@@ -112,15 +119,20 @@ class StreamingDetokenizer:
                 if completion.stopped or engine_id in self._cancelled:
                     ending = True
                     await self.engine.stop(engine_id)  # then read the stream to its end
+        except Exception as exc:  # noqa: BLE001 - the stream ends with it, after its text
+            failure = exc
         finally:
             if timer is not None:
                 timer.cancel()
             self._live -= 1
             self._cancelled.discard(engine_id)
             cancelled = self.runs.finish(engine_id)
+        if failure is not None:
+            await box.close("".join(pieces), completion.completion_tokens, "", failure)
+            return
         tail, reason = completion.finish(cancelled=cancelled)
         pieces.append(tail)
-        send("".join(pieces), reason, completion, True)
+        await box.close("".join(pieces), completion.completion_tokens, reason)
 
     async def _watch_cancellations(self) -> None:
         while self._live:
