@@ -108,7 +108,7 @@ def flip_byte(path: Path, offset_from_end: int) -> None:
 
 def test_verify_catches_a_changed_value(micro, converted):
     flip_byte(converted / "rank1.safetensors", 1000)  # inside lm_head, the last tensor
-    with pytest.raises(UserError, match="rank1.safetensors does not match the sha256.*lm_head.weight differs"):
+    with pytest.raises(UserError, match="rank1.safetensors does not match the xxh3_128.*lm_head.weight differs"):
         verify(micro, converted, **QUIET)
     (converted / "manifest.json").unlink()  # without a manifest, the value comparison alone catches it
     with pytest.raises(UserError, match="rank1.safetensors: lm_head.weight differs from the source"):
@@ -135,11 +135,11 @@ def test_crash_mid_rank_leaves_nothing_trusted_and_rerun_completes(micro, tmp_pa
     out = tmp_path / "out"
     real, calls = writer.write_tensor, []
 
-    def crashing(f, digest, tensor, *args):
+    def crashing(stream, tensor, *args):
         calls.append(tensor.name)
         if len(calls) == 30:  # rank 0 has 24 tensors: this is in the middle of rank 1
             raise RuntimeError("disk on fire")
-        return real(f, digest, tensor, *args)
+        return real(stream, tensor, *args)
 
     monkeypatch.setattr(writer, "write_tensor", crashing)
     with pytest.raises(RuntimeError, match="disk on fire"):
