@@ -4,7 +4,9 @@ mid-rank leaves nothing a rerun trusts, and the rerun completes it."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -180,3 +182,22 @@ def test_parallel_workers_write_the_same_files(micro, tmp_path):
     one = convert(micro, tmp_path / "one", parallel=resolve(4, 1), workers=1, **QUIET)
     four = convert(micro, tmp_path / "four", parallel=resolve(4, 1), workers=4, **QUIET)
     assert one["ranks"] == four["ranks"]
+
+
+def test_a_filesystem_without_o_direct_gets_the_same_files(micro, tmp_path, monkeypatch):
+    """Rank files are written with O_DIRECT where the filesystem allows it; where it refuses
+    (EINVAL, as tmpfs did before Linux 6.6), through the page cache, with the same bytes."""
+    direct = convert(micro, tmp_path / "direct", parallel=resolve(2, 1), chunk_bytes=4096, **QUIET)
+    real_open, refused = os.open, []
+
+    def no_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(writer.os, "open", no_direct)
+    buffered = convert(micro, tmp_path / "buffered", parallel=resolve(2, 1), chunk_bytes=4096, **QUIET)
+    assert buffered["ranks"] == direct["ranks"] and (len(refused) == 2 or not hasattr(os, "O_DIRECT"))
+    monkeypatch.undo()
+    verify(micro, tmp_path / "buffered", **QUIET)

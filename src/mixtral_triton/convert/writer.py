@@ -42,9 +42,10 @@ from mixtral_triton.convert.mapping import Parallel, check_model
 
 CHUNK_BYTES = 16 * 2**20
 # Peak memory of one worker in chunks, as measured on a real-shaped Mixtral (hidden 6144):
-# the touched pages of the mapped source rows, the cast result, the audit's masks and the
-# allocator's slack. Larger chunks buy little speed and cost more than proportionally.
-WORKER_PEAK_CHUNKS = 12
+# about 4.75 (its stream's STREAM_BUFFERS blocks, the touched pages of the mapped source rows,
+# the cast's staging), rounded up for the allocator's slack; the audit thread counts as one
+# more worker. Larger chunks buy little speed.
+WORKER_PEAK_CHUNKS = 6
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2
 
