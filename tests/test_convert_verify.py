@@ -4,7 +4,9 @@ mid-rank leaves nothing a rerun trusts, and the rerun completes it."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -108,7 +110,7 @@ def flip_byte(path: Path, offset_from_end: int) -> None:
 
 def test_verify_catches_a_changed_value(micro, converted):
     flip_byte(converted / "rank1.safetensors", 1000)  # inside lm_head, the last tensor
-    with pytest.raises(UserError, match="rank1.safetensors does not match the sha256.*lm_head.weight differs"):
+    with pytest.raises(UserError, match="rank1.safetensors does not match the xxh3_128.*lm_head.weight differs"):
         verify(micro, converted, **QUIET)
     (converted / "manifest.json").unlink()  # without a manifest, the value comparison alone catches it
     with pytest.raises(UserError, match="rank1.safetensors: lm_head.weight differs from the source"):
@@ -135,11 +137,11 @@ def test_crash_mid_rank_leaves_nothing_trusted_and_rerun_completes(micro, tmp_pa
     out = tmp_path / "out"
     real, calls = writer.write_tensor, []
 
-    def crashing(f, digest, tensor, *args):
+    def crashing(stream, tensor, *args):
         calls.append(tensor.name)
         if len(calls) == 30:  # rank 0 has 24 tensors: this is in the middle of rank 1
             raise RuntimeError("disk on fire")
-        return real(f, digest, tensor, *args)
+        return real(stream, tensor, *args)
 
     monkeypatch.setattr(writer, "write_tensor", crashing)
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -180,3 +182,22 @@ def test_parallel_workers_write_the_same_files(micro, tmp_path):
     one = convert(micro, tmp_path / "one", parallel=resolve(4, 1), workers=1, **QUIET)
     four = convert(micro, tmp_path / "four", parallel=resolve(4, 1), workers=4, **QUIET)
     assert one["ranks"] == four["ranks"]
+
+
+def test_a_filesystem_without_o_direct_gets_the_same_files(micro, tmp_path, monkeypatch):
+    """Rank files are written with O_DIRECT where the filesystem allows it; where it refuses
+    (EINVAL, as tmpfs did before Linux 6.6), through the page cache, with the same bytes."""
+    direct = convert(micro, tmp_path / "direct", parallel=resolve(2, 1), chunk_bytes=4096, **QUIET)
+    real_open, refused = os.open, []
+
+    def no_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(writer.os, "open", no_direct)
+    buffered = convert(micro, tmp_path / "buffered", parallel=resolve(2, 1), chunk_bytes=4096, **QUIET)
+    assert buffered["ranks"] == direct["ranks"] and (len(refused) == 2 or not hasattr(os, "O_DIRECT"))
+    monkeypatch.undo()
+    verify(micro, tmp_path / "buffered", **QUIET)

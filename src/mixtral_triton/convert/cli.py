@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                    help="split the experts over this many ranks (default: tp size / --moe-tp-size, else 1)")
     c.add_argument("--workers", type=int, default=1, help="ranks written at the same time (default 1)")
     c.add_argument("--memory-budget", type=parse_size, default=None,
-                   help="memory for the workers' buffers (about 200M each) on top of the ~250M of the "
+                   help="memory for the workers' buffers (about 100M each) on top of the ~250M of the "
                    "process itself, e.g. 2G: fewer workers run if they would not fit")
     c.add_argument("--clamp-fp16", action="store_true",
                    help="clamp weights beyond the float16 range to +-65504 instead of refusing to convert")

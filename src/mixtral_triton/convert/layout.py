@@ -63,7 +63,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -335,15 +335,17 @@ class SourceCheckpoint:
 CAST_BLOCK = 2**17
 
 
-def cast(values: torch.Tensor, dtype: torch.dtype, clamp_fp16: bool) -> torch.Tensor:
+def cast(values: torch.Tensor, dtype: torch.dtype, clamp_fp16: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """The conversion every output value goes through (torch's round-to-nearest-even, as
     TensorRT-LLM's `.to(dtype)`); with clamping, values beyond the float16 range become
-    +-65504 instead of +-inf. Contiguous."""
+    +-65504 instead of +-inf. Contiguous: `out` (of the values' shape) when given, else new
+    (or the values themselves when no conversion is needed)."""
     clamp = clamp_fp16 and dtype is torch.float16
-    if values.dtype == dtype and not clamp:
-        return values.contiguous()
-    out = torch.empty(values.shape, dtype=dtype)
-    if dtype is torch.float32:
+    if out is None:
+        if values.dtype == dtype and not clamp:
+            return values.contiguous()
+        out = torch.empty(values.shape, dtype=dtype)
+    if dtype is torch.float32 or (values.dtype == dtype and not clamp):
         return out.copy_(values)
     # Blocks of whole rows, so that a column window is read in place, never copied first.
     rows_in, rows_out = values.view(1, -1) if values.dim() == 1 else values, out.view(-1, out.shape[-1])
@@ -376,17 +378,40 @@ def rows_per_read(info: TensorInfo, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (info.row_values * info.dtype.itemsize))
 
 
-def iter_values(out: Output, source: SourceCheckpoint, clamp_fp16: bool, chunk_bytes: int) -> Iterator[torch.Tensor]:
-    """The output tensor's values, in row-major order, a bounded chunk at a time."""
+def piece_bytes(out: Output, chunk_bytes: int) -> int:
+    """The most bytes of `out` one step of iter_values gives: whole rows within chunk_bytes,
+    at least one row."""
+    return max(chunk_bytes, _row_bytes(out))
+
+
+def _row_bytes(out: Output) -> int:
+    return (out.shape[-1] if len(out.shape) > 1 else 1) * DTYPES[out.dtype].itemsize
+
+
+def iter_values(out: Output, source: SourceCheckpoint, clamp_fp16: bool, chunk_bytes: int,
+                into: Callable[[int], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """The output tensor's values, in row-major order, a bounded chunk at a time: each step
+    reads (maps) at most chunk_bytes of the source and gives at most piece_bytes. `into(n)`,
+    when given, is where a step's n bytes go (n uint8 values, filled before the next step);
+    else each step is a tensor of its own."""
     dtype = DTYPES[out.dtype]
     width = out.shape[-1] if len(out.shape) > 1 else 1
+    row_bytes = _row_bytes(out)
+
+    def destination(shape: tuple[int, ...]) -> torch.Tensor | None:
+        return None if into is None else into(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+
     for part in out.parts:
         if isinstance(part, ZeroRows):
-            step = max(1, chunk_bytes // (width * dtype.itemsize))
+            step = max(1, chunk_bytes // row_bytes)
             for start in range(0, part.count, step):
-                yield torch.zeros((min(step, part.count - start), width), dtype=dtype)
+                shape = (min(step, part.count - start), width)
+                dest = destination(shape)
+                yield torch.zeros(shape, dtype=dtype) if dest is None else dest.zero_()
             continue
-        step = rows_per_read(source.tensors[part.source], chunk_bytes)
+        info = source.tensors[part.source]
+        step = max(1, chunk_bytes // max(info.row_values * info.dtype.itemsize, row_bytes))
         for start in range(part.rows[0], part.rows[1], step):
-            block = source.read(part.source, (start, min(start + step, part.rows[1])), part.cols)
-            yield cast(block, dtype, clamp_fp16)
+            stop = min(start + step, part.rows[1])
+            block = source.read(part.source, (start, stop), part.cols)
+            yield cast(block, dtype, clamp_fp16, destination(tuple(block.shape)))

@@ -20,13 +20,13 @@ from mixtral_triton.progress import Progress
 from mixtral_triton.convert.layout import (DTYPES, SAFETENSORS_NAMES, Block, Output, SourceCheckpoint, iter_values,
                                            one_torch_thread, rank_layout, read_header, trtllm_config)
 from mixtral_triton.convert.mapping import check_model, resolve
-from mixtral_triton.convert.writer import CHUNK_BYTES, file_sha256, load_manifest
+from mixtral_triton.convert.writer import CHUNK_BYTES, file_digest, load_manifest
 
 
 def verify(src: Path, out: Path, *, chunk_bytes: int = CHUNK_BYTES, log: Callable[[str], None] = print,
            progress: bool = True) -> dict:
     """Raises UserError naming what differs. `progress`: a bar with time left on stderr over
-    the bytes read (each rank file's sha256, then its values against the source)."""
+    the bytes read (each rank file's xxh3_128, then its values against the source)."""
     out = Path(out)
     config_path = out / "config.json"
     if not config_path.is_file():
@@ -61,8 +61,8 @@ def verify(src: Path, out: Path, *, chunk_bytes: int = CHUNK_BYTES, log: Callabl
                 problems.append(f"{path.name} is missing")
                 continue
             entry = manifest["ranks"].get(str(rank)) if manifest else None
-            if manifest and (entry is None or file_sha256(path, bar) != entry["sha256"]):
-                problems.append(f"{path.name} does not match the sha256 in manifest.json")
+            if manifest and (entry is None or file_digest(path, bar) != entry["xxh3_128"]):
+                problems.append(f"{path.name} does not match the xxh3_128 in manifest.json")
             problems += check_rank(path, outputs, source, clamp_fp16, chunk_bytes, bar)
     problems += check_coverage(source, layouts)
     if problems:

@@ -6,39 +6,48 @@ safetensors header written first from the layout (safetensors' own save_file wou
 every tensor of a rank in memory at once).
 
 Crash safety: a rank is written under a temporary name, fsynced and renamed; only then does
-manifest.json record its size and sha256. A rerun trusts a rank file only if the manifest
-lists it with a matching size and hash, so a rank cut off mid-way is written again.
+manifest.json record its size and hash (xxh3_128: the manifest guards against truncated or
+damaged files, not against tampering, and sha256 cost 4 of the 28 CPU-seconds of the
+benchmark's conversion). A rerun trusts a rank file only if the manifest lists it with a
+matching size and hash, so a rank cut off mid-way is written again.
 config.json is removed while work is pending and written last, so a folder that has one is
 complete.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
+import queue
 import struct
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
+import xxhash
 
 from mixtral_triton.errors import UserError
 from mixtral_triton.progress import Progress
 from mixtral_triton.convert.audit import audit, enforce, fp16_sources
 from mixtral_triton.convert.layout import (DTYPES, SAFETENSORS_NAMES, Output, SourceCheckpoint, iter_values,
-                                           one_torch_thread, rank_layout, trtllm_config)
+                                           one_torch_thread, piece_bytes, rank_layout, trtllm_config)
 from mixtral_triton.convert.mapping import Parallel, check_model
 
 CHUNK_BYTES = 16 * 2**20
 # Peak memory of one worker in chunks, as measured on a real-shaped Mixtral (hidden 6144):
-# the touched pages of the mapped source rows, the cast result, the audit's masks and the
-# allocator's slack. Larger chunks buy little speed and cost more than proportionally.
-WORKER_PEAK_CHUNKS = 12
+# about 4.75 (its stream's STREAM_BUFFERS blocks, the touched pages of the mapped source rows,
+# the cast's staging), rounded up for the allocator's slack; the audit thread counts as one
+# more worker. Larger chunks buy little speed.
+WORKER_PEAK_CHUNKS = 6
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 
 
 def convert(src: Path, out: Path, *, parallel: Parallel, dtype: str = "float16", workers: int = 1,
@@ -178,7 +187,7 @@ class _Stopped(Exception):
 class _Written(NamedTuple):
     tmp: Path
     bytes: int
-    sha256: str
+    xxh3_128: str
 
 
 def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckpoint, clamp_fp16: bool,
@@ -193,25 +202,21 @@ def write_rank(out: Path, rank: int, outputs: list[Output], source: SourceCheckp
         offset += tensor.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # as safetensors does: the data starts 8-byte aligned
-    digest = _BackgroundSha256()
     try:
-        with open(tmp, "wb") as f:
-            for piece in (struct.pack("<Q", len(head)), head):
-                f.write(piece)
-                digest.update(piece)
+        with _RankStream(tmp, max(piece_bytes(tensor, chunk_bytes) for tensor in outputs)) as stream:
+            stream.write(struct.pack("<Q", len(head)) + head)
             for tensor in outputs:
                 if stop is not None and stop.is_set():
                     raise _Stopped()
-                write_tensor(f, digest, tensor, source, clamp_fp16, chunk_bytes, bar)
+                write_tensor(stream, tensor, source, clamp_fp16, chunk_bytes, bar)
+            digest = stream.finish()
         size = tmp.stat().st_size
         if size != 8 + len(head) + offset:
             raise RuntimeError(f"{tmp} has {size} bytes, expected {8 + len(head) + offset}")
-        return _Written(tmp, size, digest.hexdigest())
+        return _Written(tmp, size, digest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        digest.close()
 
 
 def publish_rank(out: Path, rank: int, written: _Written, gate: Callable[[], None] | None = None) -> dict:
@@ -231,49 +236,116 @@ def publish_rank(out: Path, rank: int, written: _Written, gate: Callable[[], Non
     except BaseException:
         written.tmp.unlink(missing_ok=True)
         raise
-    return {"file": final.name, "bytes": written.bytes, "sha256": written.sha256}
+    return {"file": final.name, "bytes": written.bytes, "xxh3_128": written.xxh3_128}
 
 
-def write_tensor(f: BinaryIO, digest, tensor: Output, source: SourceCheckpoint, clamp_fp16: bool,
+def write_tensor(stream: _RankStream, tensor: Output, source: SourceCheckpoint, clamp_fp16: bool,
                  chunk_bytes: int, bar: Progress | None = None) -> None:
     written = 0
-    for values in iter_values(tensor, source, clamp_fp16, chunk_bytes):
-        data = values.view(torch.uint8).numpy()
-        digest.update(data)  # hashed in another thread while this thread writes it
-        f.write(data)
-        written += data.nbytes
+    for values in iter_values(tensor, source, clamp_fp16, chunk_bytes, into=stream.reserve):
+        written += values.nbytes
         if bar is not None:
-            bar.update(data.nbytes)
-        del values, data  # free this chunk before the next is computed
+            bar.update(values.nbytes)
+        del values  # the stream's buffer: holds no memory of its own
     if written != tensor.nbytes:
         raise RuntimeError(f"{tensor.name}: wrote {written} bytes, the layout says {tensor.nbytes}")
 
 
-class _BackgroundSha256:
-    """sha256 computed in a second thread, so hashing a chunk overlaps writing it and casting
-    the next (hashlib releases the GIL for large buffers). Chunks are hashed in order; at most
-    one waits, and it holds its own buffer, so this keeps one extra chunk alive."""
+# O_DIRECT needs the file offset, the length and the buffer address of every write to be
+# multiples of the device's logical block size (512 or 4096 bytes).
+ALIGN = 4096
+STREAM_BUFFERS = 3  # one being filled while two are hashed and written
 
-    def __init__(self):
-        self._digest = hashlib.sha256()
+
+class _RankStream:
+    """The bytes of one rank file, written in large aligned blocks by a thread of its own,
+    with O_DIRECT where the filesystem allows it, and hashed (xxh3_128) in that thread just
+    before each block is written. The casts fill these blocks in place (`reserve`).
+
+    Why O_DIRECT: through the page cache, write() was the converter's largest cost (the
+    kernel allocating 7 GB of new cache pages and copying into them: about 40% of the
+    CPU-seconds in the benchmark's profile), for pages nothing reads again. With O_DIRECT the
+    disk takes the bytes from these buffers. Without it (tmpfs before Linux 6.6) the same
+    writes go through the page cache. The last block is padded to ALIGN and the file then
+    truncated to its size."""
+
+    def __init__(self, path: Path, piece: int):
+        # A piece must fit after the unaligned tail (< ALIGN) that a full block carries over.
+        self.capacity = -(-(piece + ALIGN) // ALIGN) * ALIGN
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o666)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._fd = os.open(path, flags, 0o666)
+        # Anonymous mappings: page-aligned, as O_DIRECT needs, and reused for the whole rank
+        # (new pages cost a page fault each; on this project's VMs a far slower one).
+        buffers = [mmap.mmap(-1, self.capacity) for _ in range(STREAM_BUFFERS)]
+        self._views = {id(b): torch.frombuffer(b, dtype=torch.uint8) for b in buffers}
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for buffer in buffers[1:]:
+            self._free.put(buffer)
+        self._current, self._filled, self.size = buffers[0], 0, 0
+        self._digest = xxhash.xxh3_128()
         self._thread = ThreadPoolExecutor(max_workers=1)
-        self._pending = None
+        self._pending: deque[Future] = deque()
 
-    def update(self, data) -> None:
-        self._wait()
-        self._pending = self._thread.submit(self._digest.update, data)
+    def reserve(self, n: int) -> torch.Tensor:
+        """The next n bytes of the file (at most the piece size), to be filled by the caller
+        before its next call."""
+        if self._filled + n > self.capacity:
+            self._hand_over(final=False)
+        view = self._views[id(self._current)][self._filled:self._filled + n]
+        self._filled += n
+        self.size += n
+        return view
 
-    def hexdigest(self) -> str:
-        self._wait()
+    def write(self, data: bytes) -> None:
+        for start in range(0, len(data), self.capacity - ALIGN):
+            piece = data[start:start + self.capacity - ALIGN]
+            self.reserve(len(piece)).numpy()[:] = np.frombuffer(piece, dtype=np.uint8)
+
+    def finish(self) -> str:
+        """Write what is left, wait for every write, truncate the padding; the hex digest."""
+        self._hand_over(final=True)
+        while self._pending:
+            self._pending.popleft().result()
+        os.ftruncate(self._fd, self.size)
         return self._digest.hexdigest()
 
-    def close(self) -> None:
-        self._thread.shutdown(cancel_futures=True)
+    def _hand_over(self, final: bool) -> None:
+        """Queue the filled part of the current block (its aligned part, unless final) for
+        writing, and carry the rest over to the start of a free block."""
+        full, filled = self._current, self._filled
+        whole = filled if final else filled - filled % ALIGN  # never 0 when not final: see capacity
+        padded = -(-whole // ALIGN) * ALIGN
+        self._views[id(full)][whole:padded].zero_()
+        if padded:
+            self._pending.append(self._thread.submit(self._write, full, whole, padded))
+        if not final:
+            self._current = self._free.get()  # every write gives its block back, even a failed one
+            self._views[id(self._current)][:filled - whole] = self._views[id(full)][whole:filled]
+            self._filled = filled - whole
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()  # a failed write fails the rank now
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+    def _write(self, buffer: mmap.mmap, length: int, padded: int) -> None:
+        try:
+            with memoryview(buffer) as view:
+                self._digest.update(view[:length])
+                done = 0
+                while done < padded:
+                    done += os.write(self._fd, view[done:padded])
+        finally:
+            self._free.put(buffer)
+
+    def __enter__(self) -> _RankStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._thread.shutdown(cancel_futures=True)
+        os.close(self._fd)
 
 
 class _Once:
@@ -306,8 +378,9 @@ def load_manifest(out: Path) -> dict | None:
     return manifest
 
 
-def file_sha256(path: Path, bar: Progress | None = None) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, bar: Progress | None = None) -> str:
+    """A file's xxh3_128, as the manifest records it."""
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while block := f.read(8 * 2**20):
             digest.update(block)
@@ -320,7 +393,7 @@ def _finished(out: Path, manifest: dict, rank: int) -> bool:
     """A rank counts as written only if the manifest has it and the file still matches."""
     entry = manifest["ranks"].get(str(rank))
     path = out / f"rank{rank}.safetensors"
-    if entry and path.is_file() and path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]:
+    if entry and path.is_file() and path.stat().st_size == entry["bytes"] and file_digest(path) == entry["xxh3_128"]:
         return True
     manifest["ranks"].pop(str(rank), None)
     return False
