@@ -544,7 +544,10 @@ def findings(results: dict) -> list[str]:
             f"through user space (mmap read, bf16->fp16 cast, xxh3_128) and writes it with O_DIRECT, past the page "
             f"cache the copy fills; it writes {default['output_bytes'] / conv['checkpoint']['source_bytes']:.2f}x "
             f"the bytes it reads; it used {cpu:.1f} s of CPU in {default['wall_s']:.1f} s with "
-            f"workers={conv['default_workers']}.")
+            f"workers={conv['default_workers']}. How sure: the copy's cost is mostly the kernel allocating "
+            f"page-cache pages, which on this virtual machine varies severalfold between runs (compare the copy "
+            f"runs above, and the copy's MB/s across this report's history), while the conversion bypasses it; "
+            f"so the ratio moves with the copy, and the conversion's own seconds and CPU are the steadier figure.")
     for text in scale_findings(results):
         add(text)
     return out
