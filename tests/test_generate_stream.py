@@ -1,12 +1,14 @@
 """The detokenizer's engine token streams over Triton's HTTP generate_stream
 (mixtral_triton.ensemble_models.generate_stream), against the real server: the same token
-ids as the engine's gRPC stream, the answer parsed however the bytes are split, keep-alive
-connections reused, and the server's errors raised with its message."""
+ids as the engine's gRPC stream, the answer parsed however the bytes are split, no
+connection left open (an open one would hold the server's shutdown), and the server's
+errors raised with its message."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,20 +76,33 @@ def test_token_ids_equal_the_engines_own_grpc_stream(triton_server, request_inpu
     ids, eos, inputs = request_inputs
     expected = engine_token_ids(triton_server.grpc_url, ids, MAX_TOKENS, eos)
 
-    async def streamed():
+    async def streamed(request_id: str) -> list[int]:
         client = GenerateStreamClient("tensorrt_llm", *_address(triton_server))
-        try:
-            first = [t async for batch in client.events(inputs, "gs-1") for r in batch for t in new_token_ids(r)]
-            assert len(client._idle) == 1  # the connection went back to the pool...
-            pooled = client._idle[0]
-            second = [t async for batch in client.events(inputs, "gs-2") for r in batch for t in new_token_ids(r)]
-            assert client._idle == [pooled]  # ... and carried the second stream
-            return first, second
-        finally:
-            client.close()
+        return [t async for batch in client.events(inputs, request_id) for r in batch for t in new_token_ids(r)]
 
-    first, second = asyncio.run(streamed())
-    assert first == expected and second == expected
+    assert asyncio.run(streamed("gs-1")) == expected and asyncio.run(streamed("gs-2")) == expected
+
+
+def test_no_connection_stays_open_after_a_stream(triton_server, request_inputs):
+    """Triton's shutdown waits for every open HTTP connection up to its exit timeout."""
+    _, _, inputs = request_inputs
+    port = _address(triton_server)[1]
+
+    def connections_to_server() -> int:
+        """Established TCP connections whose remote end is the server's HTTP port (/proc/net/tcp)."""
+        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        return sum(1 for row in rows
+                   if row.split()[2].endswith(f":{port:04X}") and row.split()[3] == "01")
+
+    async def run() -> None:
+        client = GenerateStreamClient("tensorrt_llm", *_address(triton_server))
+        async for _ in client.events(inputs, "gs-open"):
+            pass
+        await asyncio.sleep(0.1)
+
+    before = connections_to_server()
+    asyncio.run(run())
+    assert connections_to_server() == before
 
 
 def test_the_answer_parses_the_same_however_its_bytes_are_split(triton_server, request_inputs):
@@ -95,7 +110,7 @@ def test_the_answer_parses_the_same_however_its_bytes_are_split(triton_server, r
     answer = _raw_answer(triton_server, request_body(inputs, "gs-split"))
     assert b"Transfer-Encoding: chunked" in answer and answer.endswith(b"0\r\n\r\n")
     whole = _parse([answer])
-    assert whole.done and whole.error is None and whole.reusable
+    assert whole.done and whole.error is None
     events = list(whole.events)
     assert [t for e in events for t in new_token_ids(e)] == engine_token_ids(triton_server.grpc_url, ids,
                                                                               MAX_TOKENS, eos)
@@ -110,14 +125,10 @@ def test_a_server_error_is_raised_with_its_message(triton_server, request_inputs
 
     async def refused(model_inputs):
         client = GenerateStreamClient("tensorrt_llm", *_address(triton_server))
-        try:
-            with pytest.raises(GenerateStreamError) as raised:
-                async for _ in client.events(model_inputs, "gs-bad"):
-                    pass
-            assert client._idle == []  # a connection that answered an error is not reused
-            return str(raised.value)
-        finally:
-            client.close()
+        with pytest.raises(GenerateStreamError) as raised:
+            async for _ in client.events(model_inputs, "gs-bad"):
+                pass
+        return str(raised.value)
 
     # Refused by the server before any streaming (an error status with a JSON body) ...
     message = asyncio.run(refused({**inputs, "input_ids": np.array([[1.5]], np.float32)}))
@@ -132,4 +143,4 @@ def test_a_connection_closed_mid_answer_ends_the_stream_with_an_error(triton_ser
     answer = _raw_answer(triton_server, request_body(inputs, "gs-cut"))
     stream = _parse([answer[:len(answer) // 2]])
     stream.connection_lost(None)
-    assert stream.done and isinstance(stream.error, ConnectionError) and not stream.reusable
+    assert stream.done and isinstance(stream.error, ConnectionError)

@@ -1,8 +1,8 @@
 """The streaming detokenizer's work for many streams in one process (one asyncio loop):
 call the engine, turn its tokens into text, answer; the postprocessing model is its glue.
 
-Per process: a pool of keep-alive HTTP connections to the engine (one per stream in flight)
-and a gRPC channel for stops, the token table, and one task that looks every
+Per process: an HTTP connection to the engine per stream in flight and a gRPC channel for
+stops, the token table, and one task that looks every
 CANCELLATION_CHECK_PERIOD_S whether a `stop` marked any of this process's runs cancelled
 (one query, whatever the number of streams). Per stream: a `Completion` (a few hundred
 bytes of state) and its connection's parser.

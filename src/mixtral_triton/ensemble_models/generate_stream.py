@@ -15,8 +15,10 @@ metadata: [1, 2, N] for a stop-words list) plus `id`; the answer is a chunked
 model produced, or `{"error": ...}`. The chunked body ends after the engine's final
 response, so the end of the HTTP body is the end of the stream.
 
-Connections are HTTP/1.1 keep-alive, kept in a small pool per event loop; one the server
-closed while idle is seen closing and not reused.
+One connection per stream, closed at its end (`Connection: close`): an idle keep-alive
+connection holds Triton's shutdown for its whole exit timeout ("Found N HTTP service
+connections", seen on 2.51), so a pool would make every drain last the full timeout. The
+client-process costs in docs/serving.md (per response, per request) were measured so.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from collections import deque
 from typing import Mapping
 
 import numpy as np
-
-MAX_IDLE_CONNECTIONS = 64
 
 
 class GenerateStreamError(RuntimeError):
@@ -54,7 +54,6 @@ class _Stream(asyncio.Protocol):
         self.wake = asyncio.Event()
         self.done = False
         self.error: Exception | None = None
-        self.reusable = False
         self._buffer = bytearray()
         self._state = "head"  # head -> size -> data -> (size ...) -> trailer; or "plain"
         self._remaining = 0
@@ -75,7 +74,6 @@ class _Stream(asyncio.Protocol):
         self.wake.set()
 
     def connection_lost(self, exc) -> None:
-        self.reusable = False
         if not self.done:
             self._finish(ConnectionError(f"the server closed the generate_stream connection ({exc or 'EOF'})"))
         self.wake.set()
@@ -117,7 +115,6 @@ class _Stream(asyncio.Protocol):
                 del buffer[:end + 2]
                 if end == 0:  # the empty line after the last chunk: the stream ended
                     self._split_events()
-                    self.reusable = not buffer and self._status == 200
                     self._finish(None)
             else:  # plain
                 if len(buffer) < self._remaining:
@@ -143,8 +140,6 @@ class _Stream(asyncio.Protocol):
     def _finish(self, error: Exception | None) -> None:
         if not self.done:
             self.done, self.error = True, error
-            if error is not None:
-                self.reusable = False
 
 
 def _error_message(body: bytes, status: int) -> str:
@@ -159,18 +154,18 @@ class GenerateStreamClient:
 
     def __init__(self, model: str, host: str, port: int):
         self.model, self.host, self.port = model, host, port
-        self._idle: list[asyncio.Transport] = []
         self._head = (f"POST /v2/models/{model}/generate_stream HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                      "Content-Type: application/json\r\nContent-Length: ").encode()
+                      "Connection: close\r\nContent-Type: application/json\r\nContent-Length: ").encode()
 
     async def events(self, model_inputs: Mapping[str, np.ndarray], request_id: str):
         """Each item: the engine responses (dicts of outputs) that arrived since the last item
         was taken. Raises GenerateStreamError for an error the server sent, ConnectionError
         when the connection failed."""
         body = request_body(model_inputs, request_id)
-        message = self._head + str(len(body)).encode() + b"\r\n\r\n" + body
-        stream = await self._send(message)
+        loop = asyncio.get_running_loop()
+        transport, stream = await loop.create_connection(_Stream, self.host, self.port)
         try:
+            transport.write(self._head + str(len(body)).encode() + b"\r\n\r\n" + body)
             while True:
                 await stream.wake.wait()
                 stream.wake.clear()
@@ -183,32 +178,4 @@ class GenerateStreamClient:
                         raise stream.error
                     return
         finally:
-            self._release(stream)
-
-    async def _send(self, message: bytes) -> _Stream:
-        """Write the request on an idle connection, or on a new one."""
-        while self._idle:
-            transport = self._idle.pop()
-            if transport.is_closing():
-                continue
-            stream = _Stream()
-            transport.set_protocol(stream)
-            stream.transport = transport
-            transport.write(message)
-            return stream
-        loop = asyncio.get_running_loop()
-        transport, stream = await loop.create_connection(_Stream, self.host, self.port)
-        transport.write(message)
-        return stream
-
-    def _release(self, stream: _Stream) -> None:
-        transport = stream.transport
-        if stream.reusable and stream.done and not transport.is_closing() and len(self._idle) < MAX_IDLE_CONNECTIONS:
-            self._idle.append(transport)
-        else:
             transport.close()
-
-    def close(self) -> None:
-        for transport in self._idle:
-            transport.close()
-        self._idle.clear()
