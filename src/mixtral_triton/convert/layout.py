@@ -410,7 +410,7 @@ def iter_values(out: Output, source: SourceCheckpoint, clamp_fp16: bool, chunk_b
                 yield torch.zeros(shape, dtype=dtype) if dest is None else dest.zero_()
             continue
         info = source.tensors[part.source]
-        step = max(1, chunk_bytes // max(info.row_values * info.dtype.itemsize, row_bytes))
+        step = min(rows_per_read(info, chunk_bytes), max(1, chunk_bytes // row_bytes))  # within both
         for start in range(part.rows[0], part.rows[1], step):
             stop = min(start + step, part.rows[1])
             block = source.read(part.source, (start, stop), part.cols)

@@ -1,11 +1,10 @@
 """The streaming detokenizer's work for many streams in one process (one asyncio loop):
 call the engine, turn its tokens into text, answer; the postprocessing model is its glue.
 
-Per process: an HTTP connection to the engine per stream in flight and a gRPC channel for
-stops, the token table, and one task that looks every
-CANCELLATION_CHECK_PERIOD_S whether a `stop` marked any of this process's runs cancelled
-(one query, whatever the number of streams). Per stream: a `Completion` (a few hundred
-bytes of state) and its connection's parser.
+Per process: a gRPC channel for stops, the token table, the sender thread, and one task that
+looks every CANCELLATION_CHECK_PERIOD_S whether a `stop` marked any of this process's runs
+cancelled (one query, whatever the number of streams). Per stream: a `Completion` (a few hundred
+bytes of state) and its HTTP connection to the engine with its parser.
 
 A streamed response costs far more than a token (an IPC round trip to the server, the
 ensemble's hop, the client's gRPC message), so a stream sends at most one response per
@@ -41,8 +40,6 @@ CANCELLATION_CHECK_PERIOD_S = 0.05
 # Mixtral 8x22B on any GPU the plan knows (about 4 ms at batch 1 on H200, TP=4), so that
 # only tokens that come faster than an engine makes them (a backlog) are grouped.
 MIN_RESPONSE_INTERVAL_S = 0.002
-
-
 
 # send(text, completion, completion tokens so far, finish reason, final, error): one
 # response of a stream, called from the process's sender thread (mixtral_triton.ensemble_models.outbox)
@@ -128,7 +125,7 @@ class StreamingDetokenizer:
             self._cancelled.discard(engine_id)
             cancelled = self.runs.finish(engine_id)
         if failure is not None:
-            await box.close("".join(pieces), completion.completion_tokens, "", failure)
+            await box.close("", completion.completion_tokens, "", failure)  # the error, not text
             return
         tail, reason = completion.finish(cancelled=cancelled)
         pieces.append(tail)

@@ -91,16 +91,16 @@ class AsyncEngineClient:
     (`http_url`), the stops on one gRPC channel (`url`); both "host:port", by default the
     server's own from the environment.
 
-    Create and use it on one event loop (its connections belong to the loop they are first
-    used on).
+    Use it from one event loop (the gRPC channel belongs to the loop it is first used on).
     """
 
     def __init__(self, model: str, url: str | None = None, http_url: str | None = None):
         self.model = model
         self.url = url or server_grpc_url()
         self.http_url = http_url or server_http_url()
+        host, _, port = self.http_url.rpartition(":")
+        self._tokens = GenerateStreamClient(model, host, int(port))
         self._client: aio_grpcclient.InferenceServerClient | None = None
-        self._tokens: GenerateStreamClient | None = None
         self._stopping: set[asyncio.Future] = set()  # stops of streams left early, kept alive
 
     def _grpc(self) -> aio_grpcclient.InferenceServerClient:
@@ -117,9 +117,6 @@ class AsyncEngineClient:
         reading to its end; a caller that leaves early (an exception) closes the connection,
         which Triton does not pass to the engine (server issue 7077), so the engine is then
         stopped here."""
-        if self._tokens is None:
-            host, _, port = self.http_url.rpartition(":")
-            self._tokens = GenerateStreamClient(self.model, host, int(port))
         ended = False
         try:
             async with asyncio.timeout(RESPONSE_TIMEOUT_S) as deadline:

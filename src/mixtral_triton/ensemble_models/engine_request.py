@@ -9,6 +9,7 @@ import numpy as np
 
 from mixtral_triton.ensemble_models.preprocess import ENGINE_INPUTS
 
+
 def engine_inputs(prepared: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     inputs = {name: prepared[name.upper()] for name in ENGINE_INPUTS if name != "stop"}
     for name in ("stop_words_list", "bad_words_list"):
