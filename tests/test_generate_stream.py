@@ -1,8 +1,8 @@
 """The detokenizer's engine token streams over Triton's HTTP generate_stream
 (mixtral_triton.ensemble_models.generate_stream), against the real server: the same token
-ids as the engine's gRPC stream, the answer parsed however the bytes are split, no
-connection left open (an open one would hold the server's shutdown), and the server's
-errors raised with its message."""
+ids as the engine's gRPC stream, the answer parsed however the bytes are split, a
+connection reused by the next stream and closed once idle (an open one would hold the
+server's shutdown), and the server's errors raised with its message."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from mixtral_triton.ensemble_models.engine_request import new_token_ids
-from mixtral_triton.ensemble_models.generate_stream import (GenerateStreamClient, GenerateStreamError, _Stream,
-                                                            request_body)
+from mixtral_triton.ensemble_models.generate_stream import (IDLE_CLOSE_S, GenerateStreamClient, GenerateStreamError,
+                                                            _Stream, request_body)
 from test_serving import engine_token_ids
 
 PROMPT = "The history of the world in brief:"
@@ -83,26 +83,32 @@ def test_token_ids_equal_the_engines_own_grpc_stream(triton_server, request_inpu
     assert asyncio.run(streamed("gs-1")) == expected and asyncio.run(streamed("gs-2")) == expected
 
 
-def test_no_connection_stays_open_after_a_stream(triton_server, request_inputs):
-    """Triton's shutdown waits for every open HTTP connection up to its exit timeout."""
+def test_the_next_stream_reuses_the_connection_and_an_idle_one_closes(triton_server, request_inputs):
+    """Triton's shutdown waits for every open HTTP connection up to its exit timeout, so an
+    idle one must close; until then the next stream saves a connect."""
     _, _, inputs = request_inputs
     port = _address(triton_server)[1]
 
-    def connections_to_server() -> int:
-        """Established TCP connections whose remote end is the server's HTTP port (/proc/net/tcp)."""
-        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-        return sum(1 for row in rows
-                   if row.split()[2].endswith(f":{port:04X}") and row.split()[3] == "01")
+    def connections_to_server() -> set[str]:
+        """The local ends of established TCP connections to the server's HTTP port (/proc/net/tcp)."""
+        rows = [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        return {row[1] for row in rows if row[2].endswith(f":{port:04X}") and row[3] == "01"}
+
+    before = connections_to_server()
+    seen: list[set[str]] = []
 
     async def run() -> None:
         client = GenerateStreamClient("tensorrt_llm", *_address(triton_server))
-        async for _ in client.events(inputs, "gs-open"):
-            pass
-        await asyncio.sleep(0.1)
+        for request_id in ("gs-open-1", "gs-open-2"):
+            async for _ in client.events(inputs, request_id):
+                pass
+            seen.append(connections_to_server() - before)
+        await asyncio.sleep(IDLE_CLOSE_S + 0.5)
+        seen.append(connections_to_server() - before)
 
-    before = connections_to_server()
     asyncio.run(run())
-    assert connections_to_server() == before
+    assert len(seen[0]) == 1 and seen[1] == seen[0]  # kept after the first stream, reused by the second
+    assert seen[2] == set()  # closed once idle
 
 
 def test_the_answer_parses_the_same_however_its_bytes_are_split(triton_server, request_inputs):

@@ -14,7 +14,7 @@ Two ways in, by what is cheapest for each:
   detokenizer's event loop itself (`generate_stream.GenerateStreamClient`): per engine
   response it costs the detokenizer about half the CPU of a grpc.aio stream, whose messages
   each cross from its poller thread to the loop (docs/serving.md). One connection per
-  stream at a time, kept alive and reused.
+  stream at a time, kept alive for the next stream and closed once idle.
 - Stops (rare) go over gRPC, as TensorRT-LLM's own clients send them: `EngineClient`
   (blocking; the tokenizer model's) and `AsyncEngineClient.stop` (the detokenizer's), each
   a call of its own, so no two requests' answers are ever written on one gRPC stream, a
