@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Install everything this project needs on a fresh Debian/Ubuntu machine with Python >= 3.11:
-# Debian's libb64 (perf_analyzer links it) and a virtual environment in .venv with the
-# pinned packages of pyproject.toml and this project installed editable.
+# Debian's libb64 (perf_analyzer links it), g++ where missing (the C++ detokenizer
+# prototype compiles with it), and a virtual environment in .venv with the pinned packages
+# of pyproject.toml and this project installed editable.
 # Idempotent: a second run with an unchanged pyproject.toml prints nothing and does nothing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MIXTRAL_TRITON_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
 
-if ! dpkg -s libb64-0d >/dev/null 2>&1; then
+debian=()
+dpkg -s libb64-0d >/dev/null 2>&1 || debian+=(libb64-0d)
+command -v g++ >/dev/null 2>&1 || debian+=(g++)
+if [ "${#debian[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's libb64-0d (needed by perf_analyzer)"
+    echo "setup: installing Debian's ${debian[*]} (perf_analyzer links libb64; the C++ detokenizer compiles with g++)"
     sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
     $sudo_cmd apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq libb64-0d >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${debian[@]}" >/dev/null
   else
-    echo "setup: warning: libb64-0d is missing and apt-get is not available; perf_analyzer will not run" >&2
+    echo "setup: warning: ${debian[*]} missing and apt-get is not available; perf_analyzer or the C++ detokenizer will not run" >&2
   fi
 fi
 
