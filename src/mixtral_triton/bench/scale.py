@@ -238,7 +238,8 @@ def _beside_anchor(work: Path, anchor: Path, plan: ScalePlan, section: dict, log
         order = list(sides)
         for concurrency in plan.anchor_concurrencies:
             for index in range(plan.anchor_rounds):
-                for side in order[index % 3:] + order[:index % 3]:  # each side first in turn
+                first = index % len(order)  # each side first in turn
+                for side in order[first:] + order[:first]:
                     client, pgid = sides[side]
                     part = asyncio.run(run_part(client(), prompts, plan.anchor_shape, concurrency,
                                                 plan.anchor_count(concurrency), Served(pgid())))

@@ -52,7 +52,9 @@ struct ModelState {
   Clock::duration min_interval{0};
   std::mutex qmu;
   std::condition_variable qcv;
-  std::deque<std::pair<Clock::time_point, Stream*>> queue;  // deadlines in order (fixed interval)
+  // In the order the streams were armed; a deadline is the stream's last send + the interval,
+  // so one may wait behind an earlier-armed one by at most an interval.
+  std::deque<std::pair<Clock::time_point, Stream*>> queue;
   bool stopping = false;
   std::thread flusher;
   TRITONSERVER_Server* server = nullptr;

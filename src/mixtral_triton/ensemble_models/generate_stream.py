@@ -166,7 +166,7 @@ class GenerateStreamClient:
 
     def __init__(self, model: str, host: str, port: int):
         self.model, self.host, self.port = model, host, port
-        self._idle: list[tuple[asyncio.Transport, asyncio.TimerHandle]] = []
+        self._idle: dict[asyncio.Transport, asyncio.TimerHandle] = {}  # newest last, each with its closer
         self._head = (f"POST /v2/models/{model}/generate_stream HTTP/1.1\r\nHost: {host}:{port}\r\n"
                       "Content-Type: application/json\r\nContent-Length: ").encode()
 
@@ -194,7 +194,7 @@ class GenerateStreamClient:
     async def _send(self, message: bytes) -> _Stream:
         """Write the request on an idle connection, or on a new one."""
         while self._idle:
-            transport, closer = self._idle.pop()
+            transport, closer = self._idle.popitem()
             closer.cancel()
             if transport.is_closing():
                 continue
@@ -213,9 +213,8 @@ class GenerateStreamClient:
         if not (stream.reusable and stream.done) or transport.is_closing():
             transport.close()
             return
-        closer = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._close_idle, transport)
-        self._idle.append((transport, closer))
+        self._idle[transport] = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._close_idle, transport)
 
     def _close_idle(self, transport: asyncio.Transport) -> None:
-        self._idle = [(t, c) for t, c in self._idle if t is not transport]
+        del self._idle[transport]
         transport.close()
