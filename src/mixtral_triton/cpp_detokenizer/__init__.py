@@ -32,7 +32,8 @@ from mixtral_triton.errors import UserError
 BACKEND = "mixtral_detokenizer"  # config.pbtxt `backend:`; the library is libtriton_<BACKEND>.so
 LIBRARY = f"libtriton_{BACKEND}.so"
 SOURCES = ("detokenizer.cc", "triton_api.h")
-TABLE_FILE = "token_table.bin"
+# The token tables, by skip_special_tokens: special tokens empty (the default), or their text.
+TABLE_FILES = {True: "token_table.bin", False: "token_table_special.bin"}
 # As the Python detokenizer's MIN_RESPONSE_INTERVAL_S.
 MIN_RESPONSE_INTERVAL_US = 2000
 _HERE = Path(__file__).resolve().parent
@@ -59,16 +60,18 @@ def build(out_dir: Path) -> Path:
     return library
 
 
-def write_token_table(tokenizer_dir: Path, path: Path) -> int:
-    """The Python detokenizer's token table (skip_special_tokens true) as the backend reads
-    it: a little-endian uint32 count, then per id a uint32 length and the bytes."""
+def write_token_tables(tokenizer_dir: Path, folder: Path) -> int:
+    """The Python detokenizer's token tables (TABLE_FILES, by skip_special_tokens) as the
+    backend reads them: a little-endian uint32 count, then per id a uint32 length and the
+    bytes. Returns the vocabulary size."""
     from mixtral_triton.text import load_token_table
 
-    table = load_token_table(tokenizer_dir, True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<I", len(table)))
-        for piece in table:
-            f.write(struct.pack("<I", len(piece)) + piece)
+    for skip, name in TABLE_FILES.items():
+        table = load_token_table(tokenizer_dir, skip)
+        with open(folder / name, "wb") as f:
+            f.write(struct.pack("<I", len(table)))
+            for piece in table:
+                f.write(struct.pack("<I", len(piece)) + piece)
     return len(table)
 
 
@@ -90,5 +93,5 @@ def with_cpp_detokenizer(repository: Path, tokenizer_dir: Path, out: Path, libra
                f'"{MIN_RESPONSE_INTERVAL_US}" }} }}\n')
     (model / "config.pbtxt").write_text(config, encoding="utf-8")
     shutil.copy2(library, model / LIBRARY)
-    write_token_table(tokenizer_dir, model / TABLE_FILE)
+    write_token_tables(tokenizer_dir, model)
     return out
