@@ -1,9 +1,10 @@
 """The C++ detokenizer backend (mixtral_triton.cpp_detokenizer) served for real: compiled
 here, loaded by the real Triton server as the ensemble's `postprocessing` in front of the
-no-op stand-in engine, and checked against the Python detokenizer's own logic (the same
-token table and UTF-8 rules): the same text byte for byte at every length (cuts inside
-multi-byte characters included), whole characters in every chunk, the same counts and
-finish reasons, many streams at once, and what it does not serve yet refused by name."""
+no-op stand-in engine, and checked against the text rules it implements
+(mixtral_triton.text: the same token table, UTF-8 and stop-string rules): the same text
+byte for byte at every length (cuts inside multi-byte characters included), whole
+characters in every chunk, the same counts and finish reasons, many streams at once, and
+stop strings cut where the character-based rules cut, wherever they fall."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ import pytest
 
 from mixtral_triton.client import AsyncPredictClient, PredictClient
 from mixtral_triton.cpp_detokenizer import build, with_cpp_detokenizer
-from mixtral_triton.ensemble_models.completion import Completion
 from mixtral_triton.launcher import TritonServer
 from mixtral_triton.pipeline import build_repository
-from mixtral_triton.protocol import RequestError, parse_request
+from mixtral_triton.protocol import parse_request
 from mixtral_triton.standin import Pacing, TableModel
-from mixtral_triton.text import load_token_table
+from mixtral_triton.text import TextStream, load_token_table
 
 PROMPT = "Tell me about the wind."
 
@@ -35,21 +35,28 @@ def cpp_server(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
-    """What the Python detokenizer makes of the stand-in's first n tokens (its table, cycled)."""
+    """The text of the stand-in's first n tokens (its table, cycled), by the text rules;
+    with stop strings, also the number of tokens read when the stop matched (or None)."""
     ids = TableModel.from_folders(tiny_checkpoint, tiny_checkpoint, Pacing(scale=0)).table
     table = load_token_table(tiny_checkpoint, True)
 
-    def text(n: int) -> str:
-        completion = Completion(table, [], n, prompt_tokens=0)
-        streamed = "".join(completion.add([ids[i % len(ids)]]) for i in range(n))
-        return streamed + completion.finish()[0]
+    def text(n: int, stops=(), include_stop=False):
+        stream = TextStream(table, stops, include_stop)
+        pieces, stopped_at = [], None
+        for i in range(n):
+            pieces.append(stream.push([ids[i % len(ids)]]))
+            if stream.stopped:
+                stopped_at = i + 1
+                break
+        pieces.append(stream.finish())
+        return ("".join(pieces), stopped_at) if stops else "".join(pieces)
 
     return ids, text
 
 
-def _chunks(server, max_tokens: int, stream: bool = True):
+def _chunks(server, max_tokens: int, stream: bool = True, **fields):
     client = PredictClient(server.grpc_url)
-    request = parse_request({"prompt": PROMPT, "stream": stream, "max_tokens": max_tokens})
+    request = parse_request({"prompt": PROMPT, "stream": stream, "max_tokens": max_tokens, **fields})
     return list(client.generate(request))
 
 
@@ -86,10 +93,22 @@ def test_many_streams_at_once_each_get_their_own_text(cpp_server, reference):
     assert asyncio.run(run()) == [text(n) for n in lengths]
 
 
-def test_what_it_does_not_serve_yet_is_refused_naming_the_field(cpp_server):
-    client = PredictClient(cpp_server.grpc_url)
-    with pytest.raises(RequestError) as refused:
-        client.predict(PROMPT, stream=False, max_tokens=8, stop=["wind"])
-    assert refused.value.field == "stop_strings" and "not served by the C++ detokenizer" in str(refused.value)
-    # the server goes on serving
-    assert _chunks(cpp_server, 3)[-1].finish_reason == "length"
+# Stops from the stand-in's text: a word, ones inside and across multi-byte characters
+# (accents, emoji, a variation selector), across a newline, two ending together (the longer
+# wins), one ending first though it starts later, and one that never comes.
+STOPS = [["wind"], ["é c"], ["😀"], ["🌬️ —"], ["days.\nIn"], ["cold wind", "wind"], ["old", "strong, cold"],
+         ["zzz"]]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "one-response"])
+@pytest.mark.parametrize("include_stop", [False, True], ids=["cut", "included"])
+def test_stop_strings_cut_where_the_character_rules_cut(cpp_server, reference, stream, include_stop):
+    ids, text = reference
+    for stops in STOPS:
+        want, stopped_at = text(len(ids), stops, include_stop)
+        chunks = _chunks(cpp_server, len(ids), stream, stop=stops, include_stop_str_in_output=include_stop)
+        assert "".join(c.text for c in chunks) == want, stops
+        assert chunks[-1].finish_reason == ("stop" if stopped_at else "length"), stops
+        # one token per engine response at this pace: the count ends with the stop's token
+        assert chunks[-1].completion_tokens == (stopped_at or len(ids)), stops
+        assert len(chunks) == 1 or stream, stops

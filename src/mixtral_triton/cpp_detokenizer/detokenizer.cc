@@ -1,25 +1,29 @@
-// The streaming detokenizer as a Triton backend in C++ (a prototype; see __init__.py): a
-// decoupled model in the `postprocessing` role that calls the `tensorrt_llm` model
-// in-process through the server object (TRITONSERVER_ServerInferAsync), turns each engine
-// response's new token ids into whole UTF-8 text through the same token table as the
-// Python detokenizer, and streams text_output / finish_reason / prompt_tokens /
-// completion_tokens. No Python stub, so no IPC round trip per response, and no HTTP hop.
+// The streaming detokenizer, a Triton backend in C++: the decoupled `postprocessing` model.
+// It calls the `tensorrt_llm` model in-process through the server object
+// (TRITONSERVER_ServerInferAsync), turns each engine response's new token ids into whole
+// UTF-8 text through the token tables written from the tokenizer (mixtral_triton.text),
+// cuts the text before the first stop string, and streams text_output / finish_reason /
+// prompt_tokens / completion_tokens (and num_input_tokens / num_output_tokens when asked).
+// No Python stub, so no IPC round trip per response, and no network hop to the engine.
 //
-// Not yet here (the Python detokenizer has them; requests that need them are refused,
-// naming the field): stop strings, echo, skip_special_tokens false, return_num_*_tokens,
-// and runs in the cancellation registry (a `stop` is only answered).
+// Cancellation is in-process too: a `stop` request (STOP true) for a client request id ends
+// that id's streams here at once ("cancelled") and cancels their engine requests
+// (TRITONSERVER_InferenceRequestCancel; TensorRT-LLM's backend polls for it every
+// cancellation_check_period_ms). A matched stop string ends its stream the same way, "stop".
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <chrono>
 #include <condition_variable>
-#include <deque>
-#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "triton_api.h"
@@ -37,6 +41,12 @@ void Log(TRITONSERVER_LogLevel level, int line, const std::string& msg) {
   if (e) TRITONSERVER_ErrorDelete(e);
 }
 
+void LogIfError(TRITONSERVER_Error* e, int line, const char* what) {
+  if (e == nullptr) return;
+  Log(TRITONSERVER_LOG_ERROR, line, std::string("detokenizer: ") + what + ": " + TRITONSERVER_ErrorMessage(e));
+  TRITONSERVER_ErrorDelete(e);
+}
+
 std::string Lower(std::string text) {
   for (char& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   return text;
@@ -46,9 +56,9 @@ struct Stream;
 using Clock = std::chrono::steady_clock;
 
 struct ModelState {
-  // Coalescing (as the Python detokenizer's MIN_RESPONSE_INTERVAL_S): at most one
-  // response per stream per interval; text that comes sooner waits for the flusher
-  // thread (or the next engine response / the end). 0: one response per engine response.
+  // Coalescing (as MIN_RESPONSE_INTERVAL_US in __init__.py says why): at most one response
+  // per stream per interval; text that comes sooner waits for the flusher thread (or the
+  // next engine response, or the end). 0: one response per engine response.
   Clock::duration min_interval{0};
   std::mutex qmu;
   std::condition_variable qcv;
@@ -59,8 +69,13 @@ struct ModelState {
   std::thread flusher;
   TRITONSERVER_Server* server = nullptr;
   TRITONSERVER_ResponseAllocator* allocator = nullptr;
-  std::vector<std::string> table;  // token id -> bytes (skip_special_tokens=true)
+  // token id -> bytes: [0] special tokens empty (skip_special_tokens true), [1] their text
+  std::vector<std::string> tables[2];
   std::string engine = "tensorrt_llm";
+  // The streams running, by the client's request id, so that a `stop` finds them. Lock
+  // order: runs_mu, never taken while a stream's mutex is held.
+  std::mutex runs_mu;
+  std::unordered_multimap<std::string, Stream*> runs;
 };
 
 // ---- UTF-8: emit the longest whole prefix, hold back an incomplete tail, replace
@@ -102,11 +117,79 @@ void DecodeUtf8(std::string& pending, std::string& out, bool final) {
   pending.clear();
 }
 
-// One client request: lives until the engine's final response has been answered and the
-// engine request (which points at our input copies) has been released.
+// ---- stop strings over streamed text (the rules of mixtral_triton.text.stops): the text
+// ends before the stop that completes first (the smallest end; of two ending together, the
+// longer); a tail that may begin a stop is held until the next text settles it. Bytes and
+// characters give the same cuts here: the text and the stops are whole UTF-8 characters,
+// and a UTF-8 string can only match another at character boundaries.
+struct StopMatcher {
+  std::vector<std::string> stops;
+  size_t max_held = 0;  // longest stop - 1
+  std::string held;     // a tail that may begin a stop
+  bool stopped = false;
+  std::string matched;  // the stop that ended the text, once stopped
+
+  void Add(std::string stop) {
+    if (stop.empty()) return;  // padding
+    max_held = std::max(max_held, stop.size() - 1);
+    stops.push_back(std::move(stop));
+  }
+
+  // The part of held + text now known to come before any stop.
+  std::string Push(const std::string& chunk) {
+    if (stopped) return "";
+    if (stops.empty()) return chunk;
+    std::string text = held + chunk;
+    const std::string* best = nullptr;
+    size_t best_start = 0, best_end = 0;
+    for (const std::string& stop : stops) {
+      const size_t start = text.find(stop);
+      if (start == std::string::npos) continue;
+      const size_t end = start + stop.size();
+      if (best == nullptr || end < best_end || (end == best_end && start < best_start)) {
+        best = &stop;
+        best_start = start;
+        best_end = end;
+      }
+    }
+    if (best != nullptr) {
+      stopped = true;
+      matched = *best;
+      held.clear();
+      return text.substr(0, best_start);
+    }
+    const size_t keep = PartialStopLength(text);
+    held = text.substr(text.size() - keep);
+    text.resize(text.size() - keep);
+    return text;
+  }
+
+  // No more text: what was held cannot become a stop any more.
+  std::string Finish() {
+    std::string text;
+    text.swap(held);
+    return text;
+  }
+
+ private:
+  // The longest tail of `text` that is a proper prefix of some stop.
+  size_t PartialStopLength(const std::string& text) const {
+    for (size_t k = std::min(text.size(), max_held); k > 0; --k) {
+      for (const std::string& stop : stops) {
+        if (stop.size() > k && text.compare(text.size() - k, k, stop, 0, k) == 0) return k;
+      }
+    }
+    return 0;
+  }
+};
+
+// One client request: lives until the engine has answered it for the last time and has
+// released its request (which points at our input copies).
 struct Stream {
   ModelState* model = nullptr;
   TRITONBACKEND_ResponseFactory* factory = nullptr;
+  TRITONSERVER_InferenceRequest* engine_request = nullptr;  // deleted with the stream
+  std::string client_id;  // the client's request id: what a `stop` names
   struct EngineInput {
     std::string name;  // the engine's (lower-case) input name
     TRITONSERVER_DataType datatype;
@@ -114,23 +197,33 @@ struct Stream {
     std::string data;
   };
   std::vector<EngineInput> engine_inputs;  // copied: they must outlive the engine request
+  const std::vector<std::string>* table = nullptr;
   int32_t input_length = 0, max_tokens = 0;
   bool streaming = true;  // false: one response, at the end
   bool yes = true;
-  std::mutex mu;
+  bool include_stop = false;  // the matched stop string ends the text
+  bool count_input = false, count_output = false;  // RETURN_NUM_INPUT/OUTPUT_TOKENS
+  std::string echo;  // the prompt, first, when the client asked for it in the output
+  StopMatcher stops;
+
+  std::mutex mu;        // guards what follows
   std::string pending;  // bytes of an incomplete character
   std::string held;     // whole text not sent yet (coalescing)
   Clock::time_point last_send{};
   bool armed = false;   // queued on the flusher
   int32_t completion_tokens = 0;
-  bool done = false;
-  std::atomic<int> refs{2};  // final response + engine request release
+  int32_t counted = 0;  // completion tokens reported in num_output_tokens so far
+  bool done = false;    // the client has had its final response
+  bool engine_done = false;  // the engine has sent its final response
+  std::atomic<int> refs{2};  // the engine's final response + the engine request's release
+
+  ~Stream() {
+    if (engine_request) LogIfError(TRITONSERVER_InferenceRequestDelete(engine_request), __LINE__, "delete request");
+    if (factory) LogIfError(TRITONBACKEND_ResponseFactoryDelete(factory), __LINE__, "delete factory");
+  }
 
   void Unref() {
-    if (refs.fetch_sub(1) == 1) {
-      if (factory) TRITONBACKEND_ResponseFactoryDelete(factory);
-      delete this;
-    }
+    if (refs.fetch_sub(1) == 1) delete this;
   }
 };
 
@@ -158,7 +251,10 @@ TRITONSERVER_Error* AddOutputInt(TRITONBACKEND_Response* r, const char* name, in
   return AddOutput(r, name, TRITONSERVER_TYPE_INT32, std::string(reinterpret_cast<const char*>(&v), 4));
 }
 
-// Sends a text response (final: with the finish reason and the FINAL flag).
+// Sends a text response (final: with the finish reason and the FINAL flag). The counts are
+// TensorRT-LLM's own, each only when asked: num_input_tokens the prompt's tokens,
+// num_output_tokens the tokens since the previous response (they add up to the
+// completion's). Called with the stream's mutex held, so responses go out in order.
 void SendText(Stream* s, const std::string& text, const std::string& reason, bool final) {
   TRITONBACKEND_Response* r = nullptr;
   TRITONSERVER_Error* e = TRITONBACKEND_ResponseNewFromFactory(&r, s->factory);
@@ -166,23 +262,24 @@ void SendText(Stream* s, const std::string& text, const std::string& reason, boo
   if (e == nullptr) e = AddOutputBytes(r, "finish_reason", reason);
   if (e == nullptr) e = AddOutputInt(r, "prompt_tokens", s->input_length);
   if (e == nullptr) e = AddOutputInt(r, "completion_tokens", s->completion_tokens);
+  if (e == nullptr && s->count_input) e = AddOutputInt(r, "num_input_tokens", s->input_length);
+  if (e == nullptr && s->count_output) {
+    e = AddOutputInt(r, "num_output_tokens", s->completion_tokens - s->counted);
+    s->counted = s->completion_tokens;
+  }
+  const uint32_t flags = final ? uint32_t(TRITONSERVER_RESPONSE_COMPLETE_FINAL) : 0u;
   if (e != nullptr) {
     Log(TRITONSERVER_LOG_ERROR, __LINE__, std::string("detokenizer: building a response: ") + TRITONSERVER_ErrorMessage(e));
     if (r) {
-      TRITONSERVER_Error* send = TRITONBACKEND_ResponseSend(
-          r, final ? uint32_t(TRITONSERVER_RESPONSE_COMPLETE_FINAL) : 0u, e);  // the error goes to the client
-      if (send) TRITONSERVER_ErrorDelete(send);
+      LogIfError(TRITONBACKEND_ResponseSend(r, flags, e), __LINE__, "send");  // the error goes to the client
     } else if (final) {
-      TRITONBACKEND_ResponseFactorySendFlags(s->factory, TRITONSERVER_RESPONSE_COMPLETE_FINAL);
+      LogIfError(TRITONBACKEND_ResponseFactorySendFlags(s->factory, TRITONSERVER_RESPONSE_COMPLETE_FINAL),
+                 __LINE__, "send flags");
     }
-    TRITONSERVER_ErrorDelete(e);
+    TRITONSERVER_ErrorDelete(e);  // ResponseSend does not take ownership of the error
     return;
   }
-  e = TRITONBACKEND_ResponseSend(r, final ? uint32_t(TRITONSERVER_RESPONSE_COMPLETE_FINAL) : 0u, nullptr);
-  if (e) {
-    Log(TRITONSERVER_LOG_ERROR, __LINE__, std::string("detokenizer: send: ") + TRITONSERVER_ErrorMessage(e));
-    TRITONSERVER_ErrorDelete(e);
-  }
+  LogIfError(TRITONBACKEND_ResponseSend(r, flags, nullptr), __LINE__, "send");
 }
 
 void SendError(TRITONBACKEND_ResponseFactory* factory, const std::string& msg,
@@ -191,13 +288,37 @@ void SendError(TRITONBACKEND_ResponseFactory* factory, const std::string& msg,
   TRITONSERVER_Error* e = TRITONBACKEND_ResponseNewFromFactory(&r, factory);
   if (e) {
     TRITONSERVER_ErrorDelete(e);
-    TRITONBACKEND_ResponseFactorySendFlags(factory, TRITONSERVER_RESPONSE_COMPLETE_FINAL);
+    LogIfError(TRITONBACKEND_ResponseFactorySendFlags(factory, TRITONSERVER_RESPONSE_COMPLETE_FINAL), __LINE__,
+               "send flags");
     return;
   }
   TRITONSERVER_Error* err = TRITONSERVER_ErrorNew(code, msg.c_str());
-  e = TRITONBACKEND_ResponseSend(r, TRITONSERVER_RESPONSE_COMPLETE_FINAL, err);
+  LogIfError(TRITONBACKEND_ResponseSend(r, TRITONSERVER_RESPONSE_COMPLETE_FINAL, err), __LINE__, "send");
   TRITONSERVER_ErrorDelete(err);  // ResponseSend does not take ownership of the error
-  if (e) TRITONSERVER_ErrorDelete(e);
+}
+
+// An engine error as the client gets it (mixtral_triton.protocol.errors.relayed): a message
+// that carries one of our codes keeps it; Triton's words for overload or a dead stub become
+// `unavailable` (retry later); anything else `internal`, after "generation failed: ".
+std::string Relayed(const std::string& message) {
+  for (const char* kind : {"[invalid_argument", "[unavailable", "[internal"}) {
+    const size_t at = message.find(kind);
+    if (at == std::string::npos) continue;
+    const size_t close = message.find("] ", at);
+    if (close == std::string::npos) continue;
+    bool code = true;  // [kind] or [kind:field], field of [A-Za-z0-9_]
+    const size_t after = at + std::strlen(kind);
+    if (after != close) {
+      code = message[after] == ':' && close > after + 1;
+      for (size_t i = after + 1; code && i < close; ++i)
+        code = std::isalnum(static_cast<unsigned char>(message[i])) || message[i] == '_';
+    }
+    if (code) return message;
+  }
+  const bool overload = message.find("Exceeds maximum queue size") != std::string::npos ||
+                        message.find("is not healthy") != std::string::npos ||
+                        message.find("Failed to obtain the health mutex") != std::string::npos;
+  return std::string(overload ? "[unavailable]" : "[internal]") + " generation failed: " + message;
 }
 
 // ---- response allocator: plain CPU malloc ----
@@ -219,108 +340,179 @@ TRITONSERVER_Error* Release(TRITONSERVER_ResponseAllocator*, void* buffer, void*
   return nullptr;
 }
 
-void EngineRequestReleased(TRITONSERVER_InferenceRequest* request, const uint32_t flags, void* userp) {
-  if (flags & TRITONSERVER_REQUEST_RELEASE_ALL) {
-    TRITONSERVER_InferenceRequestDelete(request);
-    static_cast<Stream*>(userp)->Unref();
+// The engine is done with the request's inputs. The request itself stays (deleted with the
+// stream): a released request can still be cancelled, and the engine may answer it long
+// after releasing it (TensorRT-LLM's backend releases a request once it has queued it).
+void EngineRequestReleased(TRITONSERVER_InferenceRequest*, const uint32_t flags, void* userp) {
+  if (flags & TRITONSERVER_REQUEST_RELEASE_ALL) static_cast<Stream*>(userp)->Unref();
+}
+
+void Unregister(Stream* s) {
+  if (s->client_id.empty()) return;
+  std::lock_guard<std::mutex> lock(s->model->runs_mu);
+  auto range = s->model->runs.equal_range(s->client_id);
+  for (auto it = range.first; it != range.second; ++it) {
+    if (it->second == s) {
+      s->model->runs.erase(it);
+      return;
+    }
   }
 }
 
-// One engine response (or a flags-only final): new tokens -> text -> one response.
+// Ends the stream for the client now, with the text waiting to go and `reason`, and cancels
+// its engine request if the engine is still at it. With the stream's mutex held.
+void EndEarly(Stream* s, const std::string& text, const char* reason) {
+  s->done = true;
+  SendText(s, s->held + text, reason, true);
+  s->held.clear();
+  if (!s->engine_done && s->engine_request != nullptr)
+    LogIfError(TRITONSERVER_InferenceRequestCancel(s->engine_request), __LINE__, "cancel the engine request");
+}
+
+// New text of a stream that goes on: out at once, held for the flusher, or (not streaming)
+// kept for the end. With the stream's mutex held.
+void Deliver(Stream* s, const std::string& text) {
+  if (text.empty()) return;
+  if (!s->streaming) {
+    s->held += text;
+    return;
+  }
+  if (s->model->min_interval.count() == 0) {
+    SendText(s, text, "", false);
+    return;
+  }
+  s->held += text;
+  if (s->armed) return;
+  const auto now = Clock::now();
+  if (now - s->last_send >= s->model->min_interval) {
+    SendText(s, s->held, "", false);
+    s->held.clear();
+    s->last_send = now;
+    return;
+  }
+  s->armed = true;
+  s->refs.fetch_add(1);
+  ModelState* m = s->model;
+  std::lock_guard<std::mutex> q(m->qmu);
+  m->queue.emplace_back(s->last_send + m->min_interval, s);
+  m->qcv.notify_one();
+}
+
+// The new token ids of one engine response, as text (stop strings applied); an error
+// message in `failure` for an id outside the vocabulary. With the stream's mutex held.
+std::string Decode(Stream* s, TRITONSERVER_InferenceResponse* response, std::string& failure) {
+  uint32_t count = 0;
+  LogIfError(TRITONSERVER_InferenceResponseOutputCount(response, &count), __LINE__, "output count");
+  const int32_t* ids = nullptr;
+  size_t n_ids = 0;
+  int64_t seq_len = -1;
+  for (uint32_t i = 0; i < count; ++i) {
+    const char* name;
+    TRITONSERVER_DataType dt;
+    const int64_t* shape;
+    uint64_t dims;
+    const void* base;
+    size_t bytes;
+    TRITONSERVER_MemoryType mt;
+    int64_t mid;
+    void* up;
+    TRITONSERVER_Error* e = TRITONSERVER_InferenceResponseOutput(response, i, &name, &dt, &shape, &dims, &base,
+                                                                 &bytes, &mt, &mid, &up);
+    if (e != nullptr) {
+      LogIfError(e, __LINE__, "engine output");
+      continue;
+    }
+    if (std::strcmp(name, "output_ids") == 0) {
+      ids = static_cast<const int32_t*>(base);
+      n_ids = bytes / 4;
+    } else if (std::strcmp(name, "sequence_length") == 0 && bytes >= 4) {
+      seq_len = *static_cast<const int32_t*>(base);
+    }
+  }
+  // sequence_length bounds the valid ids (it counts only new tokens, the prompt excluded)
+  if (seq_len >= 0 && static_cast<size_t>(seq_len) < n_ids) n_ids = seq_len;
+  const std::vector<std::string>& table = *s->table;
+  for (size_t k = 0; k < n_ids; ++k) {
+    if (ids[k] < 0 || static_cast<size_t>(ids[k]) >= table.size()) {
+      failure = "token id " + std::to_string(ids[k]) + " is outside the vocabulary 0.." +
+                std::to_string(table.size() - 1);
+      return "";
+    }
+    s->pending += table[ids[k]];
+  }
+  s->completion_tokens += static_cast<int32_t>(n_ids);
+  std::string text;
+  DecodeUtf8(s->pending, text, false);
+  return s->stops.Push(text);
+}
+
+// One engine response (or a flags-only final): new tokens -> text -> the client.
 void EngineResponse(TRITONSERVER_InferenceResponse* response, const uint32_t flags, void* userp) {
   Stream* s = static_cast<Stream*>(userp);
   const bool final = (flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL) != 0;
-  std::string failure;
-  TRITONSERVER_Error_Code failure_code = TRITONSERVER_ERROR_INTERNAL;
-  std::string text;
   {
     std::lock_guard<std::mutex> lock(s->mu);
-    if (response != nullptr && !s->done) {
-      TRITONSERVER_Error* err = TRITONSERVER_InferenceResponseError(response);
-      if (err != nullptr) {
-        failure = TRITONSERVER_ErrorMessage(err);  // owned by the response
-        failure_code = TRITONSERVER_ErrorCode(err);  // an overload stays UNAVAILABLE
-      } else {
-        uint32_t count = 0;
-        TRITONSERVER_InferenceResponseOutputCount(response, &count);
-        const int32_t* ids = nullptr;
-        size_t n_ids = 0;
-        int64_t seq_len = -1;
-        for (uint32_t i = 0; i < count; ++i) {
-          const char* name;
-          TRITONSERVER_DataType dt;
-          const int64_t* shape;
-          uint64_t dims;
-          const void* base;
-          size_t bytes;
-          TRITONSERVER_MemoryType mt;
-          int64_t mid;
-          void* up;
-          if (TRITONSERVER_InferenceResponseOutput(response, i, &name, &dt, &shape, &dims, &base, &bytes,
-                                                   &mt, &mid, &up) != nullptr) continue;
-          if (std::strcmp(name, "output_ids") == 0) {
-            ids = static_cast<const int32_t*>(base);
-            n_ids = bytes / 4;
-          } else if (std::strcmp(name, "sequence_length") == 0 && bytes >= 4) {
-            seq_len = *static_cast<const int32_t*>(base);
-          }
-        }
-        if (seq_len >= 0 && static_cast<size_t>(seq_len) < n_ids) n_ids = seq_len;
-        const size_t vocab = s->model->table.size();
-        for (size_t k = 0; k < n_ids; ++k) {
-          if (ids[k] < 0 || static_cast<size_t>(ids[k]) >= vocab) {
-            failure = "token id " + std::to_string(ids[k]) + " is outside the vocabulary 0.." +
-                      std::to_string(vocab - 1);
-            break;
-          }
-          s->pending += s->model->table[ids[k]];
-        }
-        if (failure.empty()) {
-          s->completion_tokens += static_cast<int32_t>(n_ids);
-          DecodeUtf8(s->pending, text, false);
+    if (final) s->engine_done = true;
+    if (!s->done) {
+      std::string failure, text;
+      TRITONSERVER_Error_Code failure_code = TRITONSERVER_ERROR_INTERNAL;
+      if (response != nullptr) {
+        TRITONSERVER_Error* err = TRITONSERVER_InferenceResponseError(response);
+        if (err != nullptr) {
+          failure = Relayed(TRITONSERVER_ErrorMessage(err));  // owned by the response
+          failure_code = TRITONSERVER_ErrorCode(err);  // an overload stays UNAVAILABLE
+        } else {
+          text = Decode(s, response, failure);
         }
       }
-      TRITONSERVER_InferenceResponseDelete(response);
-      response = nullptr;
-    }
-    if (response != nullptr) TRITONSERVER_InferenceResponseDelete(response);
-    if (!s->done) {
       if (!failure.empty()) {
         s->done = true;
         SendError(s->factory, failure, failure_code);
+      } else if (s->stops.stopped) {  // tokens after the stop are not counted, nor sent
+        EndEarly(s, s->include_stop ? text + s->stops.matched : text, "stop");
       } else if (final) {
-        DecodeUtf8(s->pending, text, true);
-        text = s->held + text;
-        s->held.clear();
-        s->done = true;
-        SendText(s, text, s->completion_tokens >= s->max_tokens ? "length" : "stop", true);
-      } else if (!text.empty()) {
-        if (!s->streaming) {
-          s->held += text;
-        } else if (s->model->min_interval.count() == 0) {
-          SendText(s, text, "", false);
+        std::string tail;
+        DecodeUtf8(s->pending, tail, true);
+        text += s->stops.Push(tail);
+        if (s->stops.stopped) {
+          EndEarly(s, s->include_stop ? text + s->stops.matched : text, "stop");
         } else {
-          s->held += text;
-          const auto now = Clock::now();
-          if (!s->armed) {
-            if (now - s->last_send >= s->model->min_interval) {
-              SendText(s, s->held, "", false);
-              s->held.clear();
-              s->last_send = now;
-            } else {
-              s->armed = true;
-              s->refs.fetch_add(1);
-              ModelState* m = s->model;
-              std::lock_guard<std::mutex> q(m->qmu);
-              m->queue.emplace_back(s->last_send + m->min_interval, s);
-              m->qcv.notify_one();
-            }
-          }
+          s->done = true;
+          SendText(s, s->held + text + s->stops.Finish(),
+                   s->completion_tokens >= s->max_tokens ? "length" : "stop", true);
+          s->held.clear();
         }
+      } else {
+        Deliver(s, text);
       }
     }
   }
-  if (final) s->Unref();
+  if (response != nullptr) LogIfError(TRITONSERVER_InferenceResponseDelete(response), __LINE__, "delete response");
+  if (final) {
+    Unregister(s);
+    s->Unref();
+  }
+}
+
+// A `stop` for `client_id`: ends each of its streams now ("cancelled") and cancels their
+// engine requests.
+void CancelRuns(ModelState* m, const std::string& client_id) {
+  std::vector<Stream*> found;
+  {
+    std::lock_guard<std::mutex> lock(m->runs_mu);
+    auto range = m->runs.equal_range(client_id);
+    for (auto it = range.first; it != range.second; ++it) {
+      it->second->refs.fetch_add(1);  // kept while cancelled below, outside the registry's lock
+      found.push_back(it->second);
+    }
+  }
+  for (Stream* s : found) {
+    {
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (!s->done) EndEarly(s, "", "cancelled");
+    }
+    s->Unref();
+  }
 }
 
 void FlushLoop(ModelState* m) {
@@ -385,30 +577,30 @@ bool OnlyPadding(const std::string& data, const int64_t* shape, uint32_t dims) {
   return true;
 }
 
-// Whether a BYTES tensor holds any non-empty string (4-byte length, then the bytes, each).
-bool AnyText(const std::string& data) {
+// The strings of a BYTES tensor (each a 4-byte little-endian length, then the bytes).
+std::vector<std::string> Strings(const std::string& data) {
+  std::vector<std::string> out;
   size_t at = 0;
   while (at + 4 <= data.size()) {
     uint32_t len;
     std::memcpy(&len, data.data() + at, 4);
-    if (len > 0) return true;
-    at += 4 + len;
+    at += 4;
+    if (len > data.size() - at) break;
+    out.emplace_back(data, at, len);
+    at += len;
   }
-  return false;
-}
-
-TRITONSERVER_Error* NotServedYet(const std::string& field) {
-  const std::string lower = Lower(field);
-  return TRITONSERVER_ErrorNew(TRITONSERVER_ERROR_INVALID_ARG,
-                               ("[invalid_argument:" + lower + "] " + lower +
-                                " is not served by the C++ detokenizer prototype yet").c_str());
+  return out;
 }
 
 // Reads one client request: the engine's inputs (upper-cased in the model config) are
-// copied for the engine, the detokenizer's own are read or refused where not served yet.
+// copied for the engine, the detokenizer's own are read.
 TRITONSERVER_Error* ReadRequest(TRITONBACKEND_Request* request, Stream* s, bool* stop) {
+  const char* id = nullptr;
+  RETURN_IF_ERR(TRITONBACKEND_RequestId(request, &id));
+  s->client_id = id ? id : "";
   uint32_t count = 0;
   RETURN_IF_ERR(TRITONBACKEND_RequestInputCount(request, &count));
+  bool skip_special = true;
   for (uint32_t i = 0; i < count; ++i) {
     TRITONBACKEND_Input* in;
     RETURN_IF_ERR(TRITONBACKEND_RequestInputByIndex(request, i, &in));
@@ -426,13 +618,18 @@ TRITONSERVER_Error* ReadRequest(TRITONBACKEND_Request* request, Stream* s, bool*
       *stop = FirstFlag(data);
     } else if (field == "STREAMING") {
       s->streaming = data.empty() || FirstFlag(data);
-    } else if (field == "STOP_STRINGS" || field == "ECHO_TEXT") {
-      if (AnyText(data)) return NotServedYet(field);
-    } else if (field == "RETURN_NUM_INPUT_TOKENS" || field == "RETURN_NUM_OUTPUT_TOKENS" ||
-               field == "INCLUDE_STOP_STR_IN_OUTPUT") {
-      if (FirstFlag(data)) return NotServedYet(field);
+    } else if (field == "STOP_STRINGS") {
+      for (std::string& stop : Strings(data)) s->stops.Add(std::move(stop));
+    } else if (field == "ECHO_TEXT") {
+      for (const std::string& text : Strings(data)) s->echo += text;
+    } else if (field == "INCLUDE_STOP_STR_IN_OUTPUT") {
+      s->include_stop = FirstFlag(data);
+    } else if (field == "RETURN_NUM_INPUT_TOKENS") {
+      s->count_input = FirstFlag(data);
+    } else if (field == "RETURN_NUM_OUTPUT_TOKENS") {
+      s->count_output = FirstFlag(data);
     } else if (field == "SKIP_SPECIAL_TOKENS") {
-      if (!data.empty() && !FirstFlag(data)) return NotServedYet(field);
+      skip_special = data.empty() || FirstFlag(data);
     } else if ((field == "STOP_WORDS_LIST" || field == "BAD_WORDS_LIST") && OnlyPadding(data, shape, dims)) {
       continue;
     } else {
@@ -441,38 +638,99 @@ TRITONSERVER_Error* ReadRequest(TRITONBACKEND_Request* request, Stream* s, bool*
       s->engine_inputs.push_back({Lower(field), datatype, std::vector<int64_t>(shape, shape + dims), std::move(data)});
     }
   }
+  s->table = &s->model->tables[skip_special ? 0 : 1];
   return nullptr;
 }
 
+// Builds the engine request and hands it to the server. On success the stream is
+// registered under its client id (before the engine can answer, so that its final finds
+// it); on an error nothing is left registered and the caller still owns the stream.
 TRITONSERVER_Error* StartEngine(ModelState* m, Stream* s) {
   TRITONSERVER_InferenceRequest* req = nullptr;
   RETURN_IF_ERR(TRITONSERVER_InferenceRequestNew(&req, m->server, m->engine.c_str(), -1));
-  auto fail = [&](TRITONSERVER_Error* e) { TRITONSERVER_InferenceRequestDelete(req); return e; };
-  auto add = [&](const char* name, TRITONSERVER_DataType dt, const void* data, size_t bytes,
-                 int64_t n) -> TRITONSERVER_Error* {
-    const int64_t shape[2] = {1, n};
-    RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddInput(req, name, dt, shape, 2));
-    return TRITONSERVER_InferenceRequestAppendInputData(req, name, data, bytes, TRITONSERVER_MEMORY_CPU, 0);
-  };
-  TRITONSERVER_Error* e;
+  s->engine_request = req;  // deleted with the stream
   for (const auto& input : s->engine_inputs) {
-    if ((e = TRITONSERVER_InferenceRequestAddInput(req, input.name.c_str(), input.datatype, input.shape.data(),
-                                                   input.shape.size())))
-      return fail(e);
-    if ((e = TRITONSERVER_InferenceRequestAppendInputData(req, input.name.c_str(), input.data.data(),
-                                                          input.data.size(), TRITONSERVER_MEMORY_CPU, 0)))
-      return fail(e);
+    RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddInput(req, input.name.c_str(), input.datatype,
+                                                        input.shape.data(), input.shape.size()));
+    RETURN_IF_ERR(TRITONSERVER_InferenceRequestAppendInputData(req, input.name.c_str(), input.data.data(),
+                                                               input.data.size(), TRITONSERVER_MEMORY_CPU, 0));
   }
-  // Always stream from the engine (as the Python detokenizer does), without the prompt.
-  if ((e = add("streaming", TRITONSERVER_TYPE_BOOL, &s->yes, 1, 1))) return fail(e);
-  if ((e = add("exclude_input_in_output", TRITONSERVER_TYPE_BOOL, &s->yes, 1, 1))) return fail(e);
-  if ((e = TRITONSERVER_InferenceRequestAddRequestedOutput(req, "output_ids"))) return fail(e);
-  if ((e = TRITONSERVER_InferenceRequestAddRequestedOutput(req, "sequence_length"))) return fail(e);
-  if ((e = TRITONSERVER_InferenceRequestSetReleaseCallback(req, EngineRequestReleased, s))) return fail(e);
-  if ((e = TRITONSERVER_InferenceRequestSetResponseCallback(req, m->allocator, nullptr, EngineResponse, s)))
-    return fail(e);
-  if ((e = TRITONSERVER_ServerInferAsync(m->server, req, nullptr))) return fail(e);
+  // Always stream from the engine, without the prompt: a stop string found in the text can
+  // then end the generation (and free its batch slot) early, also for a client that wants
+  // one response.
+  const int64_t flag_shape[2] = {1, 1};
+  for (const char* name : {"streaming", "exclude_input_in_output"}) {
+    RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddInput(req, name, TRITONSERVER_TYPE_BOOL, flag_shape, 2));
+    RETURN_IF_ERR(TRITONSERVER_InferenceRequestAppendInputData(req, name, &s->yes, 1, TRITONSERVER_MEMORY_CPU, 0));
+  }
+  RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddRequestedOutput(req, "output_ids"));
+  RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddRequestedOutput(req, "sequence_length"));
+  RETURN_IF_ERR(TRITONSERVER_InferenceRequestSetReleaseCallback(req, EngineRequestReleased, s));
+  RETURN_IF_ERR(TRITONSERVER_InferenceRequestSetResponseCallback(req, m->allocator, nullptr, EngineResponse, s));
+  if (!s->client_id.empty()) {
+    std::lock_guard<std::mutex> lock(m->runs_mu);
+    m->runs.emplace(s->client_id, s);
+  }
+  TRITONSERVER_Error* e = TRITONSERVER_ServerInferAsync(m->server, req, nullptr);
+  if (e != nullptr) Unregister(s);
+  return e;
+}
+
+// Reads a token table: uint32 count, then per id uint32 length + bytes (little-endian).
+TRITONSERVER_Error* ReadTable(const std::string& path, std::vector<std::string>& table) {
+  std::ifstream f(path, std::ios::binary);
+  uint32_t count = 0;
+  if (!f.read(reinterpret_cast<char*>(&count), 4))
+    return TRITONSERVER_ErrorNew(TRITONSERVER_ERROR_NOT_FOUND, ("detokenizer: cannot read " + path).c_str());
+  table.resize(count);
+  for (uint32_t i = 0; i < count; ++i) {
+    uint32_t len = 0;
+    if (!f.read(reinterpret_cast<char*>(&len), 4))
+      return TRITONSERVER_ErrorNew(TRITONSERVER_ERROR_INVALID_ARG, ("detokenizer: truncated " + path).c_str());
+    table[i].resize(len);
+    if (len && !f.read(&table[i][0], len))
+      return TRITONSERVER_ErrorNew(TRITONSERVER_ERROR_INVALID_ARG, ("detokenizer: truncated " + path).c_str());
+  }
   return nullptr;
+}
+
+// A string parameter of the model config's JSON, or "" when absent.
+std::string Parameter(const std::string& json, const std::string& key) {
+  const std::string open = "\"" + key + "\":{\"string_value\":\"";
+  size_t at = json.find(open);
+  if (at == std::string::npos) return "";
+  at += open.size();
+  return json.substr(at, json.find('"', at) - at);
+}
+
+TRITONSERVER_Error* ReadConfig(TRITONBACKEND_Model* model, ModelState* m) {
+  TRITONSERVER_Message* config = nullptr;
+  RETURN_IF_ERR(TRITONBACKEND_ModelConfig(model, 1, &config));
+  const char* json = nullptr;
+  size_t size = 0;
+  TRITONSERVER_Error* e = TRITONSERVER_MessageSerializeToJson(config, &json, &size);
+  if (e == nullptr) {
+    const std::string j(json, size);
+    const std::string interval = Parameter(j, "min_response_interval_us");
+    if (!interval.empty()) m->min_interval = std::chrono::microseconds(std::atol(interval.c_str()));
+    const std::string engine = Parameter(j, "engine_model");
+    if (!engine.empty()) m->engine = engine;
+  }
+  TRITONSERVER_MessageDelete(config);
+  return e;
+}
+
+uint64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
+// Reports a request's statistics (what Triton's statistics and perf_analyzer read: the
+// time to read it and hand it to the engine) and releases it.
+void Finish(TRITONBACKEND_ModelInstance* instance, TRITONBACKEND_Request* request, bool success, uint64_t start) {
+  const uint64_t end = NowNs();
+  LogIfError(TRITONBACKEND_ModelInstanceReportStatistics(instance, request, success, start, start, end, end),
+             __LINE__, "statistics");
+  LogIfError(TRITONBACKEND_RequestRelease(request, TRITONSERVER_REQUEST_RELEASE_ALL), __LINE__, "release");
 }
 
 }  // namespace
@@ -496,48 +754,18 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInitialize(TRITONBACKEND_Model* model) {
   TRITONBACKEND_ArtifactType type;
   const char* location = nullptr;
   if (!e) e = TRITONBACKEND_ModelRepository(model, &type, &location);
-  if (!e) {
-    // token table: uint32 count, then per id uint32 length + bytes (little-endian)
-    std::string path = std::string(location) + "/token_table.bin";
-    std::ifstream f(path, std::ios::binary);
-    uint32_t count = 0;
-    if (!f.read(reinterpret_cast<char*>(&count), 4)) {
-      e = TRITONSERVER_ErrorNew(TRITONSERVER_ERROR_NOT_FOUND, ("detokenizer: cannot read " + path).c_str());
-    } else {
-      m->table.resize(count);
-      for (uint32_t i = 0; i < count && !e; ++i) {
-        uint32_t len = 0;
-        if (!f.read(reinterpret_cast<char*>(&len), 4)) { e = TRITONSERVER_ErrorNew(TRITONSERVER_ERROR_INVALID_ARG, "detokenizer: truncated table"); break; }
-        m->table[i].resize(len);
-        if (len && !f.read(&m->table[i][0], len)) e = TRITONSERVER_ErrorNew(TRITONSERVER_ERROR_INVALID_ARG, "detokenizer: truncated table");
-      }
-    }
-  }
-  if (!e) {
-    // parameters { key: "min_response_interval_us" value { string_value: "2000" } }
-    TRITONSERVER_Message* config = nullptr;
-    e = TRITONBACKEND_ModelConfig(model, 1, &config);
-    const char* json = nullptr;
-    size_t size = 0;
-    if (!e) e = TRITONSERVER_MessageSerializeToJson(config, &json, &size);
-    if (!e) {
-      std::string j(json, size);
-      const std::string key = "\"min_response_interval_us\":{\"string_value\":\"";
-      size_t at = j.find(key);
-      if (at != std::string::npos) m->min_interval = std::chrono::microseconds(std::atol(j.c_str() + at + key.size()));
-      at = j.find("\"engine_model\":{\"string_value\":\"");
-      if (at != std::string::npos) {
-        at += std::strlen("\"engine_model\":{\"string_value\":\"");
-        m->engine = j.substr(at, j.find('"', at) - at);
-      }
-    }
-    if (config) TRITONSERVER_MessageDelete(config);
-  }
+  if (!e) e = ReadTable(std::string(location) + "/token_table.bin", m->tables[0]);
+  if (!e) e = ReadTable(std::string(location) + "/token_table_special.bin", m->tables[1]);
+  if (!e) e = ReadConfig(model, m);
   if (!e) e = TRITONSERVER_ResponseAllocatorNew(&m->allocator, Alloc, Release, nullptr);
   if (!e) e = TRITONBACKEND_ModelSetState(model, m);
-  if (e) { delete m; return e; }
+  if (e) {
+    if (m->allocator) TRITONSERVER_ResponseAllocatorDelete(m->allocator);
+    delete m;
+    return e;
+  }
   if (m->min_interval.count() > 0) m->flusher = std::thread(FlushLoop, m);
-  Log(TRITONSERVER_LOG_INFO, __LINE__, "detokenizer: token table of " + std::to_string(m->table.size()) +
+  Log(TRITONSERVER_LOG_INFO, __LINE__, "detokenizer: token table of " + std::to_string(m->tables[0].size()) +
       " ids, engine " + m->engine + ", min response interval " +
       std::to_string(std::chrono::duration_cast<std::chrono::microseconds>(m->min_interval).count()) + " us");
   return nullptr;
@@ -569,35 +797,47 @@ TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
   void* state = nullptr;
   RETURN_IF_ERR(TRITONBACKEND_ModelState(model, &state));
   auto* m = static_cast<ModelState*>(state);
+  const uint64_t exec_start = NowNs();
   for (uint32_t r = 0; r < request_count; ++r) {
     TRITONBACKEND_Request* request = requests[r];
+    const uint64_t start = NowNs();
     auto* s = new Stream();
     s->model = m;
     TRITONSERVER_Error* e = TRITONBACKEND_ResponseFactoryNew(&s->factory, request);
     if (e) {  // cannot answer at all: let Triton fail the request
       delete s;
       TRITONSERVER_ErrorDelete(e);
-      TRITONBACKEND_RequestRelease(request, TRITONSERVER_REQUEST_RELEASE_ALL);
+      Finish(instance, request, false, start);
       continue;
     }
     bool stop = false;
     e = ReadRequest(request, s, &stop);
-    // The inputs are copied: the client request can go now (the factory answers it).
-    TRITONBACKEND_RequestRelease(request, TRITONSERVER_REQUEST_RELEASE_ALL);
-    if (!e && stop) {  // the tokenizer model carries out a stop; here it is only answered
-      TRITONBACKEND_ResponseFactorySendFlags(s->factory, TRITONSERVER_RESPONSE_COMPLETE_FINAL);
-      TRITONBACKEND_ResponseFactoryDelete(s->factory);
+    if (!e && stop) {  // a `stop`: end its client id's streams, then answer it
+      CancelRuns(m, s->client_id);
+      LogIfError(TRITONBACKEND_ResponseFactorySendFlags(s->factory, TRITONSERVER_RESPONSE_COMPLETE_FINAL), __LINE__,
+                 "send flags");
       delete s;
+      Finish(instance, request, true, start);
       continue;
+    }
+    if (!e && !s->echo.empty()) {  // the prompt first: its own response, or the text's start
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (s->streaming) SendText(s, s->echo, "", false);
+      else s->held = s->echo;
     }
     if (!e) e = StartEngine(m, s);
     if (e) {
       SendError(s->factory, TRITONSERVER_ErrorMessage(e), TRITONSERVER_ErrorCode(e));
       TRITONSERVER_ErrorDelete(e);
-      TRITONBACKEND_ResponseFactoryDelete(s->factory);
       delete s;
     }
+    // The inputs are copied: the client request can go (the factory answers it).
+    Finish(instance, request, e == nullptr, start);
   }
+  const uint64_t exec_end = NowNs();
+  LogIfError(TRITONBACKEND_ModelInstanceReportBatchStatistics(instance, request_count, exec_start, exec_start,
+                                                               exec_end, exec_end),
+             __LINE__, "batch statistics");
   return nullptr;
 }
 
