@@ -15,7 +15,6 @@ TP_SIZE="${TP_SIZE:-4}"
 MAX_INPUT_LEN="${MAX_INPUT_LEN:-4096}"
 MAX_OUTPUT_LEN="${MAX_OUTPUT_LEN:-1024}"
 WORKLOAD="${WORKLOAD:-}"
-DETOKENIZER_PROCESSES="${DETOKENIZER_PROCESSES:-}"
 ENGINE_TAG="${ENGINE_TAG:-}"
 EXPECT_MAX_BATCH_SIZE="${EXPECT_MAX_BATCH_SIZE:-}"
 EXPECT_MAX_NUM_TOKENS="${EXPECT_MAX_NUM_TOKENS:-}"
@@ -60,8 +59,6 @@ Settings (environment variables, with defaults):
   WORKLOAD=                      request shape INPUT/OUTPUT tokens the engine's max_batch_size is
                                  sized for (default 128/128, or full length where the limits are
                                  shorter); longer requests are still served, fewer at once
-  DETOKENIZER_PROCESSES=         postprocessing processes (default: from this machine's cores;
-                                 the overlays set it from the Triton container's cores)
   ENGINE_TAG=<gpu>-tp<N>-in<I>-out<O>-b<max_batch_size of the plan>
                                  names engines/<tag> and model-repositories/<tag>; a new tag is a
                                  new engine beside the old one (rolling a new engine)
@@ -170,9 +167,6 @@ BUILD_RECORD="$ENGINE_DIR/mixtral_triton_build.json"  # written by build_engine.
 FILL_MARKER="$REPO_DIR/.mixtral-triton-fill.json"     # written by fill_model_repository.py
 log "engine $ENGINE_DIR"
 log "model repository $REPO_DIR"
-if [ -z "$DETOKENIZER_PROCESSES" ]; then
-  DETOKENIZER_PROCESSES="$("$PY" -c 'import os; from mixtral_triton.capacity import detokenizer_processes as d; print(d(len(os.sched_getaffinity(0))))')"
-fi
 
 # --- Disk: refuse when what is left to write cannot fit (estimates) ---------------------------
 checkpoint_complete() { "$PY" "$PROJECT_DIR/build/download_checkpoint.py" "$HF_DIR" >/dev/null 2>&1; }
@@ -294,17 +288,20 @@ if wanted fill; then
              --engine-dir "$ENGINE_DIR" --triton-max-batch-size "$PLAN_MAX_BATCH_SIZE"
              --max-input-len "$MAX_INPUT_LEN" --max-seq-len "$PLAN_MAX_SEQ_LEN"
              --kv-cache-free-gpu-mem-fraction "$PLAN_KV_FRACTION" --max-queue-size "$MAX_QUEUE_SIZE"
-             --gpu-device-ids "$(seq -s, 0 $((TP_SIZE - 1)))"
-             # Detokenizer processes follow the cores, each serving many streams (capacity.py).
-             --postprocessing-instance-count "$DETOKENIZER_PROCESSES")
+             --gpu-device-ids "$(seq -s, 0 $((TP_SIZE - 1)))")
+  # The fill also compiles the C++ detokenizer (postprocessing) with this image's g++ (the
+  # image has it compiled already) and copies the library into the repository: a new image
+  # with other templates or detokenizer sources fills again, even with the same settings.
+  fill_sources="$("$PY" -c 'from mixtral_triton.repository.fill import sources_digest; print(sources_digest())')" \
+    || fail "fill: cannot read the templates and the detokenizer's sources"
   FILL_STAMP="$STATE_DIR/filled-$ENGINE_TAG"
-  if [ -f "$FILL_MARKER" ] && [ -f "$FILL_STAMP" ] && [ "$(cat "$FILL_STAMP")" = "${fill_args[*]}" ]; then
+  if [ -f "$FILL_MARKER" ] && [ -f "$FILL_STAMP" ] && [ "$(cat "$FILL_STAMP")" = "${fill_args[*]} $fill_sources" ]; then
     log "fill: $REPO_DIR is filled with these settings, skipped"
   else
     [ "$DRY_RUN" = 1 ] || [ -f "$BUILD_RECORD" ] || fail "fill: $ENGINE_DIR has no finished engine yet (step engine)"
     log "fill: $REPO_DIR"
     run "$PY" "${fill_args[@]}" || fail "fill"
-    [ "$DRY_RUN" = 1 ] || printf '%s' "${fill_args[*]}" > "$FILL_STAMP"
+    [ "$DRY_RUN" = 1 ] || printf '%s' "${fill_args[*]} $fill_sources" > "$FILL_STAMP"
   fi
 fi
 

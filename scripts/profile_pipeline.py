@@ -5,8 +5,9 @@ Starts Triton on the tiny fixture (reference engine), streams `--streams` greedy
 `--concurrency` at a time through the ensemble over gRPC, then the same through the engine
 model alone, and reports: TTFT and time per token of both paths, and the CPU seconds each
 process (tritonserver, each stub, this client) spent per 1,000 streamed tokens. With
-`--py-spy DIR` it also records the detokenizer stubs with py-spy during the ensemble load
-(collapsed stacks, one file per stub). Figures on a shared machine are noisy.
+`--py-spy DIR` it also records the Python stubs (the tokenizer model's, the reference
+engine's) with py-spy during the ensemble load (raw stacks, one file per stub); the
+detokenizer is C++ inside tritonserver (use `perf` on it). Figures on a shared machine are noisy.
 
     .venv/bin/python scripts/profile_pipeline.py --streams 64 --concurrency 8 --max-tokens 64
 """
@@ -111,16 +112,12 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--engine-batch", type=int, default=8)
-    p.add_argument("--postprocessing-instances", type=int, default=None)
     p.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "profile")
-    p.add_argument("--py-spy", type=Path, default=None, help="record the detokenizer stubs here")
+    p.add_argument("--py-spy", type=Path, default=None, help="record the Python stubs here")
     args = p.parse_args()
-
-    from dataclasses import replace
 
     from mixtral_triton.fixture import write_checkpoint  # noqa: F401
     from mixtral_triton.pipeline import build_repository
-    from mixtral_triton.repository.fill import Settings, fill_repository
     from mixtral_triton.ensemble_models.preprocess import Preprocessor
 
     checkpoint = args.work_dir / "hub" / "tiny"
@@ -129,11 +126,6 @@ def main() -> int:
         write_checkpoint(checkpoint)
     repository = build_repository(checkpoint, args.work_dir, tp=4, max_batch_size=args.engine_batch,
                                   log=lambda *_: None)
-    if args.postprocessing_instances is not None:
-        settings = Settings(target="cpu", tokenizer_dir=checkpoint, max_batch_size=args.engine_batch,
-                            checkpoint_dir=args.work_dir / "trtllm-checkpoint-tp4",
-                            postprocessing_instance_count=args.postprocessing_instances)
-        repository = fill_repository(replace(settings), args.work_dir / "model_repository-profile")
     prompt_ids = Preprocessor(str(checkpoint), 1024, 2048, True).tokenizer(PROMPT)["input_ids"]
 
     def ensemble_inputs():
@@ -161,7 +153,7 @@ def main() -> int:
             if args.py_spy and path == "ensemble":
                 args.py_spy.mkdir(parents=True, exist_ok=True)
                 for name, pid in pids.items():
-                    if name.startswith("postprocessing_"):
+                    if name not in ("tritonserver", "client"):
                         spies.append(subprocess.Popen(
                             [str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid", str(pid), "--format",
                              "raw", "--rate", "200", "--nonblocking", "--output",

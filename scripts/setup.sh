@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install everything this project needs on a fresh Debian/Ubuntu machine with Python >= 3.11:
-# Debian's libb64 (perf_analyzer links it), g++ where missing (the C++ detokenizer
-# prototype compiles with it), and a virtual environment in .venv with the pinned packages
-# of pyproject.toml and this project installed editable.
+# Debian's libb64 (perf_analyzer links it), g++ where missing (the fill compiles the C++
+# detokenizer, the served postprocessing model, with it), and a virtual environment in
+# .venv with the pinned packages of pyproject.toml and this project installed editable.
 # Idempotent: a second run with an unchanged pyproject.toml prints nothing and does nothing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MAX_DETOKENIZER_PROCESSES, MIXTRAL_8X22B, PLAN_WORKLOADS,
-                                     ModelShape, Workload, detokenizer_processes, engine_lengths,
+from mixtral_triton.capacity import (GPU_MEMORY_BYTES, MIXTRAL_8X22B, PLAN_WORKLOADS,
+                                     ModelShape, Workload, engine_lengths,
                                      gateway_max_concurrency, hpa_active_requests_target, kv_admitted_requests,
                                      kv_bytes_per_token, parameter_count, plan_capacity, weight_bytes)
 from mixtral_triton.errors import UserError
@@ -113,13 +113,6 @@ def test_cli_prints_the_plan_and_refuses_in_one_line(capsys, tmp_path):
         assert plan_main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err
-
-
-def test_detokenizer_processes_follow_cores_not_streams():
-    assert [detokenizer_processes(c) for c in (1, 2, 8)] == [1, 2, 8]
-    assert detokenizer_processes(MAX_DETOKENIZER_PROCESSES * 4) == MAX_DETOKENIZER_PROCESSES
-    with pytest.raises(UserError, match=r"cpu_cores must be at least 1, got 0"):
-        detokenizer_processes(0)
 
 
 def test_every_planned_gpu_has_roofline_figures():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LONG, PROMPT, case_id, greedy_whole, invalid_values, wait_active
+from helpers import LONG, PROMPT, case_id, greedy_whole, invalid_values, raw_stream, wait_active
 from mixtral_triton.client import AsyncPredictClient, PredictClient
 from mixtral_triton.protocol import RequestError
 
@@ -241,18 +241,13 @@ def _first_greedy_token(server, tiny_checkpoint) -> int:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from mixtral_triton.ensemble_models.engine_client import AsyncEngineClient
-
     ids = AutoTokenizer.from_pretrained(str(tiny_checkpoint)).encode(PROMPT)
-
-    async def generated() -> list[int]:
-        engine = AsyncEngineClient("tensorrt_llm", server.grpc_url, server.http_url)
-        return [token async for batch in engine.stream({
-            "input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
-            "request_output_len": np.array([[1]], np.int32), "runtime_top_k": np.array([[1]], np.int32)},
-            "t-first") for token in batch]
-
-    return asyncio.run(generated())[0]
+    results, error = raw_stream(server.grpc_url, "tensorrt_llm", {
+        "input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
+        "request_output_len": np.array([[1]], np.int32), "runtime_top_k": np.array([[1]], np.int32),
+        "exclude_input_in_output": np.array([[True]], np.bool_)}, "t-first")
+    assert error is None, error
+    return int(next(r for r in results if r.get_response().outputs).as_numpy("output_ids").reshape(-1)[0])
 
 
 def test_ignore_eos_and_min_tokens_reach_the_engine(triton_server, tiny_checkpoint):

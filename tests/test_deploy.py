@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixtral_triton.capacity import ModelShape, Workload, detokenizer_processes, plan_capacity
+from mixtral_triton.capacity import ModelShape, Workload, plan_capacity
 from mixtral_triton.launcher.gpu import (ENGINE_MODEL, ORCHESTRATOR_ENV, orchestrator_environment,
                                          orchestrator_server_command)
 from mixtral_triton.launcher.ports import Ports
@@ -98,7 +98,21 @@ def test_dockerfile_serves_with_the_plain_server_in_orchestrator_mode():
     # Exactly what the launcher runs for a 4-GPU orchestrator-mode server on /models.
     assert cmd == orchestrator_server_command(Path("/models"), 4, Ports(), exit_timeout_s=120)
     env = dict(re.findall(r"^ENV (\w+)=(\S+)$", runtime, re.M))
-    assert env[ORCHESTRATOR_ENV] == orchestrator_environment(Ports())[ORCHESTRATOR_ENV] == "1"
+    assert env[ORCHESTRATOR_ENV] == orchestrator_environment()[ORCHESTRATOR_ENV] == "1"
+
+
+def test_dockerfile_installs_gpp_and_compiles_the_detokenizer_as_the_user_that_fills():
+    """The served postprocessing model is the C++ detokenizer, which the fill compiles: the
+    image has g++, and compiles it at build time (a compile error fails the image) into the
+    cache of the non-root user the build job runs as, where the fill finds it."""
+    runtime = _dockerfile()[:_dockerfile().index(" AS test")]
+    apt = re.search(r"apt-get install -y --no-install-recommends g\+\+", runtime)
+    compiled = re.search(r"^RUN python3 -c .*from mixtral_triton.cpp_detokenizer import build, default_cache_dir; "
+                         r"print\(build\(default_cache_dir\(\)\)\)", runtime, re.M)
+    user = list(re.finditer(rf"^USER {IMAGE_UID}:{IMAGE_UID}$", runtime, re.M))[-1]
+    home = re.search(r"^ENV HOME=(\S+)$", runtime, re.M)
+    assert apt and compiled and home
+    assert apt.start() < user.start() < home.start() < compiled.start()
 
 
 def test_dockerfile_copies_exist_and_pass_the_dockerignore():
@@ -197,8 +211,7 @@ def test_build_job_passes_shellcheck():
 
 def _build_job(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(
-        ("MODEL_", "GPU_TYPE", "ENGINE_TAG", "EXPECT_", "MAX_", "TP_SIZE", "HF_HOME", "WORKLOAD",
-         "DETOKENIZER_"))}
+        ("MODEL_", "GPU_TYPE", "ENGINE_TAG", "EXPECT_", "MAX_", "TP_SIZE", "HF_HOME", "WORKLOAD"))}
     full_env.update({"PYTHON": sys.executable, **(env or {})})
     result = subprocess.run(["bash", str(BUILD_JOB), *args], env=full_env, capture_output=True,
                             text=True, timeout=300)
@@ -373,20 +386,15 @@ def test_overlay_capacity_numbers_are_the_plan(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_limits_agree_engine_detokenizers_gateway_and_hpa(overlay):
-    """One plan sizes them all: the engine runs max_batch_size requests; the Triton container's
-    cores set the detokenizer processes the build job fills in; the gateways together let in
-    what the fully scaled-out replicas run; the HPA scales out before a replica's batch is full."""
+def test_limits_agree_engine_gateway_and_hpa(overlay):
+    """One plan sizes them all: the engine runs max_batch_size requests, which the build job
+    fills in as Triton's batch limit; the gateways together let in what the fully scaled-out
+    replicas run; the HPA scales out before a replica's batch is full."""
     docs = _rendered(f"overlays/{overlay}")
     settings = _configmap(docs)
     max_batch = int(settings["EXPECT_MAX_BATCH_SIZE"])
-    # Detokenizer processes follow the Triton container's cores, and the repository gets them.
-    triton = _container(docs, "Deployment", "triton", "triton")
-    cores = int(triton["resources"]["requests"]["cpu"])
-    assert int(settings["DETOKENIZER_PROCESSES"]) == detokenizer_processes(cores) <= cores
     result = _build_job("--dry-run", env={**settings, "DATA_DIR": "/nonexistent/data"})
     fill = next(c for c in _printed_commands(result.stdout) if c[1].endswith("fill_model_repository.py"))
-    assert fill[fill.index("--postprocessing-instance-count") + 1] == settings["DETOKENIZER_PROCESSES"]
     assert int(fill[fill.index("--triton-max-batch-size") + 1]) == max_batch
     # Gateway pods x --max-concurrency = the batch of every replica the HPA may run (rounded up).
     from mixtral_triton.gateway.cli import parser as gateway_parser
@@ -424,8 +432,7 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     exit_timeout_s = int(flags["exit-timeout-secs"])
     assert served == orchestrator_server_command(repository, tp, Ports(**ports), exit_timeout_s=exit_timeout_s)
     env = {e["name"]: e for e in triton["env"]}
-    assert {name: env[name]["value"] for name in orchestrator_environment(Ports(**ports))} == \
-        orchestrator_environment(Ports(**ports))
+    assert {name: env[name]["value"] for name in orchestrator_environment()} == orchestrator_environment()
     launched = subprocess.run([sys.executable, str(ROOT / "scripts/launch_triton.py"), "--target", "gpu",
                                "--world-size", str(tp), "--exit-timeout-secs", str(exit_timeout_s),
                                "--model-repository", str(ROOT), "--dry-run"],

@@ -7,8 +7,9 @@
 - the tokenizer model's checks (Preprocessor.prepare) on arbitrary tensors of the
   ensemble's types, invalid UTF-8 included: only RequestError, naming a field first, the
   way the clients read it;
-- the detokenizer's per-request state (serving.completion.Completion): text, finish reason
-  and token count, however the engine's tokens are chunked;
+- the reference of the detokenizer's per-request state (ensemble_models.completion.Completion,
+  which the C++ detokenizer's tests compare against): text, finish reason and token count,
+  however the engine's tokens are chunked;
 - the gateway's server-sent events: one `data:` line whatever the text (found by the soak:
   a completion holding U+2028 or U+0085 was cut in two by clients that split lines there).
 """

@@ -121,13 +121,12 @@ def orchestrator_server(engine_dir, tiny_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
     repo = fill_repository(Settings(target="gpu", tokenizer_dir=tiny_checkpoint, engine_dir=engine_dir,
                                     triton_max_batch_size=4, max_input_len=64, max_seq_len=64 + NEW_TOKENS,
-                                    kv_cache_free_gpu_mem_fraction=0.1, gpu_device_ids="0",
-                                    postprocessing_instance_count=2), work / "repo")
+                                    kv_cache_free_gpu_mem_fraction=0.1, gpu_device_ids="0"), work / "repo")
     ports = free_ports()
     log = work / "triton.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(orchestrator_server_command(repo, 1, ports, exit_timeout_s=EXIT_TIMEOUT_S),
-                                  env={**os.environ, **orchestrator_environment(ports)}, stdout=out,
+                                  env={**os.environ, **orchestrator_environment()}, stdout=out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + LOAD_TIMEOUT_S

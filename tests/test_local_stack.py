@@ -20,7 +20,7 @@ def test_a_gateway_that_exits_is_an_error_naming_its_log(tmp_path):
 
 def test_a_stack_whose_gateway_fails_stops_its_triton(tmp_path):
     ports = free_ports()
-    # TP 1 and one batch slot (one detokenizer instance): the smallest stack that starts
+    # TP 1 and one batch slot: the smallest stack that starts
     stack = LocalStack(tmp_path, tp=1, max_batch_size=1, ports=ports, gateway=GatewayOptions(max_concurrency=0),
                        log=lambda *_: None)
     with pytest.raises(GatewayDidNotStart):

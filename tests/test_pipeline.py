@@ -33,7 +33,10 @@ def test_checkpoint_to_cpu_repository_in_one_command(tiny_checkpoint, tmp_path):
     assert json.loads((checkpoint / "config.json").read_text())["mapping"]["tp_size"] == 2
     assert sorted(p.name for p in checkpoint.glob("rank*.safetensors")) == ["rank0.safetensors",
                                                                            "rank1.safetensors"]
-    assert (repository / "postprocessing" / "1" / "model.py").is_file()
+    # The detokenizer is the compiled C++ backend, in the model's folder with its token table.
+    assert configs["postprocessing"].backend == "mixtral_detokenizer"
+    assert (repository / "postprocessing" / "libtriton_mixtral_detokenizer.so").is_file()
+    assert (repository / "postprocessing" / "token_table.bin").is_file()
     # A rerun resumes: the converted ranks are verified and kept.
     again = _build([str(tiny_checkpoint), "--work-dir", str(tmp_path), "--tp", "2"])
     assert again.returncode == 0 and "already written and verified" in again.stdout

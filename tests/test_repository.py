@@ -1,20 +1,25 @@
 """The model repository templates and the fill step: every filled config parses as
 Triton's ModelConfig, nothing is left unfilled, the ensemble's wiring obeys Triton's
-rules, and the CPU reference engine has exactly the GPU engine's tensor contract."""
+rules, the CPU reference engine has exactly the GPU engine's tensor contract, and
+`postprocessing` is the compiled C++ detokenizer with its token tables on both targets."""
 
 from __future__ import annotations
 
 import shutil
+import struct
+import subprocess
 from pathlib import Path
 
 import pytest
-from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig
+from tritonclient.grpc.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
+from mixtral_triton import cpp_detokenizer
 from mixtral_triton.errors import UserError
 from mixtral_triton.protocol import FIELDS, ensemble_input_specs
 from mixtral_triton.repository import MODELS, Settings, fill_repository, load_config, parse_config
 from mixtral_triton.repository.cli import main
-from mixtral_triton.repository.fill import MARKER, default_templates
+from mixtral_triton.repository.fill import MARKER, default_templates, sources_digest
+from mixtral_triton.text import load_token_table
 from mixtral_triton.repository.wiring import wiring_problems
 
 TEMPLATES = default_templates()
@@ -74,12 +79,15 @@ UPSTREAM_EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecuto
 
 
 @pytest.fixture
-def dirs(tmp_path) -> dict[str, Path]:
-    """Stand-ins for the folders the settings name (the fill only checks they exist)."""
+def dirs(tmp_path, tiny_checkpoint) -> dict[str, Path]:
+    """Stand-ins for the engine and checkpoint folders (the fill only checks they exist), and
+    the tiny checkpoint's real tokenizer files (the fill writes the detokenizer's token tables)."""
     made = {name: tmp_path / name for name in ("tokenizer", "engine", "checkpoint")}
     for path in made.values():
         path.mkdir()
-    (made["tokenizer"] / "tokenizer.json").write_text("{}")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_checkpoint / name).is_file():
+            shutil.copy2(tiny_checkpoint / name, made["tokenizer"] / name)
     return made
 
 
@@ -103,8 +111,75 @@ def test_filled_repository_parses_and_is_wired(target, dirs, tmp_path):
         assert config.name == model
         assert "${" not in (out / model / "config.pbtxt").read_text()
     assert wiring_problems(configs) == []
-    assert (out / "ensemble" / "1").is_dir(), "Triton loads no model without a version folder"
+    for model in configs:
+        assert (out / model / "1").is_dir(), "Triton loads no model without a version folder"
     assert {p.name for p in out.iterdir()} == set(MODELS[target]) | {MARKER}
+
+
+def _table(path: Path) -> list[bytes]:
+    """A token table file as the C++ backend reads it."""
+    data = path.read_bytes()
+    (count,), at, table = struct.unpack_from("<I", data), 4, []
+    for _ in range(count):
+        (length,) = struct.unpack_from("<I", data, at)
+        table.append(data[at + 4:at + 4 + length])
+        at += 4 + length
+    assert at == len(data)
+    return table
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_postprocessing_is_the_cpp_detokenizer_with_its_library_and_tables(target, dirs, tmp_path):
+    out = tmp_path / "repo"
+    post = fill_and_load(target, dirs, out)["postprocessing"]
+    assert post.backend == cpp_detokenizer.BACKEND == "mixtral_detokenizer"
+    assert post.model_transaction_policy.decoupled
+    # One instance: it keeps no state per instance and never blocks in execute.
+    assert [(g.count, ModelInstanceGroup.Kind.Name(g.kind)) for g in post.instance_group] == [(1, "KIND_CPU")]
+    params = {k: v.string_value for k, v in post.parameters.items()}
+    assert params == {"engine_model": "tensorrt_llm", "min_response_interval_us": "2000"}
+    # Triton loads libtriton_<backend>.so from the model's folder: a shared library exporting
+    # the backend API's entry points.
+    library = out / "postprocessing" / cpp_detokenizer.LIBRARY
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
+                             check=True).stdout
+    for entry in ("TRITONBACKEND_ModelInitialize", "TRITONBACKEND_ModelInstanceExecute"):
+        assert f" T {entry}" in symbols, entry
+    assert not (out / "postprocessing" / "1" / "model.py").exists()  # no Python stub
+    # Both token tables, by skip_special_tokens, exactly the text package's.
+    for skip, name in cpp_detokenizer.TABLE_FILES.items():
+        assert _table(out / "postprocessing" / name) == list(load_token_table(dirs["tokenizer"], skip))
+
+
+def test_the_library_is_compiled_once_per_version_of_its_sources(dirs, tmp_path):
+    cache = tmp_path / "cache"
+    fill_repository(settings("cpu", dirs), tmp_path / "a", library_cache=cache)
+    [built] = list(cache.glob(f"*/{cpp_detokenizer.LIBRARY}"))
+    assert built.parent.name == cpp_detokenizer.sources_digest()
+    stamp = built.stat().st_mtime_ns
+    fill_repository(settings("gpu", dirs), tmp_path / "b", library_cache=cache)
+    assert built.stat().st_mtime_ns == stamp  # reused, not compiled again
+    assert [p.name for p in built.parent.iterdir()] == [cpp_detokenizer.LIBRARY]  # no partial left
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert (out / "postprocessing" / cpp_detokenizer.LIBRARY).read_bytes() == built.read_bytes()
+
+
+def test_a_detokenizer_template_of_another_backend_is_refused(dirs, tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    config = templates / "postprocessing" / "config.pbtxt"
+    config.write_text(config.read_text().replace('backend: "mixtral_detokenizer"', 'backend: "python"'))
+    with pytest.raises(UserError, match="postprocessing must be the 'mixtral_detokenizer' backend, got 'python'"):
+        fill_repository(settings("cpu", dirs), tmp_path / "repo", templates)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_sources_digest_follows_the_templates(tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates, ignore=shutil.ignore_patterns("__pycache__"))
+    assert sources_digest(templates) == sources_digest(TEMPLATES)
+    (templates / "preprocessing" / "1" / "model.py").write_text("# changed\n")
+    assert sources_digest(templates) != sources_digest(TEMPLATES)
 
 
 def test_reference_engine_has_the_gpu_engine_contract(dirs, tmp_path):
@@ -184,13 +259,12 @@ def test_predict_protocol_tensors_are_ensemble_inputs(dirs, tmp_path):
 def test_template_files_are_copied_and_a_refill_replaces_the_old_one(dirs, tmp_path):
     templates = tmp_path / "templates"
     shutil.copytree(TEMPLATES, templates)
-    (templates / "postprocessing" / "1").mkdir(exist_ok=True)
-    (templates / "postprocessing" / "1" / "model.py").write_text("# model\n")
+    (templates / "preprocessing" / "1" / "extra.py").write_text("# model\n")
     out = tmp_path / "repo"
     fill_repository(settings("gpu", dirs), out, templates)
     (out / "stale").mkdir()
     fill_repository(settings("cpu", dirs), out, templates)
-    assert (out / "postprocessing" / "1" / "model.py").read_text() == "# model\n"
+    assert (out / "preprocessing" / "1" / "extra.py").read_text() == "# model\n"
     assert not (out / "stale").exists()
     assert load_config(out / "tensorrt_llm" / "config.pbtxt").backend == "python"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers

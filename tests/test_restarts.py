@@ -157,10 +157,11 @@ def test_a_dead_python_stub_makes_the_gateway_unready(restartable):
 
 def test_the_launcher_restarts_triton_when_a_stub_dies(cpu_repository, tmp_path):
     """`mixtral-triton-launch` (and serve.sh) restart the server when a stub dies (or the
-    server itself does). Here every
-    detokenizer instance is killed while a stream runs: the stream's client gives up at its
-    own timeout (Triton never ends a stream whose stub died), the launcher restarts Triton
-    on the same ports, and requests succeed again."""
+    server itself does). Here the tokenizer model's stub (preprocessing, the Python model of
+    the serving path on every target; the detokenizer runs inside the server, so its crash
+    is the server's) is killed while a stream runs: the launcher restarts Triton on the same
+    ports, the stream ends with an error (or its client gives up at its own timeout), and
+    requests succeed again."""
     launch = subprocess.Popen(
         [sys.executable, "-m", "mixtral_triton.launcher.cli", "--model-repository", str(cpu_repository),
          "--free-ports", "--exit-timeout-secs", str(EXIT_TIMEOUT_S), "--log-file", str(tmp_path / "triton.log")],
@@ -177,7 +178,7 @@ def test_the_launcher_restarts_triton_when_a_stub_dies(cpu_repository, tmp_path)
         assert in_flight.started_streaming.wait(30) and in_flight.error is None
         (server_pid,) = child_pids(launch.pid)
         for name, pid in stub_processes(server_pid).items():
-            if name.startswith("postprocessing_"):
+            if name.startswith("preprocessing_"):
                 os.kill(pid, signal.SIGKILL)
         died = time.monotonic()
         # Killing a stub may also abort tritonserver (a stub killed while holding a

@@ -56,7 +56,7 @@ def _imports(path: Path) -> set[str]:
 
 def test_the_files_scanned_are_the_shipped_ones():
     names = {p.relative_to(ROOT).as_posix() for p in SHIPPED}
-    assert {"src/mixtral_triton/ensemble_models/preprocess.py", "model_repository/postprocessing/1/model.py",
+    assert {"src/mixtral_triton/ensemble_models/preprocess.py", "model_repository/preprocessing/1/model.py",
             "build/convert_checkpoint.py", "scripts/launch_triton.py", "client/gateway.py"} <= names
     assert len(SHIPPED) > 60
 
@@ -167,7 +167,8 @@ def test_tokenizers_load_local_files_without_remote_code():
             if callee.endswith("from_pretrained") and "Tokenizer" in callee:
                 loads.append(where)  # (no trust_remote_code is transformers' default: False)
                 assert ast.unparse(keywords.get("local_files_only", ast.Constant(None))) == "True", where
-    # the tokenizer model, the detokenizer model, the gateway's chat template, the fixture
+    # the tokenizer model, the token table (written for the detokenizer), the gateway's chat
+    # template, the fixture
     assert len(loads) >= 4, loads
 
 

@@ -455,59 +455,49 @@ def test_stop_request_with_the_same_id_cancels_a_generation(triton_server, clien
     assert error is None, error
 
 
-def test_one_detokenizer_process_serves_several_streams_and_a_stop_ends_only_its_own(
-        cpu_repository, tiny_checkpoint, tmp_path):
-    """One detokenizer process, three long streams: all three stream at once (none waits for
-    a free instance). A stop, carried out by the tokenizer model, cancels its own stream at
-    once; the other two go on, and are then stopped the same way."""
-    from mixtral_triton.repository.fill import Settings, fill_repository
+def test_the_one_detokenizer_instance_streams_several_at_once_and_a_stop_ends_only_its_own(triton_server):
+    """The detokenizer's one instance, three long streams: all three stream at once (none
+    waits for another). A stop, carried out by the detokenizer itself (in-process), cancels
+    its own stream at once; the other two go on, and are then stopped the same way."""
+    server = triton_server
+    client = PredictClient(server.grpc_url, timeout_s=60)
+    request = parse_request({"prompt": "Count slowly:", "max_tokens": LONG, "temperature": 0})
+    chunks: dict[str, list] = {name: [] for name in "abc"}
+    failures: list = []
 
-    settings = Settings(target="cpu", tokenizer_dir=tiny_checkpoint,
-                        checkpoint_dir=cpu_repository.parent / "trtllm-checkpoint-tp4",
-                        postprocessing_instance_count=1)
-    server = TritonServer(fill_repository(settings, tmp_path / "repository"), log_file=tmp_path / "triton.log")
-    server.start()
-    try:
-        client = PredictClient(server.grpc_url, timeout_s=60)
-        request = parse_request({"prompt": "Count slowly:", "max_tokens": LONG, "temperature": 0})
-        chunks: dict[str, list] = {name: [] for name in "abc"}
-        failures: list = []
+    def generate(name):
+        try:
+            for chunk in client.generate(request, request_id=name):
+                chunks[name].append(chunk)
+        except Exception as exc:  # reported below
+            failures.append(exc)
 
-        def generate(name):
-            try:
-                for chunk in client.generate(request, request_id=name):
-                    chunks[name].append(chunk)
-            except Exception as exc:  # reported below
-                failures.append(exc)
+    def stop(name):
+        _, error = ensemble_raw(server.grpc_url, {
+            "text_input": np.array([[b""]], dtype=object), "max_tokens": np.array([[1]], np.int32),
+            "stop": np.array([[True]], np.bool_)}, request_id=name)
+        if error is not None:
+            failures.append(error)
 
-        def stop(name):
-            _, error = ensemble_raw(server.grpc_url, {
-                "text_input": np.array([[b""]], dtype=object), "max_tokens": np.array([[1]], np.int32),
-                "stop": np.array([[True]], np.bool_)}, request_id=name)
-            if error is not None:
-                failures.append(error)
-
-        threads = {name: threading.Thread(target=generate, args=(name,)) for name in "abc"}
-        for thread in threads.values():
-            thread.start()
-        assert wait_until(lambda: all(len(chunks[name]) >= 3 for name in "abc") or failures, timeout_s=60)
-        assert not failures, failures
-        stop("a")
-        threads["a"].join(10)
-        assert not threads["a"].is_alive() and chunks["a"][-1].finish_reason == "cancelled"
-        going = {name: len(chunks[name]) for name in "bc"}
-        assert wait_until(lambda: all(len(chunks[name]) > going[name] + 2 for name in "bc"), timeout_s=30)
-        assert all(chunk.finish_reason is None for name in "bc" for chunk in chunks[name])
-        for name in "bc":
-            stop(name)
-        for thread in threads.values():
-            thread.join(30)
-            assert not thread.is_alive()
-        assert not failures, failures
-        assert [chunks[name][-1].finish_reason for name in "bc"] == ["cancelled", "cancelled"]
-        assert wait_until(lambda: active_requests(server) == 0, timeout_s=5)
-    finally:
-        server.stop()
+    threads = {name: threading.Thread(target=generate, args=(name,)) for name in "abc"}
+    for thread in threads.values():
+        thread.start()
+    assert wait_until(lambda: all(len(chunks[name]) >= 3 for name in "abc") or failures, timeout_s=60)
+    assert not failures, failures
+    stop("a")
+    threads["a"].join(10)
+    assert not threads["a"].is_alive() and chunks["a"][-1].finish_reason == "cancelled"
+    going = {name: len(chunks[name]) for name in "bc"}
+    assert wait_until(lambda: all(len(chunks[name]) > going[name] + 2 for name in "bc"), timeout_s=30)
+    assert all(chunk.finish_reason is None for name in "bc" for chunk in chunks[name])
+    for name in "bc":
+        stop(name)
+    for thread in threads.values():
+        thread.join(30)
+        assert not thread.is_alive()
+    assert not failures, failures
+    assert [chunks[name][-1].finish_reason for name in "bc"] == ["cancelled", "cancelled"]
+    assert wait_until(lambda: active_requests(server) == 0, timeout_s=5)
 
 
 def test_a_stop_needs_the_request_id(client, triton_server):

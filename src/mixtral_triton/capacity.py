@@ -378,24 +378,6 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-# The detokenizer (the postprocessing model) serves many streams per process, and its work is
-# Python that holds the GIL: one process keeps at most one core busy, and processes beyond
-# the container's cores only take turns on them. So the count follows the cores Triton's
-# container gets, not the streams; the cores to give it follow from the token rate
-# (BENCHMARKS.md: CPU per 1,000 streamed tokens). Capped because each process is a Python stub
-# of its own (interpreter, token table, a gRPC stream to the engine): at the plan's highest
-# decode rate (4 x B200-180GB at 128/128, about 115,000 tok/s on paper) 64 processes leave each
-# about 1,800 tok/s, so more would only add memory and connections.
-MAX_DETOKENIZER_PROCESSES = 64
-
-
-def detokenizer_processes(cpu_cores: int) -> int:
-    """Postprocessing (detokenizer) processes for a Triton container with `cpu_cores` cores."""
-    if cpu_cores < 1:
-        raise UserError(f"cpu_cores must be at least 1, got {cpu_cores}")
-    return min(cpu_cores, MAX_DETOKENIZER_PROCESSES)
-
-
 # Scale a Triton replica out before its engine's batch is full.
 HPA_ACTIVE_REQUESTS_SHARE = 0.8
 

@@ -3,13 +3,12 @@ capacity plan, so that every limit of the deployment comes from the same numbers
 
 * the engine's max_batch_size, max_num_tokens and KV fraction (the build job refuses a plan
   that differs, so engine, model repository and overlay cannot disagree);
-* the detokenizer (postprocessing) processes, from the CPU cores of the Triton container;
 * the gateway's --max-concurrency per pod, from the engine's batch x the HPA's maxReplicas
   over the gateway's replicas;
 * the HPA's active-requests target per Triton replica.
 
-The replicas and the Triton container's cores are read from deploy/k8s/base, so changing the
-base and rendering again keeps them in step; tests/test_deploy.py re-renders every overlay and
+The replicas are read from deploy/k8s/base, so changing the base and rendering again keeps
+them in step; tests/test_deploy.py re-renders every overlay and
 compares.
 """
 
@@ -17,8 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixtral_triton.capacity import (CapacityPlan, detokenizer_processes, gateway_max_concurrency,
-                                     hpa_active_requests_target)
+from mixtral_triton.capacity import CapacityPlan, gateway_max_concurrency, hpa_active_requests_target
 from mixtral_triton.errors import UserError
 
 BASE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base"
@@ -42,14 +40,9 @@ def base_settings(base: Path = BASE) -> dict:
     def one(name: str, kind: str) -> dict:
         return next(d for d in documents(name) if d["kind"] == kind)
 
-    triton = one("triton.yaml", "Deployment")["spec"]["template"]["spec"]["containers"]
-    triton_cpus = next(c for c in triton if c["name"] == "triton")["resources"]["requests"]["cpu"]
     gateway = one("gateway.yaml", "Deployment")
     gateway_args = next(c for c in gateway["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")["args"]
-    if not str(triton_cpus).isdigit():
-        raise UserError(f"{base}/triton.yaml: the triton container's cpu request must be whole cores, got {triton_cpus!r}")
     return {
-        "triton_cpus": int(triton_cpus),
         "triton_max_replicas": one("triton-hpa.yaml", "HorizontalPodAutoscaler")["spec"]["maxReplicas"],
         "gateway_replicas": gateway["spec"]["replicas"],
         "gateway_max_concurrency_arg": gateway_args.index("--max-concurrency") + 1,
@@ -58,7 +51,6 @@ def base_settings(base: Path = BASE) -> dict:
 
 def limits(plan: CapacityPlan, base: dict) -> dict:
     return {
-        "detokenizer_processes": detokenizer_processes(base["triton_cpus"]),
         "gateway_max_concurrency": gateway_max_concurrency(plan.max_batch_size, base["triton_max_replicas"],
                                                            base["gateway_replicas"]),
         "hpa_active_requests": hpa_active_requests_target(plan.max_batch_size),
@@ -85,7 +77,6 @@ def render(plan: CapacityPlan, base: dict) -> str:
 # Every limit comes from that one plan:
 #   engine max_batch_size {plan.max_batch_size}, max_num_tokens {plan.max_num_tokens}: the KV cache admits {plan.kv_admitted_requests} requests of
 #     {plan.workload} tokens at once ({plan.full_length_requests} of full length {plan.max_input_len}+{plan.max_output_len})
-#   detokenizer processes {lim['detokenizer_processes']}: the Triton container's {base['triton_cpus']} CPU cores
 #   gateway --max-concurrency {lim['gateway_max_concurrency']} per pod x {base['gateway_replicas']} pods: the engine's \
 batch x {base['triton_max_replicas']} Triton replicas
 #   HPA: scale out at {lim['hpa_active_requests']} active requests per replica (80% of max_batch_size)
@@ -105,7 +96,6 @@ configMapGenerator:
       - WORKLOAD={plan.workload}
       # engines/<tag> and model-repositories/<tag> on the volume; a new tag rolls a new engine.
       - ENGINE_TAG={engine_tag(plan)}
-      - DETOKENIZER_PROCESSES={lim['detokenizer_processes']}
       - EXPECT_MAX_BATCH_SIZE={plan.max_batch_size}
       - EXPECT_MAX_NUM_TOKENS={plan.max_num_tokens}
       - EXPECT_KV_CACHE_FREE_GPU_MEM_FRACTION={plan.kv_cache_free_gpu_mem_fraction}

@@ -10,12 +10,10 @@ Every step is resumable: a rerun skips the converted, verified ranks.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
 from pathlib import Path
 
-from mixtral_triton.capacity import detokenizer_processes
 from mixtral_triton.convert.layout import SourceCheckpoint
 from mixtral_triton.convert.mapping import check_model, resolve
 from mixtral_triton.convert.writer import convert
@@ -39,11 +37,7 @@ def build_repository(checkpoint: Path, work_dir: Path, target: str = "cpu", tp: 
     if target == "cpu":
         settings.update(checkpoint_dir=trtllm_checkpoint, max_batch_size=max_batch_size)
     else:
-        # Each detokenizer process serves any number of streams: their count follows the
-        # cores of this machine (the serving one, when it builds its own repository), not the
-        # engine's batch; Kubernetes' build job passes the pod's count instead.
-        settings.update(engine_dir=engine_dir,
-                        postprocessing_instance_count=detokenizer_processes(os.cpu_count() or 1))
+        settings.update(engine_dir=engine_dir)
     if standin is not None:  # Settings refuses it for any target but cpu
         settings.update(cpu_engine="standin", standin_gpu=standin.gpu, standin_tp=standin.tp,
                         standin_pace_scale=standin.scale)

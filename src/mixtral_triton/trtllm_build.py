@@ -189,7 +189,7 @@ def plan_parser() -> argparse.ArgumentParser:
                         "the request shapes 128/128, 512/256, 2048/512 and 4096/1024")
     output.add_argument("--render-overlay", type=Path, metavar="DIR",
                         help="write DIR/kustomization.yaml: the Kubernetes overlay for --gpu, every limit "
-                        "(engine, detokenizer processes, gateway, HPA) from this plan")
+                        "(engine, gateway, HPA) from this plan")
     return p
 
 

@@ -1,8 +1,8 @@
 """Tokenizer model: see mixtral_triton.ensemble_models.preprocess (the logic lives there).
 
-It also carries out `stop` requests: it marks the runs of that request id cancelled and
-stops their engine requests, at once. The streaming detokenizer cannot: each of its
-instances is busy with one stream, so a stop could wait there behind whole generations.
+A `stop` request (stop true, with the id of the request to cancel) only passes through: the
+ensemble keeps its request id, and the detokenizer (postprocessing, the C++ backend)
+cancels that id's running streams in the engine itself and answers it.
 """
 
 import json
@@ -11,9 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.protocol import RequestError
 from mixtral_triton.protocol.errors import INVALID_ARGUMENT, coded
-from mixtral_triton.ensemble_models.engine_client import EngineClient
 from mixtral_triton.ensemble_models.preprocess import Preprocessor
-from mixtral_triton.ensemble_models.runs import RunRegistry, server_registry_path
 
 
 class TritonPythonModel:
@@ -24,8 +22,6 @@ class TritonPythonModel:
                                          int(params["max_seq_len"]),
                                          params["add_special_tokens"].lower() == "true")
         self.output_names = [output["name"] for output in config["output"]]
-        self.engine = EngineClient(params["engine_model"])
-        self.runs = RunRegistry(server_registry_path())
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -38,14 +34,5 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(coded(INVALID_ARGUMENT, str(exc), exc.field),
                                            pb_utils.TritonError.INVALID_ARG))
-        if prepared["stop"].any():
-            for engine_id in self.runs.cancel(request.request_id()):
-                if not self.engine.stop(engine_id):  # e.g. a full engine queue refused it
-                    pb_utils.Logger.log_warn(f"could not stop engine request {engine_id}; "
-                                             "its detokenizer cancels it within 50 ms")
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, prepared[name.lower()]) for name in self.output_names])
-
-    def finalize(self):
-        self.engine.close()
-        self.runs.close()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from mixtral_triton.bench.plots import SHORT, plots
 from mixtral_triton.bench.request_clients import PATH_TITLES, PATHS
-from mixtral_triton.bench.scale import CPP_SIDE
 from mixtral_triton.bench.statistics import ITL_WINDOW
 from mixtral_triton.bench.targets import TARGET_CONCURRENCIES, cell as _cell
 from mixtral_triton.bench.targets import cores_needed, rounds_of, show, show_change, targets
@@ -370,13 +369,13 @@ def _scale(results: dict) -> list[str]:
               + ", ".join(f"{k}={v}" for k, v in source.get("filled", {}).items() if k != "tokenizer_dir")
               + f"; engine: {a['engine']}; request: {a['request']}; {a['shape']} tokens, {a['rounds']} rounds of "
               + ", ".join(f"{n} (c={c})" for c, n in a["requests_per_round"].items())
-              + " requests, the servers taking turns within a round. The C++ detokenizer prototype "
-              "(`mixtral_triton.cpp_detokenizer`) is not what a repository serves yet.", "",
+              + " requests, the two servers taking turns within a round. Ours is the repository as filled at "
+              "the measured commit (its `postprocessing` the C++ detokenizer, `mixtral_triton.cpp_detokenizer`, "
+              "where the commit serves it).", "",
               "| pipeline | c | n | tok/s: median [95%] | TTFT p50 ms: median [95%] | ITL p50 / p99 ms | "
               "Triton CPU s/1k tok: median [95%] | failed | byte-exact |", "|---|---|---|---|---|---|---|---|---|"]
     for c in a["concurrencies"]:
-        for side, title in (("ours", "ours"), (CPP_SIDE, "ours, C++ detokenizer (prototype)"),
-                            ("anchor", "tensorrtllm_backend")):
+        for side, title in (("ours", "ours"), ("anchor", "tensorrtllm_backend")):
             cell = (anchor.get(side) or {}).get(str(c))
             if not cell:
                 continue
@@ -593,23 +592,16 @@ def scale_findings(results: dict) -> list[str]:
                        f"c={m['from_concurrency']} -> c={m['to_concurrency']}, per round).")
     if anchor.get("skipped"):
         out.append(f"**Beside tensorrtllm_backend's ensemble: not measured** ({anchor['skipped']}).")
-    for side, who in (("ours", "ours"), (CPP_SIDE, "ours with the C++ detokenizer prototype")):
-        out += _beside_anchor_findings(anchor, side, who, mark)
-    return out
-
-
-def _beside_anchor_findings(anchor: dict, side: str, who: str, mark: str) -> list[str]:
-    out = []
-    for c, ours in (anchor.get(side) or {}).items():
+    for c, ours in (anchor.get("ours") or {}).items():
         theirs = (anchor.get("anchor") or {}).get(c)
         if not theirs:
             continue
         ratio = lambda key: paired_ratio(rounds_of(ours, key), rounds_of(theirs, key))  # noqa: E731
-        out.append(f"**No-op stand-in, {who} against the anchor, c={c}{mark}**: streamed tok/s "
+        out.append(f"**No-op stand-in, ours against the anchor, c={c}{mark}**: streamed tok/s "
                    f"{show(ratio('output_tokens_per_s'), 2)}, TTFT p50 {show(ratio('ttft_p50_ms'), 2)}, Triton CPU "
                    f"per token {show(ratio('server_cpu_s_per_1k_tokens'), 2)}; text byte-exact in "
-                   f"{ours['byte_exact_requests']}/{ours['requests']} requests ({who}) and "
-                   f"{theirs['byte_exact_requests']}/{theirs['requests']} (the anchor)"
+                   f"{ours['byte_exact_requests']}/{ours['requests']} of ours and {theirs['byte_exact_requests']}/"
+                   f"{theirs['requests']} of the anchor's requests"
                    + (f" (the anchor's begins {theirs['text_example']['got'][:60]!r} where the tokens stand for "
                       f"{theirs['text_example']['expected'][:60]!r})" if theirs.get("text_example") else "") + ".")
     return out

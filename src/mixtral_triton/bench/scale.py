@@ -10,11 +10,11 @@ stand-in alone, TTFT and ITL percentiles, CPU seconds per 1,000 streamed tokens 
 processes; the report turns the CPU per token into the cores a replica needs at the
 capacity plan's throughput, and the memory into bytes per additional stream.
 
-No-op, beside the anchor: the stand-in with no pacing, behind this project's ensemble and
-behind tensorrtllm_backend's own (mixtral_triton.bench.anchor), and behind ours with the
-C++ detokenizer prototype (mixtral_triton.cpp_detokenizer): the three servers up at once,
-measured in turn round by round with the same requests; every streamed text is checked
-byte for byte against what the stand-in's tokens stand for.
+No-op, beside the anchor: the stand-in with no pacing, behind this project's ensemble (its
+postprocessing the C++ detokenizer, mixtral_triton.cpp_detokenizer) and behind
+tensorrtllm_backend's own (mixtral_triton.bench.anchor): both servers up at once, measured
+in turn round by round with the same requests; every streamed text is checked byte for
+byte against what the stand-in's tokens stand for.
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ from mixtral_triton.errors import UserError
 from mixtral_triton.local_stack import GatewayOptions, LocalStack
 
 MAX_INPUT_LEN, MAX_SEQ_LEN = 1024, 2048
-# Beside the anchor, a third pipeline: ours with the C++ detokenizer prototype
-# (mixtral_triton.cpp_detokenizer) in place of the Python one.
-CPP_SIDE = "cpp_detokenizer"
 PACED_PATHS = ("standin_alone", "ensemble_grpc", "gateway_predict")
 
 
@@ -199,7 +196,6 @@ def _memory_per_stream(cells: _Cells, concurrencies) -> dict:
 
 def _beside_anchor(work: Path, anchor: Path, plan: ScalePlan, section: dict, log) -> dict:
     from mixtral_triton.bench.anchor import build_anchor_repository
-    from mixtral_triton.cpp_detokenizer import build, with_cpp_detokenizer
     from mixtral_triton.launcher import TritonServer
     from mixtral_triton.repository import load_config
     from mixtral_triton.standin import Pacing, TableModel
@@ -212,9 +208,6 @@ def _beside_anchor(work: Path, anchor: Path, plan: ScalePlan, section: dict, log
     engine = load_config(local.repository / "tensorrt_llm" / "config.pbtxt")
     repository, source = build_anchor_repository(anchor, local.repository, local.checkpoint,
                                                  work / "anchor-repository", engine.max_batch_size)
-    # The same repository with the C++ detokenizer prototype as `postprocessing`.
-    cpp_repository = with_cpp_detokenizer(local.repository, local.checkpoint, work / "cpp-repository",
-                                          build(work / "cpp-detokenizer"))
     table = TableModel.from_folders(local.checkpoint, local.checkpoint, Pacing(plan.gpu, plan.tp, 0.0)).table
     token_bytes = load_token_table(local.checkpoint)
     ids = [table[i % len(table)] for i in range(plan.anchor_shape.output_tokens)]
@@ -225,16 +218,14 @@ def _beside_anchor(work: Path, anchor: Path, plan: ScalePlan, section: dict, log
     out: dict = {"setup": {"anchor": source, "shape": plan.anchor_shape.label,
                            "concurrencies": list(plan.anchor_concurrencies), "rounds": plan.anchor_rounds,
                            "requests_per_round": {str(c): plan.anchor_count(c) for c in plan.anchor_concurrencies},
-                           "engine": "the no-op stand-in (no pacing), the same folder in every repository",
-                           "request": "text_input, max_tokens, stream: the same for all"},
-                 "ours": {}, "anchor": {}, CPP_SIDE: {}}
+                           "engine": "the no-op stand-in (no pacing), the same folder in both repositories",
+                           "request": "text_input, max_tokens, stream: the same for both"},
+                 "ours": {}, "anchor": {}}
     cells = _Cells()
     with SupervisedStack(local, section, log) as ours, \
-            TritonServer(repository, log_file=work / "anchor-triton.log") as theirs, \
-            TritonServer(cpp_repository, log_file=work / "cpp-triton.log") as cpp:
+            TritonServer(repository, log_file=work / "anchor-triton.log") as theirs:
         sides = {"ours": (lambda: TextEnsembleGrpc(ours.server.grpc_url, counted=True), lambda: ours.pgid),
-                 "anchor": (lambda: TextEnsembleGrpc(theirs.grpc_url, counted=False), lambda: theirs.process.pid),
-                 CPP_SIDE: (lambda: TextEnsembleGrpc(cpp.grpc_url, counted=True), lambda: cpp.process.pid)}
+                 "anchor": (lambda: TextEnsembleGrpc(theirs.grpc_url, counted=False), lambda: theirs.process.pid)}
         order = list(sides)
         for concurrency in plan.anchor_concurrencies:
             for index in range(plan.anchor_rounds):

@@ -178,9 +178,9 @@ async def _end_stream(grpc, call, reader: asyncio.Task, outbox: asyncio.Queue, i
                       cancel_id: str | None) -> None:
     """Cancel an unfinished request (send `stop` and wait, briefly, until the cancelled
     generation and then the stop have ended, so the engine has let go of it), then close
-    the stream. The stop goes on a call of its own: answered by another detokenizer instance
-    than the generation's, on the same stream its answer could be written at the same moment
-    as the generation's, which Triton 2.51's gRPC frontend does not survive."""
+    the stream. The stop goes on a call of its own: the detokenizer answers it from another
+    thread than the generation's responses, so on the same stream its answer could be written
+    at the same moment as the generation's, which Triton 2.51's gRPC frontend does not survive."""
     stop_call = stop_reader = None
     try:
         if cancel_id is not None and not reader.done():

@@ -5,7 +5,7 @@ no outputs, only the final flag; the client sees it, and so knows the request en
 when the request set the parameter `triton_enable_empty_final_response`. tritonclient 2.51
 lets a caller set it through `parameters`; the 2.7x clients (the GPU image's) refuse it
 there as a reserved name, and only their blocking client has an `enable_empty_final_response`
-option. So the asyncio paths (the gateway's client, the detokenizer's engine client) build
+option. So the asyncio client (mixtral_triton.client.aio, the gateway's) builds
 each request here, with the flag set on the request itself, and open the stream on the
 client's own gRPC stub: the same requests and responses as the client's `stream_infer`, on
 both versions (tested against 2.51 and the image's 2.71).

@@ -99,8 +99,8 @@ def cancel_call(request_id: str) -> dict:
 
 def probe_calls(request_id: str) -> list[dict]:
     """A `stop` for an id that runs nothing, sent straight to the tokenizer model and to the
-    engine: both answer it at once, whatever the load. (Sent to the ensemble it would also
-    need a free detokenizer instance, which at full load may take a whole generation.)"""
+    engine: both answer it at once, whatever the load, and a Python stub or an engine that no
+    longer answers shows here."""
     return [{"model_name": "preprocessing", "inputs": cancel_inputs(), "request_id": request_id},
             {"model_name": "tensorrt_llm", "inputs": infer_inputs(stop_inputs()), "request_id": request_id}]
 

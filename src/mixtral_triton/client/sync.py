@@ -69,9 +69,9 @@ class PredictClient:
     def _cancel(self, responses: queue.Queue, request_id: str) -> None:
         """Send `stop` for the request, and wait (briefly) until the cancelled generation and
         then the stop have ended, so the engine has let go of it. The stop goes on a stream
-        of its own: answered by another detokenizer instance than the generation's, on the
-        same stream its answer could be written at the same moment as the generation's,
-        which Triton 2.51's gRPC frontend does not survive (docs/cpu-triton-stack.md)."""
+        of its own: the detokenizer answers it from another thread than the generation's
+        responses, so on the same stream its answer could be written at the same moment as the
+        generation's, which Triton 2.51's gRPC frontend does not survive (docs/cpu-triton-stack.md)."""
         stop_responses: queue.Queue = queue.Queue()
         stopper = grpcclient.InferenceServerClient(self.url)
         try:

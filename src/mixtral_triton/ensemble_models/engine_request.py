@@ -1,5 +1,7 @@
-"""The request the streaming detokenizer sends to the tensorrt_llm model, built from the
-tokenizer model's outputs (named as the engine's inputs, upper-cased)."""
+"""The request the detokenizer (postprocessing) sends to the tensorrt_llm model, built from
+the tokenizer model's outputs (named as the engine's inputs, upper-cased), as the C++
+backend builds it (mixtral_triton.cpp_detokenizer, detokenizer.cc): the benchmark's
+engine-alone path sends the same. And the `stop` request the clients send the engine."""
 
 from __future__ import annotations
 
@@ -26,21 +28,3 @@ def stop_inputs() -> dict[str, np.ndarray]:
     """A request that cancels the engine's running request of the same request id."""
     return {"input_ids": np.zeros((1, 1), np.int32), "input_lengths": np.ones((1, 1), np.int32),
             "request_output_len": np.ones((1, 1), np.int32), "stop": np.ones((1, 1), np.bool_)}
-
-
-def new_token_ids(response: Mapping[str, object]) -> list[int]:
-    """The new token ids of one engine response as Triton's generate_stream writes it:
-    `output_ids` ([1, beams, tokens], flattened: beam 0 is the only one served) as a list,
-    or a bare number when it holds one token; absent from the empty final response.
-
-    `sequence_length` bounds the valid ids; it counts only the new tokens when the prompt
-    is excluded, and slicing by it is right whichever way an engine counts.
-    """
-    ids = response.get("output_ids")
-    if ids is None:
-        return []
-    ids = ids if isinstance(ids, list) else [ids]
-    length = response.get("sequence_length")
-    if isinstance(length, list):
-        length = length[0] if length else None
-    return ids[:length] if isinstance(length, int) else ids

@@ -6,6 +6,10 @@ checked by the same field table as the predict API (mixtral_triton.protocol), so
 request gets the same message whichever way it came in. A field the ensemble request
 leaves out keeps TensorRT-LLM's meaning, not the predict API's default: with no sampling
 field at all, decoding is greedy, as TensorRT-LLM does; `stream` defaults to false.
+
+A `stop` request (stop true) is checked for its request id and passes on with placeholder
+values: the detokenizer (postprocessing, mixtral_triton.cpp_detokenizer) reads STOP and
+cancels the running streams of that request id itself.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ ENGINE_INPUTS = (
     "bad_words_list", "streaming", "temperature", "runtime_top_k", "runtime_top_p", "seed",
     "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "stop",
 )
-# What the detokenizer needs besides the engine's inputs (upper-cased in the config too).
+# What the detokenizer (postprocessing) needs besides the engine's inputs (upper-cased in the
+# config too).
 DETOKENIZER_INPUTS = ("stop_strings", "echo_text", "include_stop_str_in_output",
                       "skip_special_tokens", "return_num_input_tokens", "return_num_output_tokens")
 
@@ -146,7 +151,8 @@ class Preprocessor:
                 "return_num_output_tokens": _flag(scalar(inputs, "return_num_output_tokens"))}
 
     def _cancel(self) -> dict[str, np.ndarray]:
-        """A `stop` request only names the request id to cancel; the rest is placeholder."""
+        """A `stop` request only names the request id to cancel (STOP true, read by the
+        detokenizer, which cancels that id's streams); the rest is placeholder."""
         values = dict.fromkeys(ENGINE_INPUTS, 0)
         values.update(input_ids=np.array([self.end_id], np.int32), input_lengths=1,
                       request_output_len=1, end_id=self.end_id, pad_id=self.pad_id,

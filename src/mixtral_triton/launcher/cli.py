@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch_gpu(args: argparse.Namespace, repo: Path, ports: Ports) -> int:
     if args.mode == "orchestrator":
-        env = orchestrator_environment(ports)
+        env = orchestrator_environment()
         command = orchestrator_server_command(repo, args.world_size, ports, args.tritonserver,
                                               args.exit_timeout_secs)
         needed = [args.tritonserver]

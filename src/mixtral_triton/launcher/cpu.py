@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from mixtral_triton.errors import UserError
-from mixtral_triton.launcher.ports import GRPC_URL_ENV, HTTP_URL_ENV, Ports, free_ports
+from mixtral_triton.launcher.ports import Ports, free_ports
 from mixtral_triton.launcher.shutdown import stop_process_group
 from mixtral_triton.launcher.stubs import dead_stubs
 
@@ -89,14 +89,10 @@ def backend_directory() -> Path:
     return target
 
 
-def server_environment(ports: Ports | None = None, host: str = "127.0.0.1") -> dict[str, str]:
+def server_environment() -> dict[str, str]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = library_path()
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    if ports is not None:  # where the serving models reach the server's own endpoints
-        loopback = '127.0.0.1' if host in ('0.0.0.0', '') else host
-        env[GRPC_URL_ENV] = f"{loopback}:{ports.grpc}"
-        env[HTTP_URL_ENV] = f"{loopback}:{ports.http}"
     return env
 
 
@@ -148,7 +144,7 @@ class TritonServer:
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=server_environment(self.ports, self.host), start_new_session=True)
+                env=server_environment(), start_new_session=True)
         try:
             self.wait_ready(timeout_s)
         except BaseException:

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 from mixtral_triton.errors import UserError
-from mixtral_triton.launcher.ports import GRPC_URL_ENV, HTTP_URL_ENV, Ports
+from mixtral_triton.launcher.ports import Ports
 from mixtral_triton.launcher.shutdown import descendants, kill_group, stop_process_group
 
 NGC_TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
@@ -48,10 +48,9 @@ def _server_flags(model_repository: Path, ports: Ports, exit_timeout_s: int) -> 
             "--disable-auto-complete-config"]
 
 
-def orchestrator_environment(ports: Ports) -> dict[str, str]:
+def orchestrator_environment() -> dict[str, str]:
     """What the orchestrator-mode server needs in its environment beyond the image's."""
-    # The serving models reach the engine through the server's own HTTP and gRPC endpoints.
-    return {ORCHESTRATOR_ENV: "1", GRPC_URL_ENV: f"127.0.0.1:{ports.grpc}", HTTP_URL_ENV: f"127.0.0.1:{ports.http}"}
+    return {ORCHESTRATOR_ENV: "1"}
 
 
 def orchestrator_server_command(model_repository: Path, world_size: int, ports: Ports,
@@ -79,8 +78,7 @@ def mpi_server_command(model_repository: Path, world_size: int, ports: Ports,
     _check_world_size(world_size)
     # Leader mode on every rank, whatever the image's environment says (deploy/Dockerfile
     # sets orchestrator mode); -x also carries it to the ranks of other nodes.
-    command = ["mpirun", "--allow-run-as-root", "-x", f"{ORCHESTRATOR_ENV}=0",
-               "-x", f"{GRPC_URL_ENV}=127.0.0.1:{ports.grpc}", "-x", f"{HTTP_URL_ENV}=127.0.0.1:{ports.http}"]
+    command = ["mpirun", "--allow-run-as-root", "-x", f"{ORCHESTRATOR_ENV}=0"]
     for rank in range(world_size):
         if rank:
             command.append(":")

@@ -8,13 +8,6 @@ from dataclasses import dataclass
 
 from mixtral_triton.errors import UserError
 
-# Where the serving models reach the server they run in (its gRPC endpoint on loopback):
-# set by the launchers in the server's environment, which its Python stubs inherit.
-GRPC_URL_ENV = "MIXTRAL_TRITON_GRPC_URL"
-# ... and its HTTP endpoint, which carries the engine's token streams (generate_stream).
-HTTP_URL_ENV = "MIXTRAL_TRITON_HTTP_URL"
-
-
 @dataclass(frozen=True)
 class Ports:
     http: int = 8000

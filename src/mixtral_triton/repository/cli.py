@@ -29,7 +29,6 @@ _HELP = {
     "add_special_tokens": "prepend the tokenizer's BOS token to prompts",
     "skip_special_tokens": "leave special tokens out of the output text",
     "preprocessing_instance_count": "preprocessing model instances",
-    "postprocessing_instance_count": "detokenizer processes (postprocessing instances), each serving many streams: follow the cores",
     "cpu_engine": f"cpu: what the engine model steps: one of {', '.join(CPU_ENGINES)} "
                   "(standin: fixed tokens at a GPU's decode pace, for load tests)",
     "standin_gpu": "cpu standin: the GPU whose roofline decode step time it waits",

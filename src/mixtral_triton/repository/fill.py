@@ -3,11 +3,14 @@
 The templates are never edited: the filled repository is assembled in a hidden folder
 next to the output and then renamed into place, so Triton never sees half of one. Every
 filled config.pbtxt must parse as Triton's ModelConfig with no `${...}` left, and the
-ensemble's wiring must be consistent, before anything is written.
+ensemble's wiring must be consistent, before anything is written. `postprocessing` is the
+C++ detokenizer backend (mixtral_triton.cpp_detokenizer): the fill compiles it (once per
+version of its sources, cached) and puts the library and the token tables in its folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,13 +21,14 @@ from pathlib import Path
 
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
+from mixtral_triton import cpp_detokenizer
 from mixtral_triton.errors import UserError
 from mixtral_triton.standin import Pacing
 from mixtral_triton.repository.pbtxt import parse_config
 from mixtral_triton.repository.wiring import wiring_problems
 
 # Served model name -> template folder. Only the engine differs between targets, so the
-# ensemble and the Python models are the same on CPU and GPU.
+# ensemble, the tokenizer and the detokenizer are the same on CPU and GPU.
 MODELS = {
     "gpu": {"ensemble": "ensemble", "preprocessing": "preprocessing",
             "tensorrt_llm": "tensorrt_llm", "postprocessing": "postprocessing"},
@@ -71,9 +75,6 @@ class Settings:
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
     preprocessing_instance_count: int = 1
-    # Detokenizer processes, each serving any number of streams (postprocessing/config.pbtxt):
-    # they follow the cores Triton gets, not the streams; 2 = the CPU development machine.
-    postprocessing_instance_count: int = 2
     cpu_engine: str = "reference"
     standin_gpu: str = "H100-80GB"  # the stand-in's decode steps last as long as this GPU's
     standin_tp: int = 4
@@ -99,8 +100,7 @@ class Settings:
         if self.target not in MODELS:
             raise UserError(f"unknown target {self.target!r}: choose one of {', '.join(MODELS)}")
         for name in ("triton_max_batch_size", "max_batch_size", "max_input_len", "max_seq_len",
-                     "max_beam_width", "preprocessing_instance_count",
-                     "postprocessing_instance_count"):
+                     "max_beam_width", "preprocessing_instance_count"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.max_queue_size < 0:
@@ -160,8 +160,16 @@ def fill_text(text: str, values: dict[str, str], source: str | Path) -> str:
     return filled
 
 
-def fill_repository(settings: Settings, out: Path, templates: Path | None = None) -> Path:
-    """Write the filled repository for settings.target to `out`, replacing a previous fill."""
+# The model that is the C++ detokenizer backend (its template names that backend).
+DETOKENIZER_MODEL = "postprocessing"
+
+
+def fill_repository(settings: Settings, out: Path, templates: Path | None = None,
+                    library_cache: Path | None = None) -> Path:
+    """Write the filled repository for settings.target to `out`, replacing a previous fill.
+
+    `library_cache`: where the C++ detokenizer is compiled and kept (default: the user's cache
+    folder, cpp_detokenizer.default_cache_dir)."""
     settings.validate()
     templates = (templates or default_templates()).resolve()
     out = out.resolve()
@@ -184,6 +192,10 @@ def fill_repository(settings: Settings, out: Path, templates: Path | None = None
     problems = wiring_problems(configs)
     if problems:
         raise UserError("inconsistent ensemble wiring:\n  " + "\n  ".join(problems))
+    if configs[DETOKENIZER_MODEL].backend != cpp_detokenizer.BACKEND:
+        raise UserError(f"{templates / MODELS[settings.target][DETOKENIZER_MODEL] / 'config.pbtxt'}: "
+                        f"{DETOKENIZER_MODEL} must be the {cpp_detokenizer.BACKEND!r} backend, got "
+                        f"{configs[DETOKENIZER_MODEL].backend!r}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -193,6 +205,7 @@ def fill_repository(settings: Settings, out: Path, templates: Path | None = None
             shutil.copytree(templates / folder, staging / model, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
             (staging / model / "config.pbtxt").write_text(filled[model])
+        cpp_detokenizer.install(staging / DETOKENIZER_MODEL, settings.tokenizer_dir, library_cache)
         record = {k: str(v.resolve()) if isinstance(v, Path) else v
                   for k, v in asdict(settings).items()}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
@@ -200,6 +213,16 @@ def fill_repository(settings: Settings, out: Path, templates: Path | None = None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def sources_digest(templates: Path | None = None) -> str:
+    """A hash of everything a fill copies besides its settings: the templates and the C++
+    detokenizer's sources. deploy/build-job.sh fills again when it changes (a new image)."""
+    templates = (templates or default_templates()).resolve()
+    digest = hashlib.sha256(cpp_detokenizer.sources_digest().encode())
+    for path in sorted(p for p in templates.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(templates)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _check_replaceable(out: Path) -> None:
