@@ -1,6 +1,6 @@
 """The C++ detokenizer backend (mixtral_triton.cpp_detokenizer) served for real: compiled
-here, loaded by the real Triton server as the ensemble's `postprocessing` in front of the
-no-op stand-in engine, and checked against the text rules it implements
+by the fill, loaded by the real Triton server as the ensemble's `postprocessing` in front of
+the no-op stand-in engine, and checked against the text rules it implements
 (mixtral_triton.text: the same token table, UTF-8 and stop-string rules): the same text
 byte for byte at every length (cuts inside multi-byte characters included), whole
 characters in every chunk, the same counts and finish reasons, many streams at once, and
@@ -13,7 +13,6 @@ import asyncio
 import pytest
 
 from mixtral_triton.client import AsyncPredictClient, PredictClient
-from mixtral_triton.cpp_detokenizer import build, with_cpp_detokenizer
 from mixtral_triton.launcher import TritonServer
 from mixtral_triton.pipeline import build_repository
 from mixtral_triton.protocol import parse_request
@@ -26,10 +25,9 @@ PROMPT = "Tell me about the wind."
 @pytest.fixture(scope="module")
 def cpp_server(tiny_checkpoint, tmp_path_factory):
     work = tmp_path_factory.mktemp("work-cpp-detokenizer")
-    repository = build_repository(tiny_checkpoint, work / "python", max_batch_size=64,
+    repository = build_repository(tiny_checkpoint, work, max_batch_size=64,
                                   standin=Pacing("H200-141GB", scale=0), log=lambda *_: None)
-    cpp = with_cpp_detokenizer(repository, tiny_checkpoint, work / "cpp-repository", build(work / "lib"))
-    with TritonServer(cpp, log_file=work / "triton.log") as server:
+    with TritonServer(repository, log_file=work / "triton.log") as server:
         yield server
 
 

@@ -7,9 +7,9 @@
 - the tokenizer model's checks (Preprocessor.prepare) on arbitrary tensors of the
   ensemble's types, invalid UTF-8 included: only RequestError, naming a field first, the
   way the clients read it;
-- the reference of the detokenizer's per-request state (ensemble_models.completion.Completion,
-  which the C++ detokenizer's tests compare against): text, finish reason and token count,
-  however the engine's tokens are chunked;
+- the C++ detokenizer's text rules (its CompletionText, compiled into a driver): the same
+  text as mixtral_triton.text.TextStream given all tokens at once, whole characters in every
+  piece, however the engine's tokens are chunked, with any stop strings;
 - the gateway's server-sent events: one `data:` line whatever the text (found by the soak:
   a completion holding U+2028 or U+0085 was cut in two by clients that split lines there).
 """
@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import struct
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +32,6 @@ from mixtral_triton.client.ensemble import Chunk, server_error
 from mixtral_triton.gateway import openai_requests, wire_formats
 from mixtral_triton.protocol import FIELDS, RequestError, ensemble_inputs, json_schema, parse_request
 from mixtral_triton.protocol.errors import INVALID_ARGUMENT, coded
-from mixtral_triton.ensemble_models.completion import Completion
 from mixtral_triton.text import TextStream, token_table
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -160,7 +163,10 @@ def test_the_tokenizer_model_refuses_only_with_request_errors_naming_a_field(pre
 
 
 # ---------------------------------------------------------------------------------------
-# The detokenizer's per-request state
+# The C++ detokenizer's text rules
+
+DETOKENIZER_SOURCES = Path(__file__).resolve().parents[1] / "src" / "mixtral_triton" / "cpp_detokenizer"
+DRIVER = Path(__file__).resolve().parent / "cpp" / "text_rules_driver.cc"
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +174,32 @@ def table(tiny_checkpoint):
     from transformers import AutoTokenizer
 
     return token_table(AutoTokenizer.from_pretrained(str(tiny_checkpoint)))
+
+
+@pytest.fixture(scope="module")
+def text_rules(tmp_path_factory):
+    """The driver (tests/cpp/text_rules_driver.cc) running: cases in, pieces out."""
+    binary = tmp_path_factory.mktemp("text-rules") / "text_rules"
+    subprocess.run([shutil.which("g++") or "c++", "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
+                    "-I", str(DETOKENIZER_SOURCES), "-o", str(binary), str(DRIVER)], check=True)
+    driver = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def run(chunks: list[bytes], stops: list[str], include_stop: bool) -> tuple[list[str], bool]:
+        case = [struct.pack("<BI", include_stop, len(stops))]
+        case += [struct.pack("<I", len(b)) + b for b in (stop.encode() for stop in stops)]
+        case += [struct.pack("<I", len(chunks))] + [struct.pack("<I", len(chunk)) + chunk for chunk in chunks]
+        driver.stdin.write(b"".join(case))
+        driver.stdin.flush()
+        count, = struct.unpack("<I", driver.stdout.read(4))
+        pieces = []
+        for _ in range(count):
+            size, = struct.unpack("<I", driver.stdout.read(4))
+            pieces.append(driver.stdout.read(size).decode("utf-8"))  # strict: whole characters only
+        return pieces, driver.stdout.read(1) == b"\x01"
+
+    yield run
+    driver.stdin.close()
+    assert driver.wait(10) == 0
 
 
 _BYTE0 = 3  # <0x00> in the Mistral vocabulary: byte tokens make split characters common
@@ -179,30 +211,19 @@ def _chunks(ids, cuts):
     return [ids[a:b] for a, b in zip(points, points[1:])]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ids=_ids, cuts=st.lists(st.integers(0, 30), max_size=8),
-       stops=st.lists(st.text(st.sampled_from("ab é日\n"), min_size=1, max_size=3), max_size=3),
-       spare=st.integers(0, 3), cancelled=st.booleans())
-def test_a_completion_is_the_same_however_its_tokens_arrive(table, ids, cuts, stops, spare, cancelled):
-    max_tokens = len(ids) + spare  # the engine never sends more than max_tokens
-    completion = Completion(table, stops, max(1, max_tokens), prompt_tokens=7)
-    pieces = [completion.add(chunk) for chunk in _chunks(ids, cuts)]
-    tail, reason = completion.finish(cancelled=cancelled)
-    for piece in pieces + [tail]:
+       stops=st.lists(st.text(st.sampled_from("ab é日\n🙂"), min_size=1, max_size=3), max_size=3),
+       include_stop=st.booleans())
+def test_the_cpp_text_is_the_same_however_its_tokens_arrive(table, text_rules, ids, cuts, stops, include_stop):
+    pieces, stopped = text_rules([b"".join(table[i] for i in chunk) for chunk in _chunks(ids, cuts)],
+                                 stops, include_stop)
+    for piece in pieces:
         _sendable(piece)
-
-    stream = TextStream(table, stops)
+    stream = TextStream(table, stops, include_stop)
     expected = stream.push(ids) + stream.finish()  # all at once: the reference
-    if cancelled and not stream.stopped:
-        assert (tail, reason) == ("", "cancelled")
-        return
-    assert "".join(pieces) + tail == expected
-    if stream.stopped:
-        assert reason == "stop" and completion.completion_tokens <= len(ids)
-    else:
-        assert completion.completion_tokens == len(ids)
-        assert reason == ("length" if len(ids) >= max(1, max_tokens) else "stop")
-    assert completion.prompt_tokens == 7
+    assert "".join(pieces) == expected
+    assert stopped == stream.stopped
 
 
 # ---------------------------------------------------------------------------------------

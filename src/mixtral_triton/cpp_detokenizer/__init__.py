@@ -27,7 +27,7 @@ from mixtral_triton.errors import UserError
 
 BACKEND = "mixtral_detokenizer"  # config.pbtxt `backend:`; the library is libtriton_<BACKEND>.so
 LIBRARY = f"libtriton_{BACKEND}.so"
-SOURCES = ("detokenizer.cc", "triton_api.h")
+SOURCES = ("detokenizer.cc", "text_rules.h", "triton_api.h")
 # The token tables, by skip_special_tokens: special tokens empty (the default), or their text.
 TABLE_FILES = {True: "token_table.bin", False: "token_table_special.bin"}
 _HERE = Path(__file__).resolve().parent

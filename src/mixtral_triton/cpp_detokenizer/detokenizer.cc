@@ -26,9 +26,12 @@
 #include <unordered_map>
 #include <vector>
 
+#include "text_rules.h"
 #include "triton_api.h"
 
 namespace {
+
+using mixtral_detokenizer::CompletionText;
 
 #define RETURN_IF_ERR(X)                 \
   do {                                   \
@@ -78,111 +81,6 @@ struct ModelState {
   std::unordered_multimap<std::string, Stream*> runs;
 };
 
-// ---- UTF-8: emit the longest whole prefix, hold back an incomplete tail, replace
-// invalid bytes with U+FFFD by maximal subparts (as Python's "replace" decoder does).
-const char kReplacement[] = "\xEF\xBF\xBD";
-
-// Appends the decodable part of `pending` to `out` and leaves an incomplete tail in
-// `pending` (or, when final, replaces it by one U+FFFD).
-void DecodeUtf8(std::string& pending, std::string& out, bool final) {
-  const unsigned char* s = reinterpret_cast<const unsigned char*>(pending.data());
-  const size_t n = pending.size();
-  size_t i = 0;
-  while (i < n) {
-    unsigned char c = s[i];
-    if (c < 0x80) { out.push_back(static_cast<char>(c)); ++i; continue; }
-    size_t need;
-    unsigned char lo = 0x80, hi = 0xBF;  // range of the second byte
-    if (c >= 0xC2 && c <= 0xDF) need = 1;
-    else if (c >= 0xE0 && c <= 0xEF) { need = 2; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
-    else if (c >= 0xF0 && c <= 0xF4) { need = 3; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
-    else { out += kReplacement; ++i; continue; }
-    size_t j = 1;
-    bool bad = false;
-    for (; j <= need; ++j) {
-      if (i + j >= n) break;  // incomplete so far
-      unsigned char b = s[i + j];
-      unsigned char l = (j == 1) ? lo : 0x80, h = (j == 1) ? hi : 0xBF;
-      if (b < l || b > h) { bad = true; break; }
-    }
-    if (bad) { out += kReplacement; i += j; continue; }
-    if (j <= need) {  // ran out of bytes: an incomplete character
-      if (final) { out += kReplacement; i = n; break; }
-      pending.erase(0, i);
-      return;
-    }
-    out.append(reinterpret_cast<const char*>(s + i), need + 1);
-    i += need + 1;
-  }
-  pending.clear();
-}
-
-// ---- stop strings over streamed text (the rules of mixtral_triton.text.stops): the text
-// ends before the stop that completes first (the smallest end; of two ending together, the
-// longer); a tail that may begin a stop is held until the next text settles it. Bytes and
-// characters give the same cuts here: the text and the stops are whole UTF-8 characters,
-// and a UTF-8 string can only match another at character boundaries.
-struct StopMatcher {
-  std::vector<std::string> stops;
-  size_t max_held = 0;  // longest stop - 1
-  std::string held;     // a tail that may begin a stop
-  bool stopped = false;
-  std::string matched;  // the stop that ended the text, once stopped
-
-  void Add(std::string stop) {
-    if (stop.empty()) return;  // padding
-    max_held = std::max(max_held, stop.size() - 1);
-    stops.push_back(std::move(stop));
-  }
-
-  // The part of held + text now known to come before any stop.
-  std::string Push(const std::string& chunk) {
-    if (stopped) return "";
-    if (stops.empty()) return chunk;
-    std::string text = held + chunk;
-    const std::string* best = nullptr;
-    size_t best_start = 0, best_end = 0;
-    for (const std::string& stop : stops) {
-      const size_t start = text.find(stop);
-      if (start == std::string::npos) continue;
-      const size_t end = start + stop.size();
-      if (best == nullptr || end < best_end || (end == best_end && start < best_start)) {
-        best = &stop;
-        best_start = start;
-        best_end = end;
-      }
-    }
-    if (best != nullptr) {
-      stopped = true;
-      matched = *best;
-      held.clear();
-      return text.substr(0, best_start);
-    }
-    const size_t keep = PartialStopLength(text);
-    held = text.substr(text.size() - keep);
-    text.resize(text.size() - keep);
-    return text;
-  }
-
-  // No more text: what was held cannot become a stop any more.
-  std::string Finish() {
-    std::string text;
-    text.swap(held);
-    return text;
-  }
-
- private:
-  // The longest tail of `text` that is a proper prefix of some stop.
-  size_t PartialStopLength(const std::string& text) const {
-    for (size_t k = std::min(text.size(), max_held); k > 0; --k) {
-      for (const std::string& stop : stops) {
-        if (stop.size() > k && text.compare(text.size() - k, k, stop, 0, k) == 0) return k;
-      }
-    }
-    return 0;
-  }
-};
-
 // One client request: lives until the engine has answered it for the last time and has
 // released its request (which points at our input copies).
 struct Stream {
@@ -201,13 +99,11 @@ struct Stream {
   int32_t input_length = 0, max_tokens = 0;
   bool streaming = true;  // false: one response, at the end
   bool yes = true;
-  bool include_stop = false;  // the matched stop string ends the text
   bool count_input = false, count_output = false;  // RETURN_NUM_INPUT/OUTPUT_TOKENS
   std::string echo;  // the prompt, first, when the client asked for it in the output
-  StopMatcher stops;
 
   std::mutex mu;        // guards what follows
-  std::string pending;  // bytes of an incomplete character
+  CompletionText text;
   std::string held;     // whole text not sent yet (coalescing)
   Clock::time_point last_send{};
   bool armed = false;   // queued on the flusher
@@ -432,18 +328,17 @@ std::string Decode(Stream* s, TRITONSERVER_InferenceResponse* response, std::str
   // sequence_length bounds the valid ids (it counts only new tokens, the prompt excluded)
   if (seq_len >= 0 && static_cast<size_t>(seq_len) < n_ids) n_ids = seq_len;
   const std::vector<std::string>& table = *s->table;
+  std::string bytes;
   for (size_t k = 0; k < n_ids; ++k) {
     if (ids[k] < 0 || static_cast<size_t>(ids[k]) >= table.size()) {
       failure = "token id " + std::to_string(ids[k]) + " is outside the vocabulary 0.." +
                 std::to_string(table.size() - 1);
       return "";
     }
-    s->pending += table[ids[k]];
+    bytes += table[ids[k]];
   }
   s->completion_tokens += static_cast<int32_t>(n_ids);
-  std::string text;
-  DecodeUtf8(s->pending, text, false);
-  return s->stops.Push(text);
+  return s->text.Push(bytes);
 }
 
 // One engine response (or a flags-only final): new tokens -> text -> the client.
@@ -468,18 +363,15 @@ void EngineResponse(TRITONSERVER_InferenceResponse* response, const uint32_t fla
       if (!failure.empty()) {
         s->done = true;
         SendError(s->factory, failure, failure_code);
-      } else if (s->stops.stopped) {  // tokens after the stop are not counted, nor sent
-        EndEarly(s, s->include_stop ? text + s->stops.matched : text, "stop");
+      } else if (s->text.stopped()) {  // tokens after the stop are not counted, nor sent
+        EndEarly(s, text, "stop");
       } else if (final) {
-        std::string tail;
-        DecodeUtf8(s->pending, tail, true);
-        text += s->stops.Push(tail);
-        if (s->stops.stopped) {
-          EndEarly(s, s->include_stop ? text + s->stops.matched : text, "stop");
+        text += s->text.Finish();
+        if (s->text.stopped()) {
+          EndEarly(s, text, "stop");
         } else {
           s->done = true;
-          SendText(s, s->held + text + s->stops.Finish(),
-                   s->completion_tokens >= s->max_tokens ? "length" : "stop", true);
+          SendText(s, s->held + text, s->completion_tokens >= s->max_tokens ? "length" : "stop", true);
           s->held.clear();
         }
       } else {
@@ -619,11 +511,11 @@ TRITONSERVER_Error* ReadRequest(TRITONBACKEND_Request* request, Stream* s, bool*
     } else if (field == "STREAMING") {
       s->streaming = data.empty() || FirstFlag(data);
     } else if (field == "STOP_STRINGS") {
-      for (std::string& stop : Strings(data)) s->stops.Add(std::move(stop));
+      for (std::string& stop : Strings(data)) s->text.stops.Add(std::move(stop));
     } else if (field == "ECHO_TEXT") {
       for (const std::string& text : Strings(data)) s->echo += text;
     } else if (field == "INCLUDE_STOP_STR_IN_OUTPUT") {
-      s->include_stop = FirstFlag(data);
+      s->text.include_stop = FirstFlag(data);
     } else if (field == "RETURN_NUM_INPUT_TOKENS") {
       s->count_input = FirstFlag(data);
     } else if (field == "RETURN_NUM_OUTPUT_TOKENS") {
