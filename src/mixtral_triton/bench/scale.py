@@ -50,7 +50,9 @@ class ScalePlan:
     prompt_pool: int = 16
     anchor_shape: Shape = Shape(32, 256)
     anchor_concurrencies: tuple[int, ...] = (1, 8)
-    anchor_rounds: int = 5
+    # paired rounds beside the anchor: at c=8 on 2 shared cores a round's ratio varies by tens
+    # of percent, and 5 rounds left the tok/s and TTFT intervals straddling 1.0 (at 644d220)
+    anchor_rounds: int = 9
     anchor_requests_per_worker: int = 2
     anchor_prompt_pool: int = 8
 
