@@ -234,3 +234,15 @@ def test_a_failing_step_ends_its_requests_with_error(model, monkeypatch):
         assert e.active_count == 0
         monkeypatch.undo()
         assert e.submit(Request(PROMPTS[0], max_tokens=4)).result(TIMEOUT)[1] == "length"  # still serving
+
+
+def test_an_engine_response_holds_only_the_outputs_its_request_asked_for():
+    """The stub frees an output the request did not ask for without the GIL (see
+    output_arrays), so none may be made: the C++ detokenizer asks for two."""
+    from mixtral_triton.reference.contract import output_arrays
+
+    asked = output_arrays([7, 8], 5, 2, {"output_ids", "sequence_length"})
+    assert set(asked) == {"output_ids", "sequence_length"}
+    assert asked["output_ids"].tolist() == [[[7, 8]]] and asked["sequence_length"].tolist() == [[2]]
+    assert set(output_arrays([7], 5, 1)) == {"output_ids", "sequence_length", "num_input_tokens",
+                                              "num_output_tokens"}

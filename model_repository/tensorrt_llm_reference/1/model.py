@@ -75,6 +75,8 @@ class TritonPythonModel:
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         prompt_tokens = len(engine_request.input_ids)
+        # only what the request asked for: see output_arrays for why nothing may be dropped later
+        requested = set(request.requested_output_names())
         generated = [0]
         handle_box = []
 
@@ -93,7 +95,7 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(coded(INTERNAL, "engine step failed"))),
                             flags=flags)
             elif event.tokens or not event.finished:
-                arrays = output_arrays(event.tokens, prompt_tokens, generated[0])
+                arrays = output_arrays(event.tokens, prompt_tokens, generated[0], requested)
                 sender.send(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, a) for n, a in arrays.items()]), flags=flags)
             else:

@@ -9,7 +9,7 @@ ignore_eos): the request ends at its length or a stop word.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -64,12 +64,22 @@ def request_from_inputs(inputs: Mapping[str, np.ndarray]) -> Request:
     )
 
 
-def output_arrays(tokens: Sequence[int], prompt_tokens: int, generated_so_far: int) -> dict[str, np.ndarray]:
+def output_arrays(tokens: Sequence[int], prompt_tokens: int, generated_so_far: int,
+                  requested: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """One response's outputs: output_ids [1, beams=1, n] and sequence_length [1, 1]
-    count only `tokens` (the prompt is excluded, as exclude_input_in_output)."""
-    return {
-        "output_ids": np.array([[list(tokens)]], np.int32).reshape(1, 1, -1),
-        "sequence_length": np.array([[len(tokens)]], np.int32),
-        "num_input_tokens": np.array([[prompt_tokens]], np.int32),
-        "num_output_tokens": np.array([[generated_so_far]], np.int32),
+    count only `tokens` (the prompt is excluded, as exclude_input_in_output).
+
+    Only the `requested` ones (the request's requested_output_names(); None: all). The
+    Python backend's stub drops the outputs a request did not ask for inside
+    `ResponseSender::Send` after releasing the GIL (python_backend r24.10
+    `InferResponse::PruneOutputTensors`), so each dropped tensor's numpy array is freed
+    without the GIL: under sustained load that corrupts the stub's heap (a segfault in
+    pymalloc, seen at 256 streams from the C++ detokenizer, which asks for two outputs).
+    An output that is never made is never dropped."""
+    arrays = {
+        "output_ids": lambda: np.array([[list(tokens)]], np.int32).reshape(1, 1, -1),
+        "sequence_length": lambda: np.array([[len(tokens)]], np.int32),
+        "num_input_tokens": lambda: np.array([[prompt_tokens]], np.int32),
+        "num_output_tokens": lambda: np.array([[generated_so_far]], np.int32),
     }
+    return {name: make() for name, make in arrays.items() if requested is None or name in requested}
