@@ -90,7 +90,7 @@ class TritonPythonModel:
                 # TRITONBACKEND_ResponseFactoryIsCancelled). See _watch_cancellations.
                 with self.lock:
                     self.live.pop(event.request_id, None)
-                    self.active_gauge.set(len(self.live))
+                    self._count_active()
             if event.finish_reason == "error":
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(coded(INTERNAL, "engine step failed"))),
                             flags=flags)
@@ -115,7 +115,7 @@ class TritonPythonModel:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             self.live[handle.id] = (request, request.request_id())
-            self.active_gauge.set(len(self.live))
+            self._count_active()
 
     def _cancel_by_triton_id(self, triton_id):
         with self.lock:
@@ -135,6 +135,18 @@ class TritonPythonModel:
             for engine_id in cancelled:
                 self.engine.cancel(engine_id)
 
+    def _count_active(self):
+        # under self.lock; the gauge is gone once finalize has begun
+        if self.active_gauge is not None:
+            self.active_gauge.set(len(self.live))
+
     def finalize(self):
         self.closing.set()
         self.engine.shutdown(timeout=10)
+        # Delete the metrics now, while the stub can still tell the server (a metric's
+        # destructor does, through the stub's shared memory; left to the interpreter's exit
+        # it runs after that memory is gone and segfaults the stub: python_backend r24.10
+        # Metric::Clear). The metrics first, then their family.
+        with self.lock:
+            self.active_gauge = None
+        self.metric_family = None
