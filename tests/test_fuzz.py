@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -29,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixtral_triton.client.ensemble import Chunk, server_error
+from mixtral_triton.cpp_detokenizer import cxx_compiler
 from mixtral_triton.gateway import openai_requests, wire_formats
 from mixtral_triton.protocol import FIELDS, RequestError, ensemble_inputs, json_schema, parse_request
 from mixtral_triton.protocol.errors import INVALID_ARGUMENT, coded
@@ -180,7 +180,7 @@ def table(tiny_checkpoint):
 def text_rules(tmp_path_factory):
     """The driver (tests/cpp/text_rules_driver.cc) running: cases in, pieces out."""
     binary = tmp_path_factory.mktemp("text-rules") / "text_rules"
-    subprocess.run([shutil.which("g++") or "c++", "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
+    subprocess.run([cxx_compiler(), "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread",
                     "-I", str(DETOKENIZER_SOURCES), "-o", str(binary), str(DRIVER)], check=True)
     driver = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 

@@ -46,6 +46,14 @@ def sources_digest() -> str:
     return hashlib.sha256(b"".join((_HERE / name).read_bytes() for name in SOURCES)).hexdigest()[:16]
 
 
+def cxx_compiler() -> str:
+    """The machine's C++17 compiler (what `build` compiles with)."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise UserError("the C++ detokenizer needs a C++17 compiler: apt-get install -y g++")
+    return compiler
+
+
 def build(out_dir: Path) -> Path:
     """The backend library, compiled into `out_dir/<hash of the sources>/` unless it is there.
 
@@ -56,9 +64,7 @@ def build(out_dir: Path) -> Path:
     library = folder / LIBRARY
     if library.is_file():
         return library
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise UserError("the C++ detokenizer needs a C++17 compiler: apt-get install -y g++")
+    compiler = cxx_compiler()
     folder.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=f".{LIBRARY}.", dir=folder)
     os.close(fd)

@@ -75,11 +75,11 @@ def output_arrays(tokens: Sequence[int], prompt_tokens: int, generated_so_far: i
     `InferResponse::PruneOutputTensors`), so each dropped tensor's numpy array is freed
     without the GIL: under sustained load that corrupts the stub's heap (a segfault in
     pymalloc, seen at 256 streams from the C++ detokenizer, which asks for two outputs).
-    An output that is never made is never dropped."""
+    The others are freed here, in Python, holding the GIL."""
     arrays = {
-        "output_ids": lambda: np.array([[list(tokens)]], np.int32).reshape(1, 1, -1),
-        "sequence_length": lambda: np.array([[len(tokens)]], np.int32),
-        "num_input_tokens": lambda: np.array([[prompt_tokens]], np.int32),
-        "num_output_tokens": lambda: np.array([[generated_so_far]], np.int32),
+        "output_ids": np.array([[list(tokens)]], np.int32).reshape(1, 1, -1),
+        "sequence_length": np.array([[len(tokens)]], np.int32),
+        "num_input_tokens": np.array([[prompt_tokens]], np.int32),
+        "num_output_tokens": np.array([[generated_so_far]], np.int32),
     }
-    return {name: make() for name, make in arrays.items() if requested is None or name in requested}
+    return arrays if requested is None else {name: a for name, a in arrays.items() if name in requested}
