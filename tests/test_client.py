@@ -362,6 +362,8 @@ def test_errors_are_classified_by_code_then_by_tritons_wording(message, kind, fi
 @pytest.mark.parametrize("engine_error, status", [
     ("[unavailable] the engine's queue is full: 3 requests", "UNAVAILABLE"),  # its own code stays
     ("[request id: 0d8f] Exceeds maximum queue size", "UNAVAILABLE"),  # Triton's overload wording
+    # TensorRT-LLM's executor (sent by the tensorrtllm backend as INTERNAL, uncoded)
+    ("Maximum queue size of 708 has been reached, please try again later", "UNAVAILABLE"),
     ("Stub process 'tensorrt_llm_0_0' is not healthy.", "UNAVAILABLE"),
     ("CUDA error: an illegal memory access", "INTERNAL"),
 ])
