@@ -170,6 +170,25 @@ def sanitizer_environment(env: dict[str, str], report_dir: Path) -> dict[str, st
     return env
 
 
+# Where the sanitizer runtimes write their reports for servers started by the launcher
+# (default: a folder beside the server's log); the suite's sanitizer pass sets it and fails
+# on any report there (tests/conftest.py).
+SANITIZER_REPORTS_ENV = "MIXTRAL_TRITON_SANITIZER_REPORTS"
+
+
+def is_sanitized(library: Path) -> bool:
+    """Whether `library` was compiled with AddressSanitizer (it needs libasan at load)."""
+    return b"libasan.so" in Path(library).read_bytes()
+
+
+def sanitized_library_in(repository: Path) -> Path | None:
+    """The sanitized detokenizer library a model repository serves, if it serves one."""
+    for library in sorted(Path(repository).glob(f"*/{LIBRARY}")):
+        if is_sanitized(library):
+            return library
+    return None
+
+
 def sanitizer_reports(report_dir: Path) -> list[Path]:
     """The sanitizer reports written under `report_dir` (none: nothing was found)."""
     return sorted(p for p in report_dir.glob("*san.*") if p.is_file()) if report_dir.is_dir() else []
