@@ -29,7 +29,10 @@ from mixtral_triton.launcher.shutdown import descendants, process_group_alive
 from mixtral_triton.protocol import parse_request
 
 ECHO_REPOSITORY = Path(__file__).parent / "data" / "echo_repository"
-DRAIN_TOKENS = 300  # per stream: several seconds of generation on the CPU engine
+# Per stream, on the paced engine (helpers.STEP_S a step at least): 5 s at least, so the
+# streams are still in flight at the SIGTERM sent right after their first tokens, however
+# fast the machine.
+DRAIN_TOKENS = 100
 DRAIN_EXIT_TIMEOUT_S = 120  # the drain the launcher is given: far more than the streams need
 LAUNCH = [sys.executable, "-m", "mixtral_triton.launcher.cli"]
 
@@ -242,13 +245,13 @@ def test_a_dead_stub_is_seen_until_it_is_reaped(tmp_path):
     assert stubs.dead_stubs(os.getpid()) == []
 
 
-def test_sigterm_drains_streams_in_flight_then_leaves_no_process(cpu_repository, tmp_path):
+def test_sigterm_drains_streams_in_flight_then_leaves_no_process(paced_repository, tmp_path):
     """Kubernetes stops a pod with SIGTERM: the launcher must let Triton finish the streams
     in flight (up to --exit-timeout-secs) before anything is killed, and still leave no
     server or stub process behind."""
     # A copy of its own, so that the processes left behind are told apart from those of the
     # session's shared server on the same repository.
-    repository = shutil.copytree(cpu_repository, tmp_path / "repository")
+    repository = shutil.copytree(paced_repository, tmp_path / "repository")
     launch = subprocess.Popen(
         LAUNCH + ["--model-repository", str(repository), "--free-ports",
                   "--exit-timeout-secs", str(DRAIN_EXIT_TIMEOUT_S), "--log-file", str(tmp_path / "triton.log")],
