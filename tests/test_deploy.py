@@ -298,7 +298,7 @@ def test_build_job_refuses_early(tmp_path):
     assert "download" not in too_small.stdout and not data.exists()
     stale = _build_job("--dry-run", env={"DATA_DIR": str(data), "GPU_TYPE": "H100-80GB",
                                          "EXPECT_MAX_BATCH_SIZE": "35"})
-    assert stale.returncode == EXIT_REFUSED and "max_batch_size 35 but the plan gives 708" in stale.stderr
+    assert stale.returncode == EXIT_REFUSED and "max_batch_size 35 but the plan gives 637" in stale.stderr
     assert _build_job("--steps", "nonsense").returncode == 2
 
 

@@ -243,7 +243,8 @@ def test_reference_engine_has_the_gpu_engine_contract(dirs, tmp_path):
 
 
 def test_gpu_engine_model_matches_v1_2_1(dirs, tmp_path):
-    configs = fill_and_load("gpu", dirs, tmp_path / "repo", kv_cache_free_gpu_mem_fraction=0.85)
+    configs = fill_and_load("gpu", dirs, tmp_path / "repo", kv_cache_free_gpu_mem_fraction=0.85,
+                            cancellation_check_period_ms=23)
     config = configs["tensorrt_llm"]
     inputs = {t.name: t for t in config.input}
     outputs = {t.name: t for t in config.output}
@@ -259,6 +260,8 @@ def test_gpu_engine_model_matches_v1_2_1(dirs, tmp_path):
     assert params["gpt_model_type"] == "inflight_fused_batching"
     assert params["gpt_model_path"] == str(dirs["engine"].resolve())
     assert params["kv_cache_free_gpu_mem_fraction"] == "0.85"
+    # The plan's one decode step (mixtral_triton.capacity), read by the backend as an int.
+    assert params["cancellation_check_period_ms"] == "23"
     assert params["exclude_input_in_output"] == "true"
     # The backend fails to load without these keys (it reads them with no fallback).
     for key in ("tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"):
