@@ -5,11 +5,14 @@ generations must outlast an event."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from helpers import gateway, paced_settings
+from mixtral_triton import cpp_detokenizer
 from mixtral_triton.launcher import TritonServer
 from mixtral_triton.local_stack import LocalStack, fixture_checkpoint
 from mixtral_triton.repository.fill import fill_repository
@@ -88,3 +91,15 @@ def paced_gateway(paced_server):
     with gateway(triton_grpc_url=paced_server.grpc_url) as g:
         g.triton = paced_server
         yield g
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The sanitizer pass (scripts/test.sh: the detokenizer compiled with AddressSanitizer and
+    UBSan in every server): any report they wrote fails the run, whatever the tests said."""
+    folder = os.environ.get(cpp_detokenizer.SANITIZER_REPORTS_ENV)
+    reports = cpp_detokenizer.sanitizer_reports(Path(folder)) if folder else []
+    for report in reports:
+        print(f"\n==== sanitizer report {report} ====\n{report.read_text(errors='replace')[:20000]}", file=sys.stderr)
+    if reports:
+        print(f"{len(reports)} sanitizer report(s): the run fails", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

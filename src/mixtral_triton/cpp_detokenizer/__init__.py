@@ -57,7 +57,7 @@ FLAVOUR_ENV = "MIXTRAL_TRITON_DETOKENIZER_FLAVOUR"
 # A library compiled elsewhere (the image's builder stage, which has a compiler and the
 # image's Triton headers): the fill installs it instead of compiling, if it was built from
 # these sources (its `.sources` stamp, written by `build`).
-PREBUILT_ENV = "MIXTRAL_TRITON_DETOKENIZER_LIBRARY"
+PREBUILT_ENV = "MIXTRAL_TRITON_POSTPROCESSING_LIBRARY"
 
 
 def default_cache_dir() -> Path:
