@@ -14,13 +14,16 @@ the vocabulary mid-stream.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
+import time
+import urllib.request
 
 import numpy as np
 import pytest
 
-from helpers import active_requests, raw_stream, wait_active
+from helpers import LONG, RawStream, active_requests, raw_stream, wait_active
 from mixtral_triton import cpp_detokenizer
 from mixtral_triton.client import PredictClient, ServerError
 from mixtral_triton.ensemble_models.preprocess import Preprocessor
@@ -31,8 +34,8 @@ from mixtral_triton.standin import Pacing, TableModel
 from mixtral_triton.text import TextStream, load_token_table
 
 PROMPT = "the wind"  # ids all below the table's cut (checked in `server`)
-PACE_SCALE = 4.0  # about 23 ms per step at batch 1
-LONG_TOKENS = 2000  # >= 46 s of paced steps: longer than every wait of these tests
+PACE_SCALE = 100.0  # about 0.58 s per step at batch 1
+LONG_TOKENS = 2000  # >= 19 minutes of paced steps: longer than every wait of these tests
 MAX_INPUT_LEN, MAX_SEQ_LEN = 1024, 4096
 
 
@@ -93,7 +96,7 @@ def test_an_id_outside_the_vocabulary_mid_stream_ends_the_stream_and_cancels_its
     stream = TextStream(load_token_table(tiny_checkpoint, True))
     want = "".join(stream.push([i]) for i in stand_in[:j])
     assert "".join(c.text for c in chunks) == want  # every token before it, as text
-    # the generation it asked for lasts >= 46 s: only a cancel ends it within this wait
+    # the generation it asked for lasts >= 19 minutes: only a cancel ends it within this wait
     assert wait_active(server, lambda v: v == 0, timeout_s=20) == 0
 
 
@@ -110,6 +113,35 @@ def test_an_exception_in_the_engine_callback_ends_that_stream_and_cancels_its_en
     assert chunks == []
     assert error.status == "INTERNAL" and "detokenizer: engine response: injected fault" in str(error)
     assert wait_active(server, lambda v: v == 0, timeout_s=20) == 0
+    _serves(server, stand_in)
+
+
+def _answered(server, model: str) -> float:
+    """Requests the model has finished (Triton's success and failure counters)."""
+    with urllib.request.urlopen(f"http://{server.host}:{server.ports.metrics}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(value) for value in re.findall(
+        rf'^nv_inference_request_(?:success|failure)\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$', text, re.MULTILINE))
+
+
+def test_a_request_already_cancelled_when_it_starts_never_reaches_the_engine(server, stand_in, direct_inputs):
+    """The `test` library's hook holds a request with this id until the server has marked it
+    cancelled (its gRPC client cancels the stream; Triton 2.51 passes that on to a model
+    called directly, not to the steps of an ensemble), so the detokenizer meets it cancelled
+    at its start, as it meets a request the ensemble cancelled while it queued (Triton 2.71)."""
+    before = _answered(server, "postprocessing")
+    inputs = _with(direct_inputs, REQUEST_OUTPUT_LEN=np.array([[LONG_TOKENS]], np.int32),
+                   STREAMING=np.array([[True]], np.bool_))
+    stream = RawStream(server.grpc_url, "postprocessing", inputs, "fault:hold-until-cancelled")
+    try:
+        assert stream.next(30)[1] is None  # the hook's empty response: the request is in execute
+    finally:
+        stream.close(cancel=True)
+    deadline = time.monotonic() + 50  # the hook gives up at 60 s: an answer before that saw the cancel
+    while _answered(server, "postprocessing") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _answered(server, "postprocessing") == before + 1  # it has been through execute
+    assert active_requests(server) == 0  # and started no generation (its first step alone lasts >= 0.58 s)
     _serves(server, stand_in)
 
 
@@ -165,3 +197,20 @@ def test_postprocessing_called_directly_refuses_a_batch_of_two(server, direct_in
     results, error = raw_stream(server.grpc_url, "postprocessing", doubled, timeout_s=30)
     assert error is not None and "[invalid_argument:batch] batch must be 1 (one request per call), got 2" in error.message()
     assert active_requests(server) == 0
+
+
+def test_a_direct_stream_cancelled_by_its_grpc_client_cancels_its_engine_request(paced_server, direct_inputs):
+    """A gRPC client that cancels its stream to postprocessing: the server marks the request
+    cancelled, and the detokenizer, seeing it at the next engine response, ends the stream and
+    cancels the engine request. On the session's paced server (its served library, its full
+    token table): the LONG generation asked for lasts >= 90 s."""
+    inputs = _with(direct_inputs, REQUEST_OUTPUT_LEN=np.array([[LONG]], np.int32),
+                   STREAMING=np.array([[True]], np.bool_))
+    stream = RawStream(paced_server.grpc_url, "postprocessing", inputs, "cancelled-by-client")
+    try:
+        result, error = stream.next(30)
+        assert error is None, error.message()
+        assert wait_active(paced_server, lambda v: v == 1) == 1
+    finally:
+        stream.close(cancel=True)
+    assert wait_active(paced_server, lambda v: v == 0, timeout_s=20) == 0

@@ -100,6 +100,7 @@ void Fault(const std::string& client_id, const char* where) {
     throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again), "injected fault");
   throw std::bad_alloc();
 }
+
 #else
 inline void Fault(const std::string&, const char*) {}
 #endif
@@ -240,6 +241,28 @@ void SendText(Stream* s, const std::string& text, const std::string& reason, boo
   }
   LogIfError(TRITONBACKEND_ResponseSend(r, flags, nullptr), __LINE__, "send");
 }
+
+#ifdef MIXTRAL_DETOKENIZER_FAULTS
+// "fault:hold-until-cancelled": execute sends one empty response (so that the test knows the
+// request is here) and waits (at most 60 s) until the server has marked the request
+// cancelled: the detokenizer then meets at its start a request already cancelled, as it
+// meets one the ensemble cancelled while it queued.
+void HoldUntilCancelled(Stream* s, TRITONBACKEND_Request* request) {
+  if (s->client_id != "fault:hold-until-cancelled") return;
+  {
+    std::lock_guard<std::mutex> lock(s->mu);
+    SendText(s, "", "", false);
+  }
+  bool cancelled = false;
+  for (int waited_ms = 0; !cancelled && waited_ms < 60000; waited_ms += 10) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    TRITONSERVER_Error* e = TRITONBACKEND_RequestIsCancelled(request, &cancelled);
+    if (e) TRITONSERVER_ErrorDelete(e);
+  }
+}
+#else
+inline void HoldUntilCancelled(Stream*, TRITONBACKEND_Request*) {}
+#endif
 
 // A final error response; never throws (failure paths call it).
 void SendError(TRITONBACKEND_ResponseFactory* factory, const char* msg,
@@ -788,6 +811,7 @@ TRITONSERVER_Error* Start(ModelState* m, TRITONBACKEND_Request* request, Stream*
     s = nullptr;
     return nullptr;
   }
+  HoldUntilCancelled(s, request);
   bool cancelled = false;  // e.g. by the ensemble, for a client that went away while it queued
   RETURN_IF_ERR(TRITONBACKEND_RequestIsCancelled(request, &cancelled));
   Fault(s->client_id, "execute");
