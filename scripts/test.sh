@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything (scripts/setup.sh) and run the whole test suite against the real CPU
 # Triton server, then the sanitizer pass: the tests that drive the C++ detokenizer hardest
-# (many streams, disconnects, cancellation, faults, fuzz) again with it compiled under
+# (many streams, disconnects, cancellation, faults, fuzz) with it compiled under
 # AddressSanitizer and UndefinedBehaviorSanitizer in every server; any report fails the run.
 # Extra arguments go to pytest instead (one run, no sanitizer pass), e.g.
 # scripts/test.sh -k launcher
@@ -12,8 +12,8 @@ cd "$root"
 if [ "$#" -gt 0 ]; then
   exec "$root/.venv/bin/python" -m pytest "$@"
 fi
-"$root/.venv/bin/python" -m pytest
-
+# These run once, in the sanitizer pass below (the same code as the served library, with
+# its test hooks, under the sanitizers); every other serving test runs the served library.
 sanitizer_tests=(
   tests/test_detokenizer_hardening.py
   tests/test_cpp_detokenizer.py
@@ -21,6 +21,7 @@ sanitizer_tests=(
   tests/test_disconnects.py
   tests/test_fuzz_models.py
 )
+"$root/.venv/bin/python" -m pytest "${sanitizer_tests[@]/#/--ignore=}"
 reports="$(mktemp -d -t mixtral-triton-sanitizer.XXXXXX)"
 echo "sanitizer pass: the detokenizer under AddressSanitizer + UBSan; reports go to $reports"
 MIXTRAL_TRITON_DETOKENIZER_FLAVOUR=sanitize MIXTRAL_TRITON_SANITIZER_REPORTS="$reports" \

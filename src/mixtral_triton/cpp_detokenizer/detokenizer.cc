@@ -4,6 +4,12 @@
 // UTF-8 text through the token tables written from the tokenizer (mixtral_triton.text),
 // cuts the text before the first stop string, and streams text_output / finish_reason /
 // prompt_tokens / completion_tokens (and num_input_tokens / num_output_tokens when asked).
+// A request may ask for several completions (NUM_RETURN_SEQUENCES: the engine's
+// num_return_sequences, each engine response naming its sequence_index): each has its own
+// text, stop strings, finish reason and counts, and its responses carry its sequence_index.
+// With RETURN_LOG_PROBS each response carries the log probabilities and the bytes of the
+// tokens whose text it is the first to send (output_log_probs, output_token_bytes), and
+// the running sum (cum_log_probs).
 // No Python stub, so no IPC round trip per response, and no network hop to the engine.
 //
 // Cancellation is in-process too: a `stop` request (STOP true) for a client request id ends
@@ -113,6 +119,10 @@ std::string Lower(std::string text) {
 struct Stream;
 using Clock = std::chrono::steady_clock;
 
+// The most completions one request may ask for (NUM_RETURN_SEQUENCES), as the tokenizer
+// model allows (mixtral_triton.protocol): each is a sequence in the engine's batch.
+constexpr int32_t kMaxSequences = 16;
+
 struct ModelState {
   // Coalescing (as MIN_RESPONSE_INTERVAL_US in __init__.py says why): at most one response
   // per stream per interval; text that comes sooner waits for the flusher thread (or the
@@ -158,18 +168,31 @@ struct Stream {
   std::vector<EngineInput> engine_inputs;  // copied: they must outlive the engine request
   const std::vector<std::string>* table = nullptr;
   int32_t input_length = 0, max_tokens = 0;
+  int32_t sequences = 1;  // NUM_RETURN_SEQUENCES
   bool streaming = true;  // false: one response, at the end
   bool yes = true;
   bool count_input = false, count_output = false;  // RETURN_NUM_INPUT/OUTPUT_TOKENS
+  bool log_probs = false;  // RETURN_LOG_PROBS
   std::string echo;  // the prompt, first, when the client asked for it in the output
+  std::vector<std::string> stop_strings;
+  bool include_stop = false;
 
   std::mutex mu;        // guards what follows
-  CompletionText text;
-  std::string held;     // whole text not sent yet (coalescing)
+  // One completion: its text state, and what waits to go in its next response.
+  struct Sequence {
+    CompletionText text;
+    std::string held;             // whole text not sent yet (coalescing, not streaming)
+    std::vector<float> log_probs;  // of the tokens whose text has not gone out yet
+    std::string token_bytes;      // those tokens' bytes, as BYTES elements
+    uint32_t token_count = 0;     // tokens in token_bytes
+    float cum_log_prob = 0;       // over every token sent
+    int32_t completion_tokens = 0;
+    int32_t counted = 0;  // completion tokens reported in num_output_tokens so far
+    bool done = false;    // its last response has gone
+  };
+  std::vector<Sequence> seqs;
   Clock::time_point last_send{};
   bool armed = false;   // queued on the flusher
-  int32_t completion_tokens = 0;
-  int32_t counted = 0;  // completion tokens reported in num_output_tokens so far
   bool done = false;    // the client has had its final response
   bool in_engine = false;    // the server has taken the engine request
   bool engine_done = false;  // the engine has sent its final response (or never will)
@@ -211,22 +234,65 @@ TRITONSERVER_Error* AddOutputInt(TRITONBACKEND_Response* r, const char* name, in
   return AddOutput(r, name, TRITONSERVER_TYPE_INT32, &v, 4);
 }
 
-// Sends a text response (final: with the finish reason and the FINAL flag). The counts are
-// TensorRT-LLM's own, each only when asked: num_input_tokens the prompt's tokens,
-// num_output_tokens the tokens since the previous response (they add up to the
-// completion's). Called with the stream's mutex held, so responses go out in order.
-void SendText(Stream* s, const std::string& text, const std::string& reason, bool final) {
+TRITONSERVER_Error* AddOutputFloats(TRITONBACKEND_Response* r, const char* name, const std::vector<float>& v) {
+  TRITONBACKEND_Output* out;
+  const int64_t shape[2] = {1, static_cast<int64_t>(v.size())};
+  RETURN_IF_ERR(TRITONBACKEND_ResponseOutput(r, &out, name, TRITONSERVER_TYPE_FP32, shape, 2));
+  void* buf;
+  TRITONSERVER_MemoryType mt = TRITONSERVER_MEMORY_CPU;
+  int64_t mid = 0;
+  RETURN_IF_ERR(TRITONBACKEND_OutputBuffer(out, &buf, v.size() * sizeof(float), &mt, &mid));
+  if (!v.empty()) std::memcpy(buf, v.data(), v.size() * sizeof(float));
+  return nullptr;
+}
+
+// `count` BYTES elements already in their wire form (each a uint32 length, then the bytes).
+TRITONSERVER_Error* AddOutputElements(TRITONBACKEND_Response* r, const char* name, const std::string& elements,
+                                      uint32_t count) {
+  TRITONBACKEND_Output* out;
+  const int64_t shape[2] = {1, static_cast<int64_t>(count)};
+  RETURN_IF_ERR(TRITONBACKEND_ResponseOutput(r, &out, name, TRITONSERVER_TYPE_BYTES, shape, 2));
+  void* buf;
+  TRITONSERVER_MemoryType mt = TRITONSERVER_MEMORY_CPU;
+  int64_t mid = 0;
+  RETURN_IF_ERR(TRITONBACKEND_OutputBuffer(out, &buf, elements.size(), &mt, &mid));
+  if (!elements.empty()) std::memcpy(buf, elements.data(), elements.size());
+  return nullptr;
+}
+
+// The outputs of sequence `q`'s response: its text and counts, and (when asked) its
+// sequence_index and the log probabilities of the tokens this text is the first to carry.
+TRITONSERVER_Error* AddSequenceOutputs(TRITONBACKEND_Response* r, Stream* s, size_t k, const std::string& text,
+                                       const std::string& reason) {
+  Stream::Sequence& q = s->seqs[k];
+  RETURN_IF_ERR(AddOutputBytes(r, "text_output", text));
+  RETURN_IF_ERR(AddOutputBytes(r, "finish_reason", reason));
+  RETURN_IF_ERR(AddOutputInt(r, "prompt_tokens", s->input_length));
+  RETURN_IF_ERR(AddOutputInt(r, "completion_tokens", q.completion_tokens));
+  if (s->count_input) RETURN_IF_ERR(AddOutputInt(r, "num_input_tokens", s->input_length));
+  if (s->count_output) {
+    RETURN_IF_ERR(AddOutputInt(r, "num_output_tokens", q.completion_tokens - q.counted));
+    q.counted = q.completion_tokens;
+  }
+  if (s->sequences > 1) RETURN_IF_ERR(AddOutputInt(r, "sequence_index", static_cast<int32_t>(k)));
+  if (s->log_probs) {
+    for (float p : q.log_probs) q.cum_log_prob += p;
+    RETURN_IF_ERR(AddOutputFloats(r, "output_log_probs", q.log_probs));
+    RETURN_IF_ERR(AddOutputElements(r, "output_token_bytes", q.token_bytes, q.token_count));
+    RETURN_IF_ERR(AddOutputFloats(r, "cum_log_probs", {q.cum_log_prob}));
+    q.log_probs.clear();
+    q.token_bytes.clear();
+    q.token_count = 0;
+  }
+  return nullptr;
+}
+
+// Sends a text response of sequence `k` (final: with the FINAL flag, the request's last).
+// Called with the stream's mutex held, so responses go out in order.
+void SendText(Stream* s, size_t k, const std::string& text, const std::string& reason, bool final) {
   TRITONBACKEND_Response* r = nullptr;
   TRITONSERVER_Error* e = TRITONBACKEND_ResponseNewFromFactory(&r, s->factory);
-  if (e == nullptr) e = AddOutputBytes(r, "text_output", text);
-  if (e == nullptr) e = AddOutputBytes(r, "finish_reason", reason);
-  if (e == nullptr) e = AddOutputInt(r, "prompt_tokens", s->input_length);
-  if (e == nullptr) e = AddOutputInt(r, "completion_tokens", s->completion_tokens);
-  if (e == nullptr && s->count_input) e = AddOutputInt(r, "num_input_tokens", s->input_length);
-  if (e == nullptr && s->count_output) {
-    e = AddOutputInt(r, "num_output_tokens", s->completion_tokens - s->counted);
-    s->counted = s->completion_tokens;
-  }
+  if (e == nullptr) e = AddSequenceOutputs(r, s, k, text, reason);
   const uint32_t flags = final ? uint32_t(TRITONSERVER_RESPONSE_COMPLETE_FINAL) : 0u;
   if (e != nullptr) {
     Log(TRITONSERVER_LOG_ERROR, __LINE__, std::string("detokenizer: building a response: ") + TRITONSERVER_ErrorMessage(e));
@@ -242,6 +308,14 @@ void SendText(Stream* s, const std::string& text, const std::string& reason, boo
   LogIfError(TRITONBACKEND_ResponseSend(r, flags, nullptr), __LINE__, "send");
 }
 
+// Sends what sequence `k` holds (its held text and `text`) unless it holds nothing.
+void SendHeld(Stream* s, size_t k, const std::string& text = "") {
+  Stream::Sequence& q = s->seqs[k];
+  if (q.held.empty() && text.empty()) return;
+  SendText(s, k, q.held + text, "", false);
+  q.held.clear();
+}
+
 #ifdef MIXTRAL_DETOKENIZER_FAULTS
 // "fault:hold-until-cancelled": execute sends one empty response (so that the test knows the
 // request is here) and waits (at most 60 s) until the server has marked the request
@@ -251,7 +325,7 @@ void HoldUntilCancelled(Stream* s, TRITONBACKEND_Request* request) {
   if (s->client_id != "fault:hold-until-cancelled") return;
   {
     std::lock_guard<std::mutex> lock(s->mu);
-    SendText(s, "", "", false);
+    SendText(s, 0, "", "", false);
   }
   bool cancelled = false;
   for (int waited_ms = 0; !cancelled && waited_ms < 60000; waited_ms += 10) {
@@ -368,13 +442,26 @@ void CancelEngine(Stream* s) noexcept {
     LogIfError(TRITONSERVER_InferenceRequestCancel(s->engine_request), __LINE__, "cancel the engine request");
 }
 
-// Ends the stream for the client now, with the text waiting to go and `reason`, and cancels
-// its engine request. With the stream's mutex held.
-void EndEarly(Stream* s, const std::string& text, const char* reason) {
-  s->done = true;
-  SendText(s, s->held + text, reason, true);
-  s->held.clear();
-  CancelEngine(s);
+// Ends sequence `k` with `text` (after what it holds) and `reason`. The request's last
+// sequence to end sends the FINAL flag and cancels the engine request (the engine may still
+// be at it: a stop string, a `stop`). With the stream's mutex held.
+void EndSequence(Stream* s, size_t k, const std::string& text, const char* reason) {
+  Stream::Sequence& q = s->seqs[k];
+  q.done = true;
+  const bool last = std::none_of(s->seqs.begin(), s->seqs.end(), [](const Stream::Sequence& o) { return !o.done; });
+  SendText(s, k, q.held + text, reason, last);
+  q.held.clear();
+  if (last) {
+    s->done = true;
+    CancelEngine(s);
+  }
+}
+
+// Ends every sequence still going, with `reason`, and the request. With the stream's mutex held.
+void EndAll(Stream* s, const char* reason) {
+  for (size_t k = 0; k < s->seqs.size(); ++k) {
+    if (!s->seqs[k].done) EndSequence(s, k, "", reason);
+  }
 }
 
 // Ends the stream for the client with an error, and cancels its engine request (its batch
@@ -387,30 +474,37 @@ void EndWithError(Stream* s, const char* message, TRITONSERVER_Error_Code code) 
   CancelEngine(s);
 }
 
-// New text of a stream that goes on: out at once, held for the flusher, or (not streaming)
-// kept for the end. With the stream's mutex held.
-void Deliver(Stream* s, const std::string& text) {
-  if (text.empty()) return;
+// Sends what every sequence holds. With the stream's mutex held.
+void SendAllHeld(Stream* s) {
+  for (size_t k = 0; k < s->seqs.size(); ++k) {
+    if (!s->seqs[k].done) SendHeld(s, k);
+  }
+}
+
+// New text of sequence `k`, which goes on: out at once, held for the flusher, or (not
+// streaming) kept for the end. With the stream's mutex held.
+void Deliver(Stream* s, size_t k, const std::string& text) {
+  if (text.empty()) return;  // log probabilities wait with the text they belong to
+  Stream::Sequence& q = s->seqs[k];
   if (!s->streaming) {
-    s->held += text;
+    q.held += text;
     return;
   }
   if (s->model->min_interval.count() == 0) {
-    SendText(s, text, "", false);
+    SendText(s, k, text, "", false);
     return;
   }
-  s->held += text;
+  q.held += text;
   if (s->armed) return;
   const auto now = Clock::now();
   if (now - s->last_send >= s->model->min_interval) {
-    SendText(s, s->held, "", false);
-    s->held.clear();
+    SendAllHeld(s);
     s->last_send = now;
     return;
   }
   ModelState* m = s->model;
   {
-    std::lock_guard<std::mutex> q(m->qmu);
+    std::lock_guard<std::mutex> lock(m->qmu);
     m->queue.emplace_back(s->last_send + m->min_interval, s);  // may throw: nothing changed yet
     s->armed = true;
     s->refs.fetch_add(1);
@@ -418,15 +512,17 @@ void Deliver(Stream* s, const std::string& text) {
   m->qcv.notify_one();
 }
 
-// The new token ids of one engine response, as text (stop strings applied); an error
-// message in `failure` for an id outside the vocabulary. Tokens after the one that
+// The new tokens of one engine response, as text of their sequence (stop strings applied;
+// its index in `k`); an error message in `failure` for an id outside the vocabulary, a
+// sequence index out of range or log probabilities missing. Tokens after the one that
 // completed a stop string are not counted. With the stream's mutex held.
-std::string Decode(Stream* s, TRITONSERVER_InferenceResponse* response, std::string& failure) {
+std::string Decode(Stream* s, TRITONSERVER_InferenceResponse* response, size_t* k, std::string& failure) {
   uint32_t count = 0;
   LogIfError(TRITONSERVER_InferenceResponseOutputCount(response, &count), __LINE__, "output count");
   const int32_t* ids = nullptr;
-  size_t n_ids = 0;
-  int64_t seq_len = -1;
+  const float* log_probs = nullptr;
+  size_t n_ids = 0, n_log_probs = 0;
+  int64_t seq_len = -1, index = 0;
   for (uint32_t i = 0; i < count; ++i) {
     const char* name;
     TRITONSERVER_DataType dt;
@@ -448,30 +544,73 @@ std::string Decode(Stream* s, TRITONSERVER_InferenceResponse* response, std::str
       n_ids = bytes / 4;
     } else if (std::strcmp(name, "sequence_length") == 0 && dt == TRITONSERVER_TYPE_INT32 && bytes >= 4) {
       seq_len = *static_cast<const int32_t*>(base);
+    } else if (std::strcmp(name, "sequence_index") == 0 && dt == TRITONSERVER_TYPE_INT32 && bytes >= 4) {
+      index = *static_cast<const int32_t*>(base);
+    } else if (std::strcmp(name, "output_log_probs") == 0 && dt == TRITONSERVER_TYPE_FP32) {
+      log_probs = static_cast<const float*>(base);  // [1, beam 1, tokens]
+      n_log_probs = bytes / 4;
     }
   }
   // sequence_length bounds the valid ids (it counts only new tokens, the prompt excluded)
   if (seq_len >= 0 && static_cast<size_t>(seq_len) < n_ids) n_ids = seq_len;
+  if (index < 0 || index >= static_cast<int64_t>(s->seqs.size())) {
+    failure = "[internal] generation failed: the engine sent sequence_index " + std::to_string(index) +
+              " of a request for " + std::to_string(s->seqs.size()) + " sequences";
+    return "";
+  }
+  *k = static_cast<size_t>(index);
+  Stream::Sequence& q = s->seqs[*k];
+  if (s->log_probs && n_log_probs < n_ids) {
+    failure = "[internal] generation failed: the engine sent " + std::to_string(n_log_probs) +
+              " output_log_probs for " + std::to_string(n_ids) + " tokens";
+    return "";
+  }
   const std::vector<std::string>& table = *s->table;
-  for (size_t k = 0; k < n_ids; ++k) {
-    if (ids[k] < 0 || static_cast<size_t>(ids[k]) >= table.size()) {
-      failure = "[internal] generation failed: token id " + std::to_string(ids[k]) +
+  for (size_t t = 0; t < n_ids; ++t) {
+    if (ids[t] < 0 || static_cast<size_t>(ids[t]) >= table.size()) {
+      failure = "[internal] generation failed: token id " + std::to_string(ids[t]) +
                 " is outside the vocabulary 0.." + std::to_string(table.size() - 1);
       return "";
     }
   }
-  if (s->text.stops.stops.empty()) {  // no stop strings: the whole response at once
+  if (q.done) return "";  // a sequence ended by a stop string: the engine may still send it tokens
+  const size_t before = static_cast<size_t>(q.completion_tokens);
+  std::string text;
+  if (q.text.stops.stops.empty()) {  // no stop strings: the whole response at once
     std::string bytes;
-    for (size_t k = 0; k < n_ids; ++k) bytes += table[ids[k]];
-    s->completion_tokens += static_cast<int32_t>(n_ids);
-    return s->text.Push(bytes);
+    for (size_t t = 0; t < n_ids; ++t) bytes += table[ids[t]];
+    q.completion_tokens += static_cast<int32_t>(n_ids);
+    text = q.text.Push(bytes);
+  } else {  // token by token, so that the count ends with the stop's last token
+    for (size_t t = 0; t < n_ids && !q.text.stopped(); ++t) {
+      text += q.text.Push(table[ids[t]]);
+      ++q.completion_tokens;
+    }
   }
-  std::string text;  // token by token, so that the count ends with the stop's last token
-  for (size_t k = 0; k < n_ids && !s->text.stopped(); ++k) {
-    text += s->text.Push(table[ids[k]]);
-    ++s->completion_tokens;
+  if (s->log_probs) {
+    for (size_t t = 0; t < static_cast<size_t>(q.completion_tokens) - before; ++t) {
+      const std::string& piece = table[ids[t]];
+      const uint32_t len = static_cast<uint32_t>(piece.size());
+      q.log_probs.push_back(log_probs[t]);
+      q.token_bytes.append(reinterpret_cast<const char*>(&len), 4);
+      q.token_bytes += piece;
+      ++q.token_count;
+    }
   }
   return text;
+}
+
+// The engine's final response: every sequence still going ends, with what it holds, the
+// rest of its text and `length` (max_tokens reached) or `stop` (the end token, or a stop
+// string found at the very end); sequence `k` also with `text`, the final response's own.
+void FinishAll(Stream* s, size_t k, const std::string& text) {
+  for (size_t j = 0; j < s->seqs.size(); ++j) {
+    Stream::Sequence& q = s->seqs[j];
+    if (q.done) continue;
+    const std::string tail = (j == k ? text : std::string()) + q.text.Finish();
+    const char* reason = q.text.stopped() || q.completion_tokens < s->max_tokens ? "stop" : "length";
+    EndSequence(s, j, tail, reason);
+  }
 }
 
 // One engine response (or a flags-only final): new tokens -> text -> the client. With the
@@ -483,34 +622,29 @@ void OnEngineResponse(Stream* s, TRITONSERVER_InferenceResponse* response, bool 
   bool cancelled = false;  // the client went away (a cancelled gRPC call, say)
   LogIfError(TRITONBACKEND_ResponseFactoryIsCancelled(s->factory, &cancelled), __LINE__, "is cancelled");
   if (cancelled) {
-    EndEarly(s, "", "cancelled");
+    EndAll(s, "cancelled");
     return;
   }
   std::string failure, text;
+  size_t k = 0;
   TRITONSERVER_Error_Code failure_code = TRITONSERVER_ERROR_INTERNAL;
   if (response != nullptr) {
     TRITONSERVER_Error* err = TRITONSERVER_InferenceResponseError(response);
     if (err != nullptr) {
       failure = Relayed(TRITONSERVER_ErrorMessage(err), &failure_code);  // err is owned by the response
     } else {
-      text = Decode(s, response, failure);
+      text = Decode(s, response, &k, failure);
     }
   }
   if (!failure.empty()) {
     EndWithError(s, failure.c_str(), failure_code);
-  } else if (s->text.stopped()) {  // tokens after the stop are not counted, nor sent
-    EndEarly(s, text, "stop");
+  } else if (!s->seqs[k].done && s->seqs[k].text.stopped()) {  // tokens after the stop are not counted, nor sent
+    EndSequence(s, k, text, "stop");
+    if (final && !s->done) FinishAll(s, k, "");
   } else if (final) {
-    text += s->text.Finish();
-    if (s->text.stopped()) {
-      EndEarly(s, text, "stop");
-    } else {
-      s->done = true;
-      SendText(s, s->held + text, s->completion_tokens >= s->max_tokens ? "length" : "stop", true);
-      s->held.clear();
-    }
+    FinishAll(s, k, text);
   } else {
-    Deliver(s, text);
+    Deliver(s, k, text);
   }
 }
 
@@ -555,7 +689,7 @@ void CancelRuns(ModelState* m, const std::string& client_id) {
   for (Stream* s : found) {
     try {
       std::lock_guard<std::mutex> lock(s->mu);
-      if (!s->done) EndEarly(s, "", "cancelled");
+      if (!s->done) EndAll(s, "cancelled");
     } catch (const std::exception& e) {
       LogIfError(CaughtError("stop", e.what()), __LINE__, "stop");
     }
@@ -576,9 +710,8 @@ void FlushLoop(ModelState* m) noexcept {
       try {
         std::lock_guard<std::mutex> lock(s->mu);
         s->armed = false;
-        if (!s->done && !s->held.empty()) {
-          SendText(s, s->held, "", false);
-          s->held.clear();
+        if (!s->done) {
+          SendAllHeld(s);
           s->last_send = Clock::now();
         }
       } catch (const std::exception& e) {  // this stream's text waits for its next response
@@ -712,12 +845,12 @@ TRITONSERVER_Error* ReadRequest(TRITONBACKEND_Request* request, Stream* s, bool*
       s->streaming = data.empty() || FirstFlag(data);
     } else if (field == "STOP_STRINGS") {
       RETURN_IF_ERR(ReadTexts(field, data, texts));
-      for (std::string& stop_string : texts) s->text.stops.Add(std::move(stop_string));
+      for (std::string& stop_string : texts) s->stop_strings.push_back(std::move(stop_string));
     } else if (field == "ECHO_TEXT") {
       RETURN_IF_ERR(ReadTexts(field, data, texts));
       for (const std::string& text : texts) s->echo += text;
     } else if (field == "INCLUDE_STOP_STR_IN_OUTPUT") {
-      s->text.include_stop = FirstFlag(data);
+      s->include_stop = FirstFlag(data);
     } else if (field == "RETURN_NUM_INPUT_TOKENS") {
       s->count_input = FirstFlag(data);
     } else if (field == "RETURN_NUM_OUTPUT_TOKENS") {
@@ -733,11 +866,22 @@ TRITONSERVER_Error* ReadRequest(TRITONBACKEND_Request* request, Stream* s, bool*
       }
       if (field == "INPUT_LENGTHS") s->input_length = FirstInt32(data);
       if (field == "REQUEST_OUTPUT_LEN") s->max_tokens = FirstInt32(data);
+      // read here, and sent on to the engine too
+      if (field == "NUM_RETURN_SEQUENCES" && !data.empty()) s->sequences = FirstInt32(data);
+      if (field == "RETURN_LOG_PROBS") s->log_probs = FirstFlag(data);
       s->engine_inputs.push_back({Lower(field), datatype, std::vector<int64_t>(shape, shape + dims), std::move(data)});
     }
   }
   s->table = &s->model->tables[skip_special ? 0 : 1];
-  if (*stop) return nullptr;  // a `stop` names a request id; its other inputs are not used
+  if (*stop) return nullptr;
+  if (s->sequences < 1 || s->sequences > kMaxSequences)
+    return InvalidArgument("NUM_RETURN_SEQUENCES", "must be in 1.." + std::to_string(kMaxSequences) + ", got " +
+                                                       std::to_string(s->sequences));
+  s->seqs.resize(static_cast<size_t>(s->sequences));
+  for (Stream::Sequence& q : s->seqs) {
+    q.text.include_stop = s->include_stop;
+    for (const std::string& stop_string : s->stop_strings) q.text.stops.Add(stop_string);
+  }  // a `stop` names a request id; its other inputs are not used
   bool in_vocabulary = true;
   for (size_t k = 0; k + 4 <= ids.size() && in_vocabulary; k += 4) {
     int32_t token;
@@ -770,6 +914,8 @@ TRITONSERVER_Error* StartEngine(ModelState* m, Stream* s) {
   }
   RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddRequestedOutput(req, "output_ids"));
   RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddRequestedOutput(req, "sequence_length"));
+  if (s->sequences > 1) RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddRequestedOutput(req, "sequence_index"));
+  if (s->log_probs) RETURN_IF_ERR(TRITONSERVER_InferenceRequestAddRequestedOutput(req, "output_log_probs"));
   RETURN_IF_ERR(TRITONSERVER_InferenceRequestSetReleaseCallback(req, EngineRequestReleased, s));
   RETURN_IF_ERR(TRITONSERVER_InferenceRequestSetResponseCallback(req, m->allocator, nullptr, EngineResponse, s));
   if (!s->client_id.empty()) {
@@ -818,11 +964,13 @@ TRITONSERVER_Error* Start(ModelState* m, TRITONBACKEND_Request* request, Stream*
   {
     std::lock_guard<std::mutex> lock(s->mu);
     if (cancelled) {
-      EndEarly(s, "", "cancelled");  // no engine work for it
+      EndAll(s, "cancelled");  // no engine work for it
       s->engine_done = true;
-    } else if (!s->echo.empty()) {  // the prompt first: its own response, or the text's start
-      if (s->streaming) SendText(s, s->echo, "", false);
-      else s->held = s->echo;
+    } else if (!s->echo.empty()) {  // the prompt first, for each sequence: its own response, or the text's start
+      for (size_t k = 0; k < s->seqs.size(); ++k) {
+        if (s->streaming) SendText(s, k, s->echo, "", false);
+        else s->seqs[k].held = s->echo;
+      }
     }
   }
   if (cancelled) {
