@@ -121,7 +121,7 @@ using Clock = std::chrono::steady_clock;
 
 // The most completions one request may ask for (NUM_RETURN_SEQUENCES), as the tokenizer
 // model allows (mixtral_triton.protocol): each is a sequence in the engine's batch.
-constexpr int32_t kMaxSequences = 16;
+constexpr int32_t kMaxSequences = 8;
 
 struct ModelState {
   // Coalescing (as MIN_RESPONSE_INTERVAL_US in __init__.py says why): at most one response
@@ -547,7 +547,9 @@ std::string Decode(Stream* s, TRITONSERVER_InferenceResponse* response, size_t* 
     } else if (std::strcmp(name, "sequence_index") == 0 && dt == TRITONSERVER_TYPE_INT32 && bytes >= 4) {
       index = *static_cast<const int32_t*>(base);
     } else if (std::strcmp(name, "output_log_probs") == 0 && dt == TRITONSERVER_TYPE_FP32) {
-      log_probs = static_cast<const float*>(base);  // [1, beam 1, tokens]
+      // [1, beam 1, L]: streaming, L is every token of the sequence so far (the executor
+      // sends its whole list); this response's tokens are the last ones
+      log_probs = static_cast<const float*>(base);
       n_log_probs = bytes / 4;
     }
   }
@@ -565,6 +567,7 @@ std::string Decode(Stream* s, TRITONSERVER_InferenceResponse* response, size_t* 
               " output_log_probs for " + std::to_string(n_ids) + " tokens";
     return "";
   }
+  if (s->log_probs) log_probs += n_log_probs - n_ids;
   const std::vector<std::string>& table = *s->table;
   for (size_t t = 0; t < n_ids; ++t) {
     if (ids[t] < 0 || static_cast<size_t>(ids[t]) >= table.size()) {
