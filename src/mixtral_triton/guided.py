@@ -46,7 +46,12 @@ class GrammarCompiler:
             if guide.type == "json":
                 return self._compiler.compile_builtin_json_grammar()
             if guide.type == "json_schema":
-                return self._compiler.compile_json_schema(guide.text)
+                # Compact JSON (no free whitespace between tokens), which a random-weight
+                # model needs to end within max_tokens: with whitespace allowed it fills the
+                # gaps with it. TensorRT-LLM's guidedDecoder.cpp (the index's copy, not
+                # pinned to 1.2.1) passes xgrammar's default (any whitespace); both
+                # produce JSON that validates, only its spacing may differ on GPUs.
+                return self._compiler.compile_json_schema(guide.text, any_whitespace=False)
             if guide.type == "regex":
                 return self._compiler.compile_grammar(xgrammar.Grammar.from_regex(guide.text))
             return self._compiler.compile_grammar(xgrammar.Grammar.from_ebnf(guide.text))
