@@ -299,11 +299,13 @@ def test_upstream_token_count_outputs_come_when_asked(triton_server):
 
 @pytest.mark.parametrize("name, value, message", [
     ("beam_width", [[2]], "beam_width must be 1"),
-    ("num_return_sequences", [[3]], "num_return_sequences must be 1"),
-    ("return_log_probs", [[True]], "return_log_probs must be false"),
+    ("num_return_sequences", [[9]], "num_return_sequences must be >= 1 and <= 8"),
+    ("num_return_sequences", [[0]], "num_return_sequences must be >= 1 and <= 8"),
     ("return_generation_logits", [[True]], "return_generation_logits must be false"),
     ("lora_task_id", [[7]], "lora_task_id is not served"),
-    ("guided_decoding_guide_type", [[b"json"]], "guided_decoding_guide_type is not served"),
+    ("guided_decoding_guide_type", [[b"xml"]], "guided_decoding_guide_type must be one of json, "
+     "json_schema, regex, ebnf_grammar"),
+    ("guided_decoding_guide_type", [[b"structural_tag"]], "guided_decoding_guide_type must be one of"),
     ("prompt_embedding_table", [[[0.0]]], "prompt_embedding_table is not served"),
 ])
 def test_upstream_inputs_asking_for_what_is_not_served_are_refused_by_name(triton_server, name, value, message):

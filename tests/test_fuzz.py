@@ -135,6 +135,11 @@ _INPUTS = {  # the ensemble's optional inputs, each with its Triton type
     "frequency_penalty": st.floats(-3, 3, width=32).map(lambda v: np.array([[v]], np.float32)),
     "min_tokens": st.integers(-3, 300).map(lambda v: np.array([[v]], np.int32)),
     "beam_width": st.integers(-1, 3).map(lambda v: np.array([[v]], np.int32)),
+    "num_return_sequences": st.integers(-1, 10).map(lambda v: np.array([[v]], np.int32)),
+    "guided_decoding_guide_type": st.sampled_from([b"", b"json", b"json_schema", b"regex", b"ebnf_grammar",
+                                                   b"structural_tag"]).map(lambda v: np.array([[v]], dtype=object)),
+    "guided_decoding_guide": (_bytes | st.sampled_from([b'{"type": "object"}', b"[a-z]{1,4}", b'root ::= "a"']))
+    .map(lambda v: np.array([[v]], dtype=object)),
     "stop": st.just(np.array([[False]], np.bool_)),
 }
 _tensors = st.fixed_dictionaries({

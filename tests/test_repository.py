@@ -426,3 +426,59 @@ def test_cli_fills_and_reports_errors_on_one_line(dirs, tmp_path, capsys):
     assert main(["--target", "gpu", "--out", str(out),
                  "--tokenizer-dir", str(dirs["tokenizer"])]) == 2
     assert capsys.readouterr().err.strip().endswith("error: --target gpu needs --engine-dir")
+
+
+def test_gpu_engine_model_does_guided_decoding_with_xgrammar_and_the_fills_tokenizer_info(dirs, tmp_path,
+                                                                                           tiny_checkpoint):
+    """TensorRT-LLM 1.2.1's backend turns guided decoding on when guided_decoding_backend is
+    "xgrammar" and xgrammar_tokenizer_info_path names a JSON file with encoded_vocab (the
+    tokens in id order), tokenizer_str (tokenizer.json's text) and stop_token_ids
+    (model_instance_state.cc getGuidedDecodingConfigFromParams; the file as
+    examples/generate_xgrammar_tokenizer_info.py writes it). Built the way the executor builds
+    it (metadata detected from tokenizer_str), it masks exactly as the tokenizer itself does."""
+    import xgrammar
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "repo"
+    config = fill_and_load("gpu", dirs, out)["tensorrt_llm"]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["guided_decoding_backend"] == "xgrammar"
+    info_path = Path(params["xgrammar_tokenizer_info_path"])
+    assert info_path == out.resolve() / "tensorrt_llm" / "xgrammar_tokenizer_info.json" and info_path.is_file()
+    info = json.loads(info_path.read_text())
+    assert set(info) == {"encoded_vocab", "tokenizer_str", "stop_token_ids"}
+    tokenizer = AutoTokenizer.from_pretrained(str(dirs["tokenizer"]))
+    vocab = tokenizer.get_vocab()
+    assert [vocab[token] for token in info["encoded_vocab"]] == list(range(len(vocab)))
+    assert info["stop_token_ids"] == [tokenizer.eos_token_id]
+    # the backend's tokenizer as transformers builds it (upstream's tool writes the same)
+    assert Tokenizer.from_str(info["tokenizer_str"]).get_vocab_size() == len(vocab)
+
+    detected = xgrammar.TokenizerInfo._detect_metadata_from_hf(info["tokenizer_str"])
+    as_executor = xgrammar.TokenizerInfo(info["encoded_vocab"], detected["vocab_type"],
+                                         stop_token_ids=info["stop_token_ids"],
+                                         add_prefix_space=detected["add_prefix_space"])
+    as_tokenizer = xgrammar.TokenizerInfo.from_huggingface(tokenizer)
+    assert as_executor.vocab_type == as_tokenizer.vocab_type
+    assert as_executor.add_prefix_space == as_tokenizer.add_prefix_space
+    assert as_executor.decoded_vocab == as_tokenizer.decoded_vocab
+    masks = []
+    for tokenizer_info in (as_executor, as_tokenizer):
+        matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(tokenizer_info).compile_json_schema(
+            '{"type": "object", "properties": {"a": {"type": "integer"}}}'))
+        bitmask = xgrammar.allocate_token_bitmask(1, tokenizer_info.vocab_size)
+        matcher.fill_next_token_bitmask(bitmask)
+        masks.append(bitmask)
+    assert masks[0].equal(masks[1])
+
+
+def test_the_cpu_repository_has_no_gpu_guided_decoding_file(dirs, tmp_path):
+    out = tmp_path / "repo"
+    fill_and_load("cpu", dirs, out)
+    assert not list(out.rglob("xgrammar_tokenizer_info.json"))
+
+
+def test_bf16_logits_are_refused_for_gpus_since_the_guided_decoder_masks_fp32_or_fp16(dirs, tmp_path):
+    with pytest.raises(UserError, match="TYPE_BF16 does not work with guided decoding"):
+        fill_repository(settings("gpu", dirs, logits_datatype="TYPE_BF16"), tmp_path / "repo")

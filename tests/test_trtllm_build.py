@@ -203,3 +203,18 @@ def test_a_non_empty_output_folder_is_refused(ckpt, tmp_path, fake_trtllm_build)
     (out / "rank7.engine").write_bytes(b"old")
     with pytest.raises(UserError, match=r"--output-dir .* is not empty"):
         run_build(prepare_build(ckpt, out, "H100-80GB"))
+
+
+def test_the_engine_carries_log_probs_and_guided_decoding_without_a_build_flag(ckpt, tmp_path, capsys, tiny_stack):
+    """On TensorRT-LLM 1.2.1 log probabilities come from the sampling layers and guided
+    decoding masks the logits in the executor (guidedDecoder.cpp): neither needs
+    --gather_generation_logits (which only returns logits, at a memory cost). The mask takes
+    float32 or float16 logits: the checkpoint's logits_dtype is float32 and the build keeps it."""
+    import json
+
+    converted = json.loads((tiny_stack.trtllm_checkpoint / "config.json").read_text())
+    assert converted["logits_dtype"] == "float32"
+    assert engine_main(["--checkpoint-dir", str(ckpt), "--output-dir", str(tmp_path / "e"), "--gpu",
+                        "H100-80GB", "--dry-run"]) == 0
+    command = shlex.split(capsys.readouterr().out)
+    assert not [flag for flag in command if "gather" in flag or "logits_dtype" in flag]

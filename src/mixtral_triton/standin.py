@@ -72,7 +72,11 @@ class TableSequence:
 
 
 class TableSampler:
-    """The Engine's sampler for the stand-in: the step already chose the token."""
+    """The Engine's sampler for the stand-in: the step already chose the token, with
+    certainty (log probability 0). It has no grammar: guided decoding is refused before."""
+
+    log_prob = 0.0
+    terminated = False
 
     @staticmethod
     def choose(token: int) -> int:

@@ -15,10 +15,13 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.guided import GrammarCompiler
+from mixtral_triton.protocol import RequestError
 from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, coded
 from mixtral_triton.reference import Engine, ReferenceModel
 from mixtral_triton.reference.engine import QueueFull
-from mixtral_triton.reference.contract import is_stop_request, output_arrays, request_from_inputs
+from mixtral_triton.reference.contract import (
+    ResponseStream, is_stop_request, request_from_inputs, sequence_requests, wants_log_probs)
 from mixtral_triton.standin import Pacing, TableModel
 
 CANCELLATION_CHECK_PERIOD_S = 0.05
@@ -32,11 +35,13 @@ class TritonPythonModel:
         torch.set_num_threads(1)  # more threads than cores left stalls every step many-fold
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        self.grammars = None  # guided decoding: the reference model's only
         if params["engine"] == "standin":
             model = TableModel.from_folders(params["tokenizer_dir"], params["checkpoint_dir"], Pacing(
                 params["standin_gpu"], int(params["standin_tp"]), float(params["standin_pace_scale"])))
         else:
             model = ReferenceModel.from_trtllm_checkpoint(params["checkpoint_dir"])
+            self.grammars = GrammarCompiler.from_folder(params["tokenizer_dir"], model.config.vocab_size)
         # The queue bound of this model's dynamic_batching, which the C++ backend also
         # applies to its executor: more requests waiting for a batch slot are refused.
         queue_policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
@@ -68,21 +73,28 @@ class TritonPythonModel:
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         try:
-            engine_request = request_from_inputs(inputs)
+            engine_request = request_from_inputs(inputs, self.grammars)
+            sequences = sequence_requests(engine_request, inputs)
+        except RequestError as exc:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                coded(INVALID_ARGUMENT, str(exc), exc.field), pb_utils.TritonError.INVALID_ARG)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
         except (KeyError, TypeError, ValueError, UserError) as exc:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 coded(INVALID_ARGUMENT, f"invalid request: {exc}"), pb_utils.TritonError.INVALID_ARG)),
                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        prompt_tokens = len(engine_request.input_ids)
         # only what the request asked for: see output_arrays for why nothing may be dropped later
         requested = set(request.requested_output_names())
-        generated = [0]
-        handle_box = []
+        stream = []  # the ResponseStream, once the engine has taken the sequences
 
         def on_event(event):
-            generated[0] += len(event.tokens)
-            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if event.finished else 0
+            if not stream:  # an event before the sequences are registered: wait for that
+                with self.lock:
+                    pass
+            arrays, final = stream[0].respond(event)
+            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
             if event.finished:
                 # Forget the request before its final response: sending it frees the
                 # request's response factory in the server, and is_cancelled() on it
@@ -94,8 +106,7 @@ class TritonPythonModel:
             if event.finish_reason == "error":
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(coded(INTERNAL, "engine step failed"))),
                             flags=flags)
-            elif event.tokens or not event.finished:
-                arrays = output_arrays(event.tokens, prompt_tokens, generated[0], requested)
+            elif arrays is not None:
                 sender.send(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, a) for n, a in arrays.items()]), flags=flags)
             else:
@@ -103,7 +114,7 @@ class TritonPythonModel:
 
         with self.lock:  # hold the lock so on_event cannot pop before we register
             try:
-                handle = self.engine.submit(engine_request, on_event)
+                handles = self.engine.submit_all(sequences, on_event)
             except QueueFull as exc:
                 # As the tensorrtllm backend answers an executor that refused the request
                 # (model_instance_state.cc, enqueue): INTERNAL, the exception's text, no code
@@ -117,7 +128,10 @@ class TritonPythonModel:
                     coded(INVALID_ARGUMENT, str(exc)), pb_utils.TritonError.INVALID_ARG)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
-            self.live[handle.id] = (request, request.request_id())
+            stream.append(ResponseStream([h.id for h in handles], len(engine_request.input_ids), requested,
+                                         wants_log_probs(inputs)))
+            for handle in handles:
+                self.live[handle.id] = (request, request.request_id())
             self._count_active()
 
     def _cancel_by_triton_id(self, triton_id):

@@ -23,6 +23,8 @@ import numpy as np
 from mixtral_triton.protocol import (
     ENSEMBLE_ONLY_INPUTS, FIELDS, MAX_STOP_CHARS, MAX_STOPS, RequestError, check_lengths, parse_request)
 from mixtral_triton.protocol.ensemble import ABSENT, NO_END_ID, refusal
+from mixtral_triton.protocol.guided import GUIDE_FIELD, TYPE_FIELD, read_guide
+from mixtral_triton.guided import GrammarCompiler
 from mixtral_triton.ensemble_models.tensors import scalar, strings
 from mixtral_triton.text import words_list
 
@@ -32,7 +34,13 @@ ENGINE_INPUTS = (
     "input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
     "bad_words_list", "streaming", "temperature", "runtime_top_k", "runtime_top_p", "seed",
     "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "stop",
+    "num_return_sequences", "return_log_probs", "guided_decoding_guide_type", "guided_decoding_guide",
 )
+# The most sequences one request may ask for (num_return_sequences): each is a sequence of
+# its own in the engine's batch (TensorRT-LLM makes child requests), so n of them take n
+# batch slots; 8 fits the CPU reference engine's batch, and is what sampling several
+# completions (OpenAI's n, best-of evaluation) routinely asks for.
+MAX_RETURN_SEQUENCES = 8
 # What the detokenizer (postprocessing) needs besides the engine's inputs (upper-cased in the
 # config too).
 DETOKENIZER_INPUTS = ("stop_strings", "echo_text", "include_stop_str_in_output",
@@ -61,6 +69,8 @@ class Preprocessor:
         self.max_prompt_chars = 4 * max_input_len * longest_piece
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+        # A guide that does not compile is refused here, before any engine work.
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
 
     def prepare(self, inputs: Mapping[str, np.ndarray], request_id: str = "") -> dict[str, np.ndarray]:
         """Engine inputs (each [1, ...]) plus the DETOKENIZER_INPUTS."""
@@ -107,6 +117,10 @@ class Preprocessor:
                                    f"< {self.vocab_size} (the vocabulary's size), got {token}")
         bad_words = strings(inputs, "bad_words")
         _check_word_list("bad_words", bad_words)
+        sequences = _integer(inputs, "num_return_sequences", 1, 1, MAX_RETURN_SEQUENCES)
+        guide = read_guide(scalar(inputs, TYPE_FIELD), scalar(inputs, GUIDE_FIELD))
+        if guide is not None:
+            self.grammars.compile(guide)
 
         temperature, top_k = request.temperature, request.top_k
         if "top_k" not in body:
@@ -135,6 +149,11 @@ class Preprocessor:
             "frequency_penalty": request.frequency_penalty,
             "min_tokens": request.min_tokens,
             "stop": False,
+            "num_return_sequences": sequences,
+            "return_log_probs": bool(scalar(inputs, "return_log_probs")),
+            # Empty: no guided decoding (the tensorrtllm backend ignores a type it does not map).
+            "guided_decoding_guide_type": guide.type if guide else "",
+            "guided_decoding_guide": guide.text if guide else "",
         }
         out = {name: _tensor(name, values[name]) for name in ENGINE_INPUTS}
         out.update(self._detokenizer_inputs(request, inputs))
@@ -158,7 +177,8 @@ class Preprocessor:
                       request_output_len=1, end_id=self.end_id, pad_id=self.pad_id,
                       stop_words_list=_words(self.tokenizer, ()), bad_words_list=_words(self.tokenizer, ()),
                       streaming=False, temperature=1.0, runtime_top_p=1.0, repetition_penalty=1.0,
-                      stop=True)
+                      stop=True, num_return_sequences=1, return_log_probs=False,
+                      guided_decoding_guide_type="", guided_decoding_guide="")
         out = {name: _tensor(name, values[name]) for name in ENGINE_INPUTS}
         out.update(self._detokenizer_inputs(_CANCEL, {}))
         return out
@@ -206,7 +226,8 @@ def _words(tokenizer, words, token_ids=()) -> np.ndarray:
 
 
 _ENGINE_DTYPES = {"input_ids": np.int32, "stop_words_list": np.int32, "bad_words_list": np.int32,
-                  "streaming": np.bool_, "stop": np.bool_, "seed": np.uint64,
+                  "streaming": np.bool_, "stop": np.bool_, "seed": np.uint64, "return_log_probs": np.bool_,
+                  "guided_decoding_guide_type": object, "guided_decoding_guide": object,
                   "temperature": np.float32, "runtime_top_p": np.float32,
                   "repetition_penalty": np.float32, "presence_penalty": np.float32,
                   "frequency_penalty": np.float32}
@@ -214,6 +235,8 @@ _ENGINE_DTYPES = {"input_ids": np.int32, "stop_words_list": np.int32, "bad_words
 
 def _tensor(name: str, value) -> np.ndarray:
     """[1, ...]: these models are batched (max_batch_size > 0), one request per item."""
+    if isinstance(value, str):
+        value = value.encode("utf-8")
     array = np.asarray(value, dtype=_ENGINE_DTYPES.get(name, np.int32))
     return array.reshape(1, 1) if array.ndim == 0 else array[None]
 

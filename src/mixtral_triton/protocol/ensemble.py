@@ -5,10 +5,9 @@ them), plus this project's `stop`. With FIELDS they are the ensemble's whole inp
 validates a request.
 
 An input is either served (its value does what upstream's does), or accepted only with
-the value that asks for nothing this project does not serve (beam width 1, one return
-sequence, no log probs or logits); any other value is refused naming the input. Inputs
-for features not served at all (LoRA, prompt tuning, guided decoding, embedding bias,
-encoder-decoder models) are refused whenever they are given.
+the value that asks for nothing this project does not serve (beam width 1, no logits);
+any other value is refused naming the input. Inputs for features not served at all (LoRA,
+prompt tuning, embedding bias, encoder-decoder models) are refused whenever they are given.
 """
 
 from __future__ import annotations
@@ -52,10 +51,15 @@ ENSEMBLE_ONLY_INPUTS: tuple[EnsembleInput, ...] = (
     EnsembleInput("length_penalty", "TYPE_FP32", (1,),
                   "Beam search's length penalty; without beam search TensorRT-LLM ignores it."),
     EnsembleInput("stop", "TYPE_BOOL", (1,), "true cancels the running request of this request id."),
-    EnsembleInput("beam_width", "TYPE_INT32", (1,), "Beam search is not served.", only=1),
-    EnsembleInput("num_return_sequences", "TYPE_INT32", (1,), "One sequence per request.", only=1),
-    EnsembleInput("return_log_probs", "TYPE_BOOL", (1,), "Log probabilities are not returned.",
-                  only=False),
+    # The engine is built with max_beam_width 1 (mixtral_triton.trtllm_build): TensorRT-LLM's
+    # executor refuses a request whose beam width exceeds the engine's.
+    EnsembleInput("beam_width", "TYPE_INT32", (1,), "Beam search needs an engine built for it; "
+                  "this one is built with max_beam_width 1.", only=1),
+    EnsembleInput("num_return_sequences", "TYPE_INT32", (1,),
+                  "Independent sequences for this request, 1 to 8 (each response names its "
+                  "sequence)."),
+    EnsembleInput("return_log_probs", "TYPE_BOOL", (1,),
+                  "Return the log probability of every generated token."),
     EnsembleInput("return_context_logits", "TYPE_BOOL", (1,), "Logits are not returned.", only=False),
     EnsembleInput("return_generation_logits", "TYPE_BOOL", (1,), "Logits are not returned.",
                   only=False),
@@ -70,10 +74,10 @@ ENSEMBLE_ONLY_INPUTS: tuple[EnsembleInput, ...] = (
     EnsembleInput("lora_task_id", "TYPE_UINT64", (1,), "LoRA adapters.", only=ABSENT),
     EnsembleInput("lora_weights", "TYPE_FP16", (-1, -1), "LoRA adapters.", only=ABSENT, ragged=True),
     EnsembleInput("lora_config", "TYPE_INT32", (-1, 3), "LoRA adapters.", only=ABSENT, ragged=True),
-    EnsembleInput("guided_decoding_guide_type", "TYPE_STRING", (1,), "Guided decoding.", only=ABSENT,
-                  ragged=True),
-    EnsembleInput("guided_decoding_guide", "TYPE_STRING", (1,), "Guided decoding.", only=ABSENT,
-                  ragged=True),
+    EnsembleInput("guided_decoding_guide_type", "TYPE_STRING", (1,),
+                  "Guided decoding: json, json_schema, regex or ebnf_grammar.", ragged=True),
+    EnsembleInput("guided_decoding_guide", "TYPE_STRING", (1,),
+                  "The JSON Schema, regex or EBNF grammar the output follows.", ragged=True),
 )
 ENSEMBLE_ONLY_BY_NAME = {spec.name: spec for spec in ENSEMBLE_ONLY_INPUTS}
 

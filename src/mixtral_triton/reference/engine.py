@@ -7,8 +7,9 @@ batching: a new request's prefill runs in the same packed step as the others' de
 After every step each request gets an event with only its new tokens; its last event
 carries the finish reason:
 
-* ``"stop"``: the end id was chosen (not returned, as TensorRT-LLM leaves it out) or the
-  generated tokens end with a stop word (returned, as TensorRT-LLM returns them);
+* ``"stop"``: the end id was chosen (not returned, as TensorRT-LLM leaves it out), the
+  generated tokens end with a stop word (returned, as TensorRT-LLM returns them), or the
+  request's grammar (guided decoding) is complete;
 * ``"length"``: ``max_tokens`` tokens were generated;
 * ``"cancelled"``: ``cancel`` was called (or the engine shut down) first;
 * ``"error"``: the model step failed; ``RequestHandle.result`` raises it.
@@ -21,7 +22,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from mixtral_triton.errors import UserError
 from mixtral_triton.reference.forward import ReferenceModel, SequenceCache
@@ -44,16 +45,19 @@ class Request:
     bad_words: Sequence[Sequence[int]] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     streaming: bool = True
+    grammar: Any = None  # guided decoding: an xgrammar CompiledGrammar (mixtral_triton.guided)
 
 
 @dataclass(frozen=True)
 class Event:
-    """New tokens of one request; ``finish_reason`` is set on its last event only. Without
-    streaming the only event is the last one, with all the tokens."""
+    """New tokens of one request, with the log probability of each (the sampler's);
+    ``finish_reason`` is set on its last event only. Without streaming the only event is the
+    last one, with all the tokens."""
 
     request_id: int
     tokens: tuple[int, ...]
     finish_reason: str | None = None
+    log_probs: tuple[float, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -122,29 +126,34 @@ class _Active:
         self.next_input = list(request.input_ids)  # what the next step feeds: the prompt, then the last token
         self.generated: list[int] = []
         self.unsent: list[int] = []  # held back until the last event when not streaming
+        self.unsent_log_probs: list[float] = []
         self.cancelled = False
         self.error: BaseException | None = None
 
-    def advance(self, token: int) -> tuple[tuple[int, ...], str | None]:
-        """Take the chosen token; returns (tokens to send now, finish reason or None)."""
+    def advance(self, token: int) -> Event | None:
+        """Take the chosen token; returns the event to send now, if any."""
         if token == self.request.end_id:
             return self.end("stop")
         self.generated.append(token)
         self.unsent.append(token)
+        self.unsent_log_probs.append(self.sampler.log_prob)
         self.next_input = [token]
         if any(len(w) <= len(self.generated) and self.generated[-len(w):] == list(w)
-               for w in self.request.stop_words):
+               for w in self.request.stop_words) or self.sampler.terminated:
             return self.end("stop")
         if len(self.generated) >= self.max_tokens:
             return self.end("length")
         if not self.request.streaming:
-            return (), None
-        sent, self.unsent = tuple(self.unsent), []
-        return sent, None
+            return None
+        return self._take(None)
 
-    def end(self, reason: str) -> tuple[tuple[int, ...], str]:
-        sent, self.unsent = tuple(self.unsent), []
-        return sent, reason
+    def end(self, reason: str) -> Event:
+        return self._take(reason)
+
+    def _take(self, reason: str | None) -> Event:
+        event = Event(self.handle.id, tuple(self.unsent), reason, tuple(self.unsent_log_probs))
+        self.unsent, self.unsent_log_probs = [], []
+        return event
 
 
 class QueueFull(UserError):
@@ -187,21 +196,30 @@ class Engine:
     def submit(self, request: Request, on_event: Callable[[Event], None] | None = None) -> RequestHandle:
         """Queue a request. Events go to ``on_event`` (called on the engine thread) if given,
         else to the handle's ``events()``."""
-        max_tokens = self._check(request)
+        return self.submit_all([request], on_event)[0]
+
+    def submit_all(self, requests: Sequence[Request],
+                   on_event: Callable[[Event], None] | None = None) -> list[RequestHandle]:
+        """Queue several requests at once (the sequences of one request with
+        num_return_sequences > 1): all of them, or none if the queue has no room for all."""
+        max_tokens = [self._check(request) for request in requests]
         with self._lock:
             if self._stopping:
                 raise UserError("the engine is shut down")
             # Waiting requests that a free batch slot takes at the next step are not queued.
-            queued = len(self._waiting) - max(0, self._max_batch_size - len(self._running))
+            queued = len(self._waiting) + len(requests) - 1 - max(0, self._max_batch_size - len(self._running))
             if self._max_queue_size and queued >= self._max_queue_size:
                 raise QueueFull(f"Maximum queue size of {self._max_queue_size} has been reached, "
                                 "please try again later")
-            handle = RequestHandle(next(self._ids), self, on_event)
-            active = _Active(handle, request, max_tokens, self._model.new_sampler(request))
-            self._waiting.append(active)
-            self._by_id[handle.id] = active
+            handles = []
+            for request, most in zip(requests, max_tokens):
+                handle = RequestHandle(next(self._ids), self, on_event)
+                active = _Active(handle, request, most, self._model.new_sampler(request))
+                self._waiting.append(active)
+                self._by_id[handle.id] = active
+                handles.append(handle)
             self._lock.notify()
-        return handle
+        return handles
 
     def cancel(self, request_id: int) -> bool:
         """Ask for a request to end; it leaves the batch before the next step. False if it
@@ -274,13 +292,13 @@ class Engine:
                     self._running.append(active)
                 self._forget(leaving)
                 batch = list(self._running)
-            self._deliver([(a, *a.end("cancelled")) for a in leaving])
+            self._deliver([(a, a.end("cancelled")) for a in leaving])
             if stopping:
                 return
             if batch:
                 self._deliver(self._step(batch))
 
-    def _step(self, batch: list[_Active]) -> list[tuple[_Active, tuple[int, ...], str | None]]:
+    def _step(self, batch: list[_Active]) -> list[tuple[_Active, Event | None]]:
         if self._on_step is not None:
             self._on_step([a.handle.id for a in batch])
         try:
@@ -289,15 +307,15 @@ class Engine:
             log.exception("model step failed")
             for active in batch:
                 active.error = exc
-            outcome = [(a, *a.end("error")) for a in batch]
+            outcome = [(a, a.end("error")) for a in batch]
         else:
             with self._lock:
                 cancelled = [a.cancelled for a in batch]
             # A request cancelled during the step ends now, without this step's token.
-            outcome = [(a, *(a.end("cancelled") if gone else a.advance(a.sampler.choose(row))))
+            outcome = [(a, a.end("cancelled") if gone else a.advance(a.sampler.choose(row)))
                        for a, row, gone in zip(batch, logits, cancelled)]
         with self._lock:
-            finished = [a for a, _, reason in outcome if reason is not None]
+            finished = [a for a, event in outcome if event is not None and event.finished]
             self._running = [a for a in self._running if a not in finished]
             self._forget(finished)
         return outcome
@@ -309,7 +327,7 @@ class Engine:
             self._by_id.pop(active.handle.id, None)
 
     @staticmethod
-    def _deliver(outcome: list[tuple[_Active, tuple[int, ...], str | None]]) -> None:
-        for active, tokens, reason in outcome:
-            if tokens or reason is not None:
-                active.handle._deliver(Event(active.handle.id, tokens, reason), active.error)
+    def _deliver(outcome: list[tuple[_Active, Event | None]]) -> None:
+        for active, event in outcome:
+            if event is not None and (event.tokens or event.finished):
+                active.handle._deliver(event, active.error)

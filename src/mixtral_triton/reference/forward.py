@@ -279,7 +279,7 @@ class ReferenceModel:
     def new_sampler(self, request) -> TokenSampler:
         """How a request's next token is chosen from this model's logits (the Engine asks)."""
         return TokenSampler(request.sampling, request.input_ids, self.config.vocab_size, request.end_id,
-                            request.bad_words)
+                            request.bad_words, request.grammar)
 
     @torch.inference_mode()
     def step(self, tokens: Sequence[Sequence[int]], caches: Sequence[SequenceCache],

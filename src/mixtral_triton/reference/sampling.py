@@ -11,7 +11,12 @@ sampling layers) as far as a single-beam request can see them:
   penalty (all three over prompt and generated tokens), end id banned while fewer than
   min_tokens tokens were generated, bad words banned, then greedy or top-k/top-p sampling;
 * every request draws from its own generator seeded with its seed, so a seed repeats its
-  output whatever else runs in the batch.
+  output whatever else runs in the batch;
+* guided decoding (a compiled xgrammar grammar) masks the logits last, to the tokens the
+  grammar allows (mixtral_triton.guided), and the grammar takes the chosen token;
+* `log_prob` is the log probability of the chosen token in the distribution it was drawn
+  from: greedy, the softmax of the processed logits (so it is the step's maximum);
+  sampling, the top-k / top-p distribution renormalised over the tokens kept.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Sequence
 import torch
 
 from mixtral_triton.errors import UserError
+from mixtral_triton.guided import GrammarMask
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,10 @@ class TokenSampler:
     """Chooses the next tokens of one request; keeps its sequence, token counts and generator."""
 
     def __init__(self, params: SamplingParams, prompt: Sequence[int], vocab_size: int,
-                 end_id: int | None = None, bad_words: Sequence[Sequence[int]] = ()):
+                 end_id: int | None = None, bad_words: Sequence[Sequence[int]] = (), grammar=None):
         self.params = params
+        self._grammar = GrammarMask(grammar, vocab_size) if grammar is not None else None
+        self.log_prob = 0.0  # of the last token chosen
         self._end_id = end_id
         self._bad_words = [list(word) for word in bad_words]
         self._sequence = list(prompt)  # prompt and generated tokens, as the ban-words layer sees them
@@ -93,13 +101,29 @@ class TokenSampler:
             # A bad word is banned when the sequence ends with all of it but its last token.
             if len(word) == 1 or self._sequence[-(len(word) - 1):] == word[:-1]:
                 logits[word[-1]] = float("-inf")
-        token = int(logits.argmax()) if p.greedy else self._sample(logits)
+        if self._grammar is not None:
+            allowed = self._grammar.apply(torch.zeros_like(logits))
+            logits = logits + allowed
+            if not torch.isfinite(logits).any():  # min_tokens or a bad word banned all it allows:
+                logits = allowed  # the grammar wins, evenly over what it allows
+        if p.greedy:
+            token = int(logits.argmax())
+            self.log_prob = float(logits.log_softmax(-1)[token])
+        else:
+            token, self.log_prob = self._sample(logits)
+        if self._grammar is not None:
+            self._grammar.accept(token)
         self._sequence.append(token)
         self._generated += 1
         self._counts[token] += 1
         return token
 
-    def _sample(self, logits: torch.Tensor) -> int:
+    @property
+    def terminated(self) -> bool:
+        """The request's grammar is complete: the sequence ends here."""
+        return self._grammar is not None and self._grammar.terminated
+
+    def _sample(self, logits: torch.Tensor) -> tuple[int, float]:
         p = self.params
         probs, order = logits.softmax(dim=-1).sort(descending=True)
         if p.top_k > 0:
@@ -114,4 +138,5 @@ class TokenSampler:
         # would change the token a seed draws whatever else runs beside it.
         kept = torch.zeros(logits.shape[-1], dtype=probs.dtype)
         kept[order] = probs
-        return int(torch.multinomial(kept, 1, generator=self._generator))
+        token = int(torch.multinomial(kept, 1, generator=self._generator))
+        return token, float(kept[token].log())

@@ -23,6 +23,7 @@ from tritonclient.grpc.model_config_pb2 import ModelConfig
 
 from mixtral_triton import cpp_detokenizer
 from mixtral_triton.errors import UserError
+from mixtral_triton.guided import TOKENIZER_INFO_FILE, write_tokenizer_info
 from mixtral_triton.standin import Pacing
 from mixtral_triton.repository.pbtxt import parse_config
 from mixtral_triton.repository.wiring import wiring_problems
@@ -130,6 +131,12 @@ class Settings:
         if self.logits_datatype not in LOGITS_DATATYPES:
             raise UserError(f"unknown logits data type {self.logits_datatype!r}: "
                             f"choose one of {', '.join(LOGITS_DATATYPES)}")
+        if self.target == "gpu" and self.logits_datatype == "TYPE_BF16":
+            # TensorRT-LLM's guided decoder masks float32 and float16 logits only
+            # (guidedDecoder.cpp: "Unsupported logits data type"), and guided decoding is on.
+            raise UserError("--logits-datatype TYPE_BF16 does not work with guided decoding on "
+                            "TensorRT-LLM 1.2.1 (its mask takes float32 or float16 logits): build the "
+                            "engine with float32 (trtllm-build's default) or float16 logits")
 
     def values(self) -> dict[str, str]:
         """Placeholder name -> text, escaped for use inside a quoted pbtxt string."""
@@ -144,7 +151,7 @@ class Settings:
                 text = str(value.resolve())  # Triton resolves relative paths from its own cwd
             else:
                 text = str(value)
-            out[f.name] = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            out[f.name] = _pbtxt_string(text)
         return out
 
 
@@ -181,6 +188,10 @@ def fill_repository(settings: Settings, out: Path, templates: Path | None = None
     _check_replaceable(out)
 
     values = settings.values()
+    # GPU: the executor's xgrammar reads the tokenizer info file the fill writes in the
+    # engine model's folder; the path is where it will be once the repository is in place.
+    engine_folder = out / "tensorrt_llm"
+    values["xgrammar_tokenizer_info_path"] = _pbtxt_string(str(engine_folder / TOKENIZER_INFO_FILE))
     filled: dict[str, str] = {}
     configs: dict[str, ModelConfig] = {}
     for model, folder in MODELS[settings.target].items():
@@ -209,6 +220,8 @@ def fill_repository(settings: Settings, out: Path, templates: Path | None = None
                             ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
             (staging / model / "config.pbtxt").write_text(filled[model])
         cpp_detokenizer.install(staging / DETOKENIZER_MODEL, settings.tokenizer_dir, library_cache)
+        if settings.target == "gpu":
+            write_tokenizer_info(settings.tokenizer_dir, staging / engine_folder.name / TOKENIZER_INFO_FILE)
         record = {k: str(v.resolve()) if isinstance(v, Path) else v
                   for k, v in asdict(settings).items()}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
@@ -247,6 +260,11 @@ def _replace(staging: Path, out: Path) -> None:
     os.rename(out, old / out.name)
     os.rename(staging, out)
     shutil.rmtree(old)
+
+
+def _pbtxt_string(text: str) -> str:
+    """Text escaped for use inside a quoted pbtxt string."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _require_dir(what: str, path: Path) -> None:
