@@ -20,6 +20,7 @@ sanitizer_tests=(
   tests/test_many_streams.py
   tests/test_disconnects.py
   tests/test_fuzz_models.py
+  tests/test_sequences_and_log_probs.py
 )
 "$root/.venv/bin/python" -m pytest "${sanitizer_tests[@]/#/--ignore=}"
 reports="$(mktemp -d -t mixtral-triton-sanitizer.XXXXXX)"

@@ -33,12 +33,19 @@ class ServerError(RuntimeError):
 @dataclass(frozen=True)
 class Chunk:
     """One streamed piece. `finish_reason` ("stop", "length", "cancelled") is set on the
-    last one only; the counts are those so far."""
+    last one (of its sequence) only; the counts are those so far. With several sequences
+    (num_return_sequences), `sequence_index` says whose piece it is. With log probabilities
+    (return_log_probs), `log_probs` and `token_bytes` are those of the tokens whose text this
+    piece is the first to carry, and `cum_log_prob` the sequence's running sum."""
 
     text: str
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    sequence_index: int = 0
+    log_probs: tuple[float, ...] | None = None
+    token_bytes: tuple[bytes, ...] | None = None
+    cum_log_prob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,14 @@ def cancel_inputs() -> list[grpcclient.InferInput]:
                           "stop": np.array([[True]], np.bool_)})
 
 
-def requested_outputs() -> list[grpcclient.InferRequestedOutput]:
-    return [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+# Outputs only some requests have: several sequences, log probabilities.
+SEQUENCE_OUTPUTS = ("sequence_index",)
+LOG_PROB_OUTPUTS = ("output_log_probs", "output_token_bytes", "cum_log_probs")
+
+
+def requested_outputs(sequences: int = 1, log_probs: bool = False) -> list[grpcclient.InferRequestedOutput]:
+    names = OUTPUTS + (SEQUENCE_OUTPUTS if sequences > 1 else ()) + (LOG_PROB_OUTPUTS if log_probs else ())
+    return [grpcclient.InferRequestedOutput(name) for name in names]
 
 
 # Every request on a stream asks for the empty final response, so that the client knows
@@ -119,10 +132,16 @@ def chunk_of(result) -> Chunk | None:
     if not result.get_response().outputs:
         return None
     reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+    index, log_probs, token_bytes, cum = (result.as_numpy(name) for name in (
+        "sequence_index", "output_log_probs", "output_token_bytes", "cum_log_probs"))
     return Chunk(text=result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
                  finish_reason=reason or None,
                  prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                 completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]))
+                 completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]),
+                 sequence_index=0 if index is None else int(index.reshape(-1)[0]),
+                 log_probs=None if log_probs is None else tuple(float(p) for p in log_probs.reshape(-1)),
+                 token_bytes=None if token_bytes is None else tuple(bytes(b) for b in token_bytes.reshape(-1)),
+                 cum_log_prob=None if cum is None else float(cum.reshape(-1)[0]))
 
 
 # What a refused or failed request's error says: our models' code first
