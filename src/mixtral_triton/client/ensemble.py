@@ -105,24 +105,33 @@ def probe_calls(request_id: str) -> list[dict]:
             {"model_name": "tensorrt_llm", "inputs": infer_inputs(stop_inputs()), "request_id": request_id}]
 
 
-def ends_request(result, error) -> bool:
+def ends_request(response, error) -> bool:
     """Whether a streamed response is the last of its request (an error always is)."""
-    return error is not None or is_final(result)
+    return error is not None or is_final(response)
 
 
-def is_final(result) -> bool:
-    return result.get_response().parameters["triton_final_response"].bool_param
+# A response is read straight from its protobuf (service_pb2.ModelInferResponse): the gateway
+# relays one per token, and tritonclient's InferResult.as_numpy (numpy arrays, a Python loop
+# over BYTES elements) cost more than the rest of the relay together.
+def is_final(response) -> bool:
+    return response.parameters["triton_final_response"].bool_param
 
 
-def chunk_of(result) -> Chunk | None:
-    """The chunk a response carries, or None for the empty final marker."""
-    if not result.get_response().outputs:
+def chunk_of(response) -> Chunk | None:
+    """The chunk a response carries, or None for the empty final marker. Each output has one
+    element, in the response's raw contents: a BYTES element is its 4-byte little-endian
+    length then its bytes, an INT32 its 4 little-endian bytes."""
+    if not response.outputs:
         return None
-    reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
-    return Chunk(text=result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
-                 finish_reason=reason or None,
-                 prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                 completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]))
+    raw = {output.name: content for output, content in zip(response.outputs, response.raw_output_contents)}
+    return Chunk(text=_bytes_element(raw["text_output"]).decode("utf-8"),
+                 finish_reason=_bytes_element(raw["finish_reason"]).decode() or None,
+                 prompt_tokens=int.from_bytes(raw["prompt_tokens"][:4], "little", signed=True),
+                 completion_tokens=int.from_bytes(raw["completion_tokens"][:4], "little", signed=True))
+
+
+def _bytes_element(raw: bytes) -> bytes:
+    return raw[4:4 + int.from_bytes(raw[:4], "little")]
 
 
 # What a refused or failed request's error says: our models' code first
