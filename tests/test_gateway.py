@@ -400,10 +400,10 @@ def test_ready_is_503_when_triton_is_down(base_gateway):
 class _FailingClient:
     """Streams two chunks, then the server fails (what a crashed Triton looks like)."""
 
-    async def generate(self, request, request_id=None):
-        yield Chunk("Hello", None, 3, 1)
+    async def generate_batches(self, request, request_id=None):
+        yield [Chunk("Hello", None, 3, 1)]
         await asyncio.sleep(0.05)
-        yield Chunk(" wor", None, 3, 2)
+        yield [Chunk(" wor", None, 3, 2)]
         raise ServerError("the server closed the stream", "UNAVAILABLE")
 
     async def is_ready(self):
