@@ -52,14 +52,15 @@ class GatewayProcess:
     def __init__(self, triton_grpc_url: str, log_file: Path, host: str = "127.0.0.1",
                  port: int | None = None, tokenizer_dir: Path | None = None,
                  max_concurrency: int | None = None, timeout_s: float | None = None,
-                 log_level: str | None = None, workers: int | None = None):
+                 log_level: str | None = None, workers: int | None = None, queue_wait_s: float | None = None):
         self.host = host
         self.port = port if port is not None else free_ports().http
         self.log_file = Path(log_file)
         self.command = [sys.executable, "-m", "mixtral_triton.gateway.cli", "--triton-grpc-url", triton_grpc_url,
                         "--host", host, "--port", str(self.port)]
         for option, value in (("--tokenizer-dir", tokenizer_dir), ("--max-concurrency", max_concurrency),
-                              ("--timeout", timeout_s), ("--log-level", log_level), ("--workers", workers)):
+                              ("--timeout", timeout_s), ("--log-level", log_level), ("--workers", workers),
+                              ("--queue-wait", queue_wait_s)):
             if value is not None:
                 self.command += [option, str(value)]
         self.process: subprocess.Popen | None = None

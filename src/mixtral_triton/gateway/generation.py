@@ -119,7 +119,7 @@ class GenerationResponse(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         serving = self.serving
-        if not await serving.slots.acquire(serving.settings.queue_wait_s):
+        if not await self._admitted():
             limit = serving.settings.max_concurrency
             error = GatewayError(429, "rate_limit_error",
                                  f"{limit} generations are in flight, the most this gateway "
@@ -146,6 +146,17 @@ class GenerationResponse(Response):
             gone.cancel()
             await _cancel_and_wait(run)  # our own task cancelled (shutdown): stop the generation
             self._give_back()
+
+    async def _admitted(self) -> bool:
+        """A slot now, or within --queue-wait (counted as waiting meanwhile)."""
+        slots, metrics = self.serving.slots, self.serving.metrics
+        if slots.take_now():
+            return True
+        metrics.waiting.inc()
+        try:
+            return await slots.acquire(self.serving.settings.queue_wait_s)
+        finally:
+            metrics.waiting.dec()
 
     def _give_back(self) -> None:
         if self._holding:

@@ -49,6 +49,9 @@ class Metrics:
         self.in_flight = Gauge("mixtral_gateway_generations_in_flight",
                                "Generations running now (bounded by --max-concurrency)",
                                registry=self.registry, multiprocess_mode="livesum")
+        self.waiting = Gauge("mixtral_gateway_generations_waiting",
+                             "Requests beyond --max-concurrency waiting (up to --queue-wait) for a slot",
+                             registry=self.registry, multiprocess_mode="livesum")
         self.disconnects = Counter("mixtral_gateway_client_disconnects",
                                    "Generations cancelled because the client went away", ["route"],
                                    registry=self.registry)

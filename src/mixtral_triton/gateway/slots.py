@@ -42,10 +42,14 @@ class Slots:
         self._count(-1)
         os.eventfd_write(self.fd, 1)
 
+    def take_now(self) -> bool:
+        """A free slot, unless requests of this process are waiting for one (they come first)."""
+        return not self._waiters and self.try_acquire()
+
     async def acquire(self, wait_s: float) -> bool:
         """Take a slot, waiting up to `wait_s` for one (first come, first served within this
         process); False if none came free in time."""
-        if not self._waiters and self.try_acquire():
+        if self.take_now():
             return True
         if wait_s <= 0:
             return False

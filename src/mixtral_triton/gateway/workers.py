@@ -129,8 +129,10 @@ class Supervisor:
                         if process is not None and deadline is not None and time.monotonic() > deadline:
                             process.kill()
                         continue
-                    mark_process_dead(process.pid, self.metrics_dir)
+                    # slots first: a gauge of in-flight generations without the dead worker's
+                    # means they are free again
                     returned = take_back(self.held, index, self.slots_fd)
+                    mark_process_dead(process.pid, self.metrics_dir)
                     self.processes[index] = None
                     if not self.stopping:
                         print(f"gateway: worker {index} (pid {process.pid}) exited with code "
