@@ -84,7 +84,7 @@ def _header(results: dict, rel) -> list[str]:
              "(a dirty one is refused unless `--allow-dirty`, and then every figure it measured is marked):", "",
              "```bash", ".venv/bin/python scripts/bench/run.py            # every section",
              ".venv/bin/python scripts/bench/run.py --quick    # fewer cells and rounds",
-             ".venv/bin/python scripts/bench/run.py --only serving|converter|perf_analyzer|scale",
+             ".venv/bin/python scripts/bench/run.py --only serving|converter|perf_analyzer|scale|gateway",
              ".venv/bin/python scripts/bench/run.py --only scale --anchor PATH   # PATH: tensorrtllm_backend",
              "```", "",
              "Raw results: `bench/results/latest.json`. Every figure below is computed from them by "
@@ -98,7 +98,7 @@ def _header(results: dict, rel) -> list[str]:
                 if m.get("cores") and m.get("memory_bytes") else "")
              + "read ratios, not absolutes.", "",
              "| section | measured |", "|---|---|"]
-    for name in ("serving", "perf_analyzer", "converter", "scale"):
+    for name in ("serving", "perf_analyzer", "converter", "scale", "gateway"):
         lines.append(f"| {name} | {_run_line(runs.get(name) or {})} |")
     pk = m.get("packages") or {}
     if m:
@@ -388,6 +388,54 @@ def _scale(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _gateway(results: dict) -> list[str]:
+    from mixtral_triton.bench.gateway_cost import cores_for_plan
+
+    gateway = results.get("gateway")
+    if not gateway:
+        return []
+    mark = _mark(results, "gateway")
+    setup, plan, overlays = gateway["setup"], gateway["plan"], gateway.get("overlays") or {}
+    lines = ["## Gateway: the HTTP relay's cost per token", "",
+             f"- Triton with the paced stand-in engine ({setup['gpu']} at TP={setup['tp']}, pace x "
+             f"{setup['pace_scale']}, engine batch up to {setup['engine_max_batch_size']}); {setup['model']}.",
+             f"- `client/gateway.py --workers W` in front of it, started as users start it. Load: closed loop, C "
+             f"workers, `{setup['request']}`; {setup['rounds']} rounds per cell of max({setup['min_requests']}, "
+             f"{setup['requests_per_worker']} x C) requests.",
+             "- Gateway CPU: utime + stime of the gateway's processes (supervisor and workers) over the round, per "
+             "1,000 relayed tokens (requests x output tokens; each streams exactly its length). One core relays "
+             "1,000 / that tok/s; a replica's plan needs plan tok/s x that / 1,000 cores, one worker process each.",
+             "", "| workers | shape | c | requests | tok/s: median [95%] | gateway CPU-s / 1k tok: median [95%] | "
+             "tok/s per gateway core | cores (processes) for one replica's plan | failed | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for workers, by_shape in gateway["cells"].items():
+        for shape, by_c in by_shape.items():
+            for c, cell in by_c.items():
+                cost = cell.get("gateway_cpu_s_per_1k_tokens_estimate")
+                cores = cores_for_plan(cost["median"], plan["tokens_per_s_replica"]) if cost else None
+                lines.append(f"| {workers} | {shape} | {c} | {cell['requests']} | "
+                             f"{_estimate_cell(cell.get('output_tokens_per_s_estimate'))}{mark} | "
+                             f"{_estimate_cell(cost, 3)}{mark} | "
+                             f"{_f(1000 / cost['median'], 0) if cost else '–'}{mark} | "
+                             f"{f'{cores[0]:.1f} ({cores[1]})' if cores else '–'}{mark} | {cell['failed']} | "
+                             f"{', '.join(str(x) for x in cell.get('load_1m') or [])} |")
+    lines += ["", f"A replica's plan: {_f(plan['tokens_per_s_replica'], 0)} tok/s ({plan['gpu']}, {plan['workload']}, "
+              f"batch {plan['batch']}; `{plan['source']}`).", ""]
+    if overlays:
+        lines += [f"What the Kubernetes overlays deploy (`mixtral_triton.gateway.sizing`, at "
+                  f"{overlays['relay_cpu_s_per_1k_tokens']} CPU-s per 1,000 tokens, for the "
+                  f"{overlays['triton_max_replicas']} Triton replicas the HPA may run):", "",
+                  "| GPU (x4) | plan tok/s per replica | needed (x1.2, every replica) | gateway pods x workers | "
+                  "capacity tok/s | over the plan |", "|---|---|---|---|---|---|"]
+        for gpu, o in overlays["gpus"].items():
+            lines.append(f"| {gpu} | {_f(o['tokens_per_s_replica'], 0)} | "
+                         f"{_f(1.2 * o['tokens_per_s_replica'] * overlays['triton_max_replicas'], 0)} | "
+                         f"{o['pods']} x {o['workers_per_pod']} | {_f(o['tokens_per_s_capacity'], 0)} | "
+                         f"{o['headroom']:.2f}x |")
+        lines.append("")
+    return lines
+
+
 def _gpu(results: dict, plot_dir: Path, rel) -> list[str]:
     gpu = results.get("gpu")
     if not gpu:
@@ -612,7 +660,7 @@ def markdown(results: dict, plot_dir: Path, root: Path) -> str:
     rel = lambda p: os.path.relpath(Path(p).resolve(), root)  # noqa: E731
     lines = (_header(results, rel) + _targets(results) + _serving(results, plot_dir, rel)
              + _perf_analyzer(results) + _converter(results, plot_dir, rel) + _scale(results)
-             + _gpu(results, plot_dir, rel))
+             + _gateway(results) + _gpu(results, plot_dir, rel))
     lines += ["## Findings", ""] + findings(results) + [""]
     return "\n".join(lines)
 

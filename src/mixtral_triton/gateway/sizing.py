@@ -5,8 +5,10 @@ x their workers must relay the replicas' plan throughput, with headroom.
 RELAY_CPU_S_PER_1K_TOKENS is the measured cost, rounded up: BENCHMARKS.md's gateway section
 (`scripts/bench/run.py --only gateway`) measures one worker's CPU seconds per 1,000 relayed
 tokens at the seed's 128/128 and at 128/32, c = 1 to 256, and tests/test_gateway_sizing.py
-checks that this figure is not below the highest of its measured medians at c >= 16 (a worker
-at low load spends more per token, but then it has cores to spare).
+checks that this figure is not below the highest of its measured medians at c >= 64: a pod at
+capacity runs its --max-concurrency streams, about 70 per worker on every overlay. (A worker
+at low load spends more per token, each token waking it on its own, but then it has its core
+to spare.)
 """
 
 from __future__ import annotations
