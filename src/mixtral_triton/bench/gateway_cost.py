@@ -42,10 +42,16 @@ class GatewayPlan:
     requests_per_worker: int = 1  # per round
     min_requests: int = 4
     prompt_pool: int = 16
+    # The request path alone (parse, validate, open the gRPC stream, answer): one token per
+    # request, many requests, so that their CPU is well above /proc's 10 ms resolution.
+    request_path_shape: Shape = Shape(128, 1)
+    request_path_concurrency: int = 64
+    request_path_requests: int = 1024
 
     @classmethod
     def quick(cls) -> "GatewayPlan":
-        return cls(shapes=(Shape(128, 128),), concurrencies=(1, 128), workers=(1,), rounds=2)
+        return cls(shapes=(Shape(128, 128),), concurrencies=(1, 128), workers=(1,), rounds=2,
+                   request_path_requests=256)
 
     def count(self, concurrency: int) -> int:
         return max(self.min_requests, self.requests_per_worker * concurrency)
@@ -53,6 +59,7 @@ class GatewayPlan:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shapes"] = [s.label for s in self.shapes]
+        d["request_path_shape"] = self.request_path_shape.label
         return d
 
 
@@ -76,23 +83,31 @@ def run_gateway(work: Path, plan: GatewayPlan, log=print) -> dict:
             log_file = work / f"gateway-w{workers}.log"
             with GatewayProcess(local.triton.grpc_url, log_file, workers=workers, max_concurrency=top,
                                 log_level="warning") as gateway:
-                for shape in plan.shapes:
+                cells = out["cells"].setdefault(str(workers), {})
+                measured = [(shape, c, plan.count(c)) for shape in plan.shapes for c in plan.concurrencies]
+                measured.append((plan.request_path_shape, plan.request_path_concurrency, plan.request_path_requests))
+                for shape, concurrency, count in measured:
                     prompts = make_prompts(tokenizer, shape.input_tokens, plan.prompt_pool, seed=shape.input_tokens)
-                    for concurrency in plan.concurrencies:
-                        parts = [asyncio.run(run_part(
-                            GatewayPredict(gateway.url, body=seed_predict_body), prompts, shape, concurrency,
-                            plan.count(concurrency), Served(local.triton.process.pid, gateway.pid), index))
-                            for index in range(plan.rounds)]
-                        summary = cell_summary(parts, "gateway_predict", shape, concurrency)
-                        summary.pop("raw", None)
-                        cost = median_interval([r["gateway_cpu_s_per_1k_tokens"] for r in summary["rounds"]])
-                        summary["gateway_cpu_s_per_1k_tokens_estimate"] = cost.to_dict() if cost else None
-                        out["cells"].setdefault(str(workers), {}).setdefault(shape.label, {})[str(concurrency)] = summary
-                        log(f"  gateway w={workers} {shape.label} c={concurrency:<3} "
-                            f"{summary['output_tokens_per_s'] or 0:8.1f} tok/s  gateway "
-                            f"{cost.median if cost else float('nan'):.3f} CPU-s/1k tok  "
-                            f"failed {summary['failed']}/{summary['requests']}")
+                    summary = _cell(plan, local, gateway, prompts, shape, concurrency, count)
+                    cells.setdefault(shape.label, {})[str(concurrency)] = summary
+                    cost = summary["gateway_cpu_s_per_1k_tokens_estimate"]
+                    log(f"  gateway w={workers} {shape.label} c={concurrency:<3} "
+                        f"{summary['output_tokens_per_s'] or 0:8.1f} tok/s  gateway "
+                        f"{cost['median'] if cost else float('nan'):.3f} CPU-s/1k tok  "
+                        f"failed {summary['failed']}/{summary['requests']}")
     return out
+
+
+def _cell(plan: GatewayPlan, local: LocalStack, gateway: GatewayProcess, prompts, shape: Shape, concurrency: int,
+          count: int) -> dict:
+    parts = [asyncio.run(run_part(GatewayPredict(gateway.url, body=seed_predict_body), prompts, shape, concurrency,
+                                  count, Served(local.triton.process.pid, gateway.pid), index))
+             for index in range(plan.rounds)]
+    summary = cell_summary(parts, "gateway_predict", shape, concurrency)
+    summary.pop("raw", None)
+    cost = median_interval([r["gateway_cpu_s_per_1k_tokens"] for r in summary["rounds"]])
+    summary["gateway_cpu_s_per_1k_tokens_estimate"] = cost.to_dict() if cost else None
+    return summary
 
 
 def overlay_capacity() -> dict:

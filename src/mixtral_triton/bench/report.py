@@ -409,8 +409,8 @@ def _gateway(results: dict) -> list[str]:
              "tok/s per gateway core | cores (processes) for one replica's plan | failed | load |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for workers, by_shape in gateway["cells"].items():
-        for shape, by_c in by_shape.items():
-            for c, cell in by_c.items():
+        for shape in setup["shapes"]:
+            for c, cell in (by_shape.get(shape) or {}).items():
                 cost = cell.get("gateway_cpu_s_per_1k_tokens_estimate")
                 cores = cores_for_plan(cost["median"], plan["tokens_per_s_replica"]) if cost else None
                 lines.append(f"| {workers} | {shape} | {c} | {cell['requests']} | "
@@ -421,6 +421,16 @@ def _gateway(results: dict) -> list[str]:
                              f"{', '.join(str(x) for x in cell.get('load_1m') or [])} |")
     lines += ["", f"A replica's plan: {_f(plan['tokens_per_s_replica'], 0)} tok/s ({plan['gpu']}, {plan['workload']}, "
               f"batch {plan['batch']}; `{plan['source']}`).", ""]
+    shape, c = setup.get("request_path_shape"), str(setup.get("request_path_concurrency"))
+    for workers, by_shape in gateway["cells"].items():
+        cell = (by_shape.get(shape) or {}).get(c)
+        per_request = (cell or {}).get("gateway_cpu_s_per_1k_tokens_estimate")  # one token per request
+        if per_request:
+            lines.append(f"- The request path alone, {workers} worker(s) ({shape}: one token each, c={c}, "
+                         f"{cell['requests']} requests): {_estimate_cell(per_request, 2)}{mark} ms of gateway CPU per "
+                         f"request (parse and validate, open the gRPC stream, the first response, the end); over a "
+                         f"128-token answer {per_request['median'] / 128:.4f} s per 1,000 tokens.")
+    lines.append("")
     if overlays:
         lines += [f"What the Kubernetes overlays deploy (`mixtral_triton.gateway.sizing`, at "
                   f"{overlays['relay_cpu_s_per_1k_tokens']} CPU-s per 1,000 tokens, for the "

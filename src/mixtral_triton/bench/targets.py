@@ -229,9 +229,10 @@ def gateway_targets(results: dict) -> list[dict]:
                      "verdict": exact_verdict(headrooms[worst], GATEWAY_CAPACITY_OVER_PLAN),
                      "note": f"sized at {overlays['relay_cpu_s_per_1k_tokens']} CPU-s per 1,000 tokens "
                              "(mixtral_triton.gateway.sizing)"})
+        by_shape = (gateway.get("cells") or {}).get("1") or {}
         measured = [Estimate.from_dict(cell.get("gateway_cpu_s_per_1k_tokens_estimate"))
-                    for by_c in ((gateway.get("cells") or {}).get("1") or {}).values()
-                    for conc, cell in by_c.items() if int(conc) >= SIZING_MIN_CONCURRENCY]
+                    for shape in gateway["setup"]["shapes"] for conc, cell in (by_shape.get(shape) or {}).items()
+                    if int(conc) >= SIZING_MIN_CONCURRENCY]
         highest = max((e.median for e in measured if e), default=None)
         rows.append({"section": "gateway", "target": "the overlays' sizing cost >= the highest measured gateway "
                      f"CPU per 1,000 tokens at c >= {SIZING_MIN_CONCURRENCY} (1 worker)", "estimate": None,
