@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
+from mixtral_triton.bench.anchor import ANCHOR_REPOSITORY
 from mixtral_triton.bench.plots import SHORT, plots
 from mixtral_triton.bench.request_clients import PATH_TITLES, PATHS
 from mixtral_triton.bench.statistics import ITL_WINDOW
@@ -66,6 +68,12 @@ def _run_line(info: dict) -> str:
                f"{', ...' if len(paths) > 4 else ''})" if m.get("git_dirty") else ", clean tree")
             + f", {'--quick' if info.get('quick') else 'full'}, {info.get('duration_s', 0):.0f} s, "
               f"load average {m.get('load_average_at_start')} -> {info.get('load_average_at_end')}")
+
+
+def _in_repository(command: str) -> str:
+    """A command with its files named by their paths in the repository (bench/.work/...,
+    scripts/...), not by the folders of the machine that ran it."""
+    return re.sub(r"(?<=\s)/\S*?/(?=(bench/\.work|scripts)/)", "", command)
 
 
 def _estimate_cell(estimate: dict | None, digits: int = 1) -> str:
@@ -259,7 +267,7 @@ def _perf_analyzer(results: dict) -> list[str]:
                          f"{_f(ours['ttft_ms']['p50'])} | {_f(ours['itl_ms']['p50'], 2)} | "
                          f"{_f(ours['e2e_ms']['p50'])} | | |")
     lines += ["", "Commands as run (the server's port is chosen free each run):", ""]
-    lines += [f"    {run['command']}" for run in pa.get("runs", [])]
+    lines += [f"    {_in_repository(run['command'])}" for run in pa.get("runs", [])]
     return lines + [""]
 
 
@@ -364,7 +372,8 @@ def _scale(results: dict) -> list[str]:
         return lines + [f"Not measured: {anchor['skipped']}.", ""]
     a = anchor["setup"]
     source = a["anchor"]
-    lines += [f"Anchor: `{source['source']}` at {source['tag']} (commit `{(source.get('commit') or '?')[:12]}`), "
+    lines += [f"Anchor: [{ANCHOR_REPOSITORY}](https://github.com/{ANCHOR_REPOSITORY}) at tag {source['tag']} "
+              f"(commit `{source.get('commit') or '?'}`), "
               "all_models/inflight_batcher_llm preprocessing/postprocessing/ensemble, filled with "
               + ", ".join(f"{k}={v}" for k, v in source.get("filled", {}).items() if k != "tokenizer_dir")
               + f"; engine: {a['engine']}; request: {a['request']}; {a['shape']} tokens, {a['rounds']} rounds of "
