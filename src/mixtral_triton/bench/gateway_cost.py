@@ -7,7 +7,8 @@ seed's /predict requests (stream true, ignore_eos and min_tokens, so every reque
 exactly its output length) and the CPU seconds the gateway's processes (supervisor and
 workers) spent per 1,000 relayed tokens, read from /proc. The report turns that into the
 tok/s one gateway core relays and the cores and processes a replica's plan throughput needs,
-and lists the capacity each Kubernetes overlay deploys (mixtral_triton.gateway.sizing).
+and lists the capacity each Kubernetes overlay deploys (mixtral_triton.gateway.sizing, as the
+code says when the report is written: arithmetic, not a measurement).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run_gateway(work: Path, plan: GatewayPlan, log=print) -> dict:
                            "vocabulary; the engine is the paced stand-in",
                            "request": "POST /predict {prompt, stream: true, max_tokens, min_tokens = max_tokens, "
                                       "ignore_eos: true}"},
-                 "plan": plan_throughput(plan.gpu), "cells": {}, "overlays": overlay_capacity()}
+                 "plan": plan_throughput(plan.gpu), "cells": {}}
     top = max(plan.concurrencies)
     with local:
         for workers in plan.workers:

@@ -398,13 +398,13 @@ def _scale(results: dict) -> list[str]:
 
 
 def _gateway(results: dict) -> list[str]:
-    from mixtral_triton.bench.gateway_cost import cores_for_plan
+    from mixtral_triton.bench.gateway_cost import cores_for_plan, overlay_capacity
 
     gateway = results.get("gateway")
     if not gateway:
         return []
     mark = _mark(results, "gateway")
-    setup, plan, overlays = gateway["setup"], gateway["plan"], gateway.get("overlays") or {}
+    setup, plan, overlays = gateway["setup"], gateway["plan"], overlay_capacity()
     lines = ["## Gateway: the HTTP relay's cost per token", "",
              f"- Triton with the paced stand-in engine ({setup['gpu']} at TP={setup['tp']}, pace x "
              f"{setup['pace_scale']}, engine batch up to {setup['engine_max_batch_size']}); {setup['model']}.",
@@ -413,7 +413,9 @@ def _gateway(results: dict) -> list[str]:
              f"{setup['requests_per_worker']} x C) requests.",
              "- Gateway CPU: utime + stime of the gateway's processes (supervisor and workers) over the round, per "
              "1,000 relayed tokens (requests x output tokens; each streams exactly its length). One core relays "
-             "1,000 / that tok/s; a replica's plan needs plan tok/s x that / 1,000 cores, one worker process each.",
+             "1,000 / that tok/s; a replica's plan needs plan tok/s x that / 1,000 cores, one worker process each. "
+             "tok/s is over the steady window (the last client worker's first send to the first one's last token): "
+             "with one request per client worker it is short at the highest c, so read CPU per token there.",
              "", "| workers | shape | c | requests | tok/s: median [95%] | gateway CPU-s / 1k tok: median [95%] | "
              "tok/s per gateway core | cores (processes) for one replica's plan | failed | load |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -440,18 +442,18 @@ def _gateway(results: dict) -> list[str]:
                          f"request (parse and validate, open the gRPC stream, the first response, the end); over a "
                          f"128-token answer {per_request['median'] / 128:.4f} s per 1,000 tokens.")
     lines.append("")
-    if overlays:
-        lines += [f"What the Kubernetes overlays deploy (`mixtral_triton.gateway.sizing`, at "
-                  f"{overlays['relay_cpu_s_per_1k_tokens']} CPU-s per 1,000 tokens, for the "
-                  f"{overlays['triton_max_replicas']} Triton replicas the HPA may run):", "",
-                  "| GPU (x4) | plan tok/s per replica | needed (x1.2, every replica) | gateway pods x workers | "
-                  "capacity tok/s | over the plan |", "|---|---|---|---|---|---|"]
-        for gpu, o in overlays["gpus"].items():
-            lines.append(f"| {gpu} | {_f(o['tokens_per_s_replica'], 0)} | "
-                         f"{_f(1.2 * o['tokens_per_s_replica'] * overlays['triton_max_replicas'], 0)} | "
-                         f"{o['pods']} x {o['workers_per_pod']} | {_f(o['tokens_per_s_capacity'], 0)} | "
-                         f"{o['headroom']:.2f}x |")
-        lines.append("")
+    lines += [f"What the Kubernetes overlays deploy (`mixtral_triton.gateway.sizing`, rendered from the code "
+              f"when this report is written, at "
+              f"{overlays['relay_cpu_s_per_1k_tokens']} CPU-s per 1,000 tokens, for the "
+              f"{overlays['triton_max_replicas']} Triton replicas the HPA may run):", "",
+              "| GPU (x4) | plan tok/s per replica | needed (x1.2, every replica) | gateway pods x workers | "
+              "capacity tok/s | over the plan |", "|---|---|---|---|---|---|"]
+    for gpu, o in overlays["gpus"].items():
+        lines.append(f"| {gpu} | {_f(o['tokens_per_s_replica'], 0)} | "
+                     f"{_f(1.2 * o['tokens_per_s_replica'] * overlays['triton_max_replicas'], 0)} | "
+                     f"{o['pods']} x {o['workers_per_pod']} | {_f(o['tokens_per_s_capacity'], 0)} | "
+                     f"{o['headroom']:.2f}x |")
+    lines.append("")
     return lines
 
 

@@ -219,7 +219,9 @@ def gateway_targets(results: dict) -> list[dict]:
                                 f"({shape}, c={c}, 1 worker)", cost, GATEWAY_CPU_S_PER_1K_TOKENS, higher=False,
                      shown=show(cost, 3, " s"),
                      note=f"one core relays {1000 / cost.median:,.0f} tok/s" if cost else ""))
-    overlays = gateway.get("overlays") or {}
+    from mixtral_triton.bench.gateway_cost import overlay_capacity
+
+    overlays = overlay_capacity()  # the deployment's arithmetic at this commit, not a measurement
     headrooms = {gpu: o["headroom"] for gpu, o in (overlays.get("gpus") or {}).items()}
     if headrooms:
         worst = min(headrooms, key=headrooms.get)
@@ -228,7 +230,7 @@ def gateway_targets(results: dict) -> list[dict]:
                      "measured": f"{headrooms[worst]:.2f}x at least ({worst})",
                      "verdict": exact_verdict(headrooms[worst], GATEWAY_CAPACITY_OVER_PLAN),
                      "note": f"sized at {overlays['relay_cpu_s_per_1k_tokens']} CPU-s per 1,000 tokens "
-                             "(mixtral_triton.gateway.sizing)"})
+                             "(mixtral_triton.gateway.sizing, when this report is written)"})
         by_shape = (gateway.get("cells") or {}).get("1") or {}
         measured = [Estimate.from_dict(cell.get("gateway_cpu_s_per_1k_tokens_estimate"))
                     for shape in gateway["setup"]["shapes"] for conc, cell in (by_shape.get(shape) or {}).items()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-RELAY_CPU_S_PER_1K_TOKENS = 0.25
+RELAY_CPU_S_PER_1K_TOKENS = 0.3
 HEADROOM = 1.2  # gateway capacity over the Triton replicas' plan throughput
 WORKERS_PER_POD = 8  # one core each; a pod of 8 cores schedules on any GPU node's spare CPUs
 MIN_PODS = 2  # one may be drained or rescheduled (the PodDisruptionBudget keeps one)
