@@ -81,6 +81,13 @@ class Serving:
         process leaves Triton reporting ready: docs/reliability.md)."""
         return await self.client.is_ready() and await self.client.answers()
 
+    async def connect(self) -> None:
+        """Open the gRPC channel at start, not at the first request: each worker process has
+        its own, and a worker's first request would otherwise wait for the connection."""
+        if not await self.client.is_ready():
+            log.warning("Triton at %s is not ready yet; requests will be answered 503 until it is",
+                        self.settings.triton_grpc_url)
+
     async def close(self) -> None:
         await self.client.close()
 
