@@ -153,8 +153,14 @@ def test_workers_share_connections_the_pods_limit_and_metrics(workers_gateway, t
     assert wait_active(triton_server, lambda v: v == 0, timeout_s=300) == 0
 
 
-def test_beyond_the_pods_limit_without_a_wait_is_429(workers_gateway):
+def test_a_closed_loop_within_the_limit_gets_no_429_and_one_beyond_it_does(workers_gateway):
     g = workers_gateway(max_concurrency=1, queue_wait_s=0)
+    # One client sending its next request as soon as it has read the last one's end, on a new
+    # connection each time (either worker): the slot was given back before that end was sent.
+    for _ in range(10):
+        response = requests.post(f"{g.url}/predict", json={"prompt": PROMPT, "max_tokens": 4, "stream": True},
+                                 timeout=60)
+        assert response.status_code == 200, response.text
     held = _hold(g)
     try:
         assert wait_metric(g, IN_FLIGHT, lambda v: v == 1, timeout_s=60) == 1
@@ -165,6 +171,7 @@ def test_beyond_the_pods_limit_without_a_wait_is_429(workers_gateway):
             assert response.json()["error"]["type"] == "rate_limit_error"
         text = requests.get(f"{g.url}/metrics", timeout=10).text
         assert 'mixtral_gateway_requests_total{route="/predict",status="429"} 4.0' in text
+        assert 'mixtral_gateway_requests_total{route="/predict",status="200"} 10.0' in text
     finally:
         held.close()
     assert wait_metric(g, IN_FLIGHT, lambda v: v == 0, timeout_s=60) == 0

@@ -22,7 +22,6 @@ _CELL = struct.Struct("<q")
 
 class Slots:
     def __init__(self, limit: int, fd: int | None = None, held: mmap.mmap | None = None, cell: int = 0):
-        self.limit = limit
         self.fd = fd if fd is not None else new_slots_fd(limit)
         self._held_map = held
         self._offset = cell * _CELL.size

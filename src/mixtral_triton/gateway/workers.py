@@ -16,7 +16,6 @@ streams), then the supervisor.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -35,7 +34,6 @@ from mixtral_triton.gateway.slots import held_map, new_held_fd, new_slots_fd, ta
 WORKER_ENV = "MIXTRAL_TRITON_GATEWAY_WORKER"  # index,workers,socket fd,slots fd,held fd
 STOP_GRACE_S = 20.0  # uvicorn's graceful shutdown (10 s) and the rest of a worker's exit
 RESTART_DELAY_S = 1.0  # between a worker's death and its restart: no hot loop
-log = logging.getLogger("mixtral_triton.gateway")
 
 
 def available_cores() -> int:
