@@ -571,6 +571,8 @@ def test_gateway_script_errors_are_one_line(tmp_path):
         for args, words in ((["--port", str(port)], "already in use"),
                             (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
                             (["--keep-alive-timeout", "0"], "--keep-alive-timeout must be positive"),
+                            (["--workers", "0"], "--workers must be at least 1"),
+                            (["--queue-wait", "-1"], "--queue-wait must be 0 or more seconds"),
                             (["--tokenizer-dir", str(tmp_path / "none"), "--port", str(free_ports().http)],
                              "is not a folder")):
             result = subprocess.run([sys.executable, str(ROOT / "client" / "gateway.py"), *args],

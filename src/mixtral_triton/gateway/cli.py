@@ -36,8 +36,8 @@ def parser() -> argparse.ArgumentParser:
                    "429 (default 2; 0: answer 429 at once)")
     p.add_argument("--workers", type=int, default=None,
                    help="gateway processes, each relaying on its own core (default: the cores "
-                   "this process may use, its CPU affinity capped by a container's CPU limit; "
-                   "a process relays about the tok/s BENCHMARKS.md gives per core)")
+                   "this process may use, its CPU affinity capped by a container's CPU limit, "
+                   "at most 16; a process relays about the tok/s BENCHMARKS.md gives per core)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Api-Key <key>' or 'Bearer <key>' on every "
                    f"route but /health, /ready and /metrics (default: the environment variable "
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-body-size must be at least 1 byte, got {args.max_body_size}")
     if args.timeout <= 0:
         raise UserError(f"--timeout must be positive, got {args.timeout}")
-    from mixtral_triton.gateway.workers import WorkerHandles, available_cores
+    from mixtral_triton.gateway.workers import WorkerHandles, default_workers
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handles = WorkerHandles.from_environment()
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not port_is_free(args.port, args.host):
         raise UserError(f"--port {args.port} is already in use on {args.host}")
-    workers = args.workers or available_cores()
+    workers = args.workers or default_workers()
     app = _app(args)  # made here too in a supervisor: a bad setting stops the command, not each worker
     print(f"gateway: http://{args.host}:{args.port} -> triton grpc {args.triton_grpc_url} "
           f"(model {args.model_name}, {workers} worker process{'es' if workers > 1 else ''}, "
@@ -140,7 +140,9 @@ def _serve_worker(args, handles) -> int:
     import uvicorn
 
     from mixtral_triton.gateway.slots import Slots, held_map
+    from mixtral_triton.gateway.workers import die_with_supervisor
 
+    die_with_supervisor()
     slots = Slots(args.max_concurrency, handles.slots_fd, held_map(handles.held_fd, handles.workers), handles.index)
     server = uvicorn.Server(uvicorn.Config(_app(args, slots), **_uvicorn_options(args)))
     server.run(sockets=[socket.socket(fileno=handles.socket_fd)])

@@ -16,6 +16,7 @@ streams), then the supervisor.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import shutil
@@ -34,6 +35,9 @@ from mixtral_triton.gateway.slots import held_map, new_held_fd, new_slots_fd, ta
 WORKER_ENV = "MIXTRAL_TRITON_GATEWAY_WORKER"  # index,workers,socket fd,slots fd,held fd
 STOP_GRACE_S = 20.0  # uvicorn's graceful shutdown (10 s) and the rest of a worker's exit
 RESTART_DELAY_S = 1.0  # between a worker's death and its restart: no hot loop
+# The default stops here: a GPU host without a container CPU limit offers a hundred cores or
+# more, and each worker holds its own memory (about 85 MB idle) and gRPC connection.
+DEFAULT_MAX_WORKERS = 16
 
 
 def available_cores() -> int:
@@ -47,6 +51,10 @@ def available_cores() -> int:
     except (OSError, ValueError):
         pass
     return cores
+
+
+def default_workers() -> int:
+    return min(available_cores(), DEFAULT_MAX_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,12 @@ class WorkerHandles:
     def from_environment(cls) -> "WorkerHandles | None":
         value = os.environ.get(WORKER_ENV)
         return cls(*(int(part) for part in value.split(","))) if value else None
+
+
+def die_with_supervisor() -> None:
+    """Have the kernel send this worker SIGTERM (a graceful stop) when its supervisor dies,
+    even by SIGKILL: no worker outlives its supervisor holding the port."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
