@@ -18,9 +18,10 @@ from mixtral_triton.bench.anchor import ANCHOR_REPOSITORY
 from mixtral_triton.bench.plots import SHORT, plots
 from mixtral_triton.bench.request_clients import PATH_TITLES, PATHS
 from mixtral_triton.bench.statistics import ITL_WINDOW
-from mixtral_triton.bench.targets import TARGET_CONCURRENCIES, cell as _cell
+from mixtral_triton.bench.targets import (GATEWAY_CPU_S_PER_1K_TOKENS, GATEWAY_TARGET_CELL, TARGET_CONCURRENCIES,
+                                          cell as _cell, gateway_cell)
 from mixtral_triton.bench.targets import cores_needed, rounds_of, show, show_change, targets
-from mixtral_triton.bench.uncertainty import (CONFIDENCE, INCONCLUSIVE, MET, MISSED, median_interval,
+from mixtral_triton.bench.uncertainty import (CONFIDENCE, Estimate, INCONCLUSIVE, MET, MISSED, median_interval,
                                               paired_ratio, unpaired_ratio)
 
 GB = 10**9
@@ -621,6 +622,32 @@ def findings(results: dict) -> list[str]:
             f"so the ratio moves with the copy, and the conversion's own seconds and CPU are the steadier figure.")
     for text in scale_findings(results):
         add(text)
+    for text in gateway_findings(results):
+        add(text)
+    return out
+
+
+def gateway_findings(results: dict) -> list[str]:
+    gateway = results.get("gateway")
+    if not gateway:
+        return []
+    mark = _mark(results, "gateway")
+    shape, c = GATEWAY_TARGET_CELL
+    out = []
+    for workers in gateway["cells"]:
+        cost = Estimate.from_dict((gateway_cell(results, int(workers), shape, c) or {})
+                                  .get("gateway_cpu_s_per_1k_tokens_estimate"))
+        if cost is None:
+            continue
+        out.append(f"**Gateway, {workers} worker(s), {shape} at c={c}{mark}**: {show(cost, 3, ' s')} of CPU per "
+                   f"1,000 relayed tokens, {cost.median / GATEWAY_CPU_S_PER_1K_TOKENS:.1f}x the target's "
+                   f"{GATEWAY_CPU_S_PER_1K_TOKENS} s; one core relays {1000 / cost.median:,.0f} tok/s, and a replica's "
+                   f"plan ({_f(gateway['plan']['tokens_per_s_replica'], 0)} tok/s) needs "
+                   f"{cost.median * gateway['plan']['tokens_per_s_replica'] / 1000:.1f} cores of gateway. Per token the "
+                   "gateway reads one gRPC message (grpc.aio: a poller thread that wakes the event loop) and writes one "
+                   "HTTP chunk (a send system call); what is left in Python is a small share of its time (the profile, "
+                   "before and after, is in docs/serving.md). The gateway scales out by worker processes instead: "
+                   "the overlays size them from this cost.")
     return out
 
 
