@@ -136,8 +136,9 @@ plan() {
   show "$PY" "${args[@]}"
   local out
   out="$("$PY" "${args[@]}")" || refuse "the capacity plan above does not fit $TP_SIZE x $GPU_TYPE"
-  read -r PLAN_MAX_BATCH_SIZE PLAN_MAX_NUM_TOKENS PLAN_MAX_SEQ_LEN PLAN_KV_FRACTION < <(
-    json_fields "$out" max_batch_size max_num_tokens max_seq_len kv_cache_free_gpu_mem_fraction)
+  read -r PLAN_MAX_BATCH_SIZE PLAN_MAX_NUM_TOKENS PLAN_MAX_SEQ_LEN PLAN_KV_FRACTION PLAN_CANCEL_PERIOD_MS < <(
+    json_fields "$out" max_batch_size max_num_tokens max_seq_len kv_cache_free_gpu_mem_fraction \
+      cancellation_check_period_ms)
   log "plan ($PLAN_FROM): max_batch_size $PLAN_MAX_BATCH_SIZE, max_num_tokens $PLAN_MAX_NUM_TOKENS," \
       "max_seq_len $PLAN_MAX_SEQ_LEN, kv_cache_free_gpu_mem_fraction $PLAN_KV_FRACTION"
   local name expect want have
@@ -288,6 +289,7 @@ if wanted fill; then
              --engine-dir "$ENGINE_DIR" --triton-max-batch-size "$PLAN_MAX_BATCH_SIZE"
              --max-input-len "$MAX_INPUT_LEN" --max-seq-len "$PLAN_MAX_SEQ_LEN"
              --kv-cache-free-gpu-mem-fraction "$PLAN_KV_FRACTION" --max-queue-size "$MAX_QUEUE_SIZE"
+             --cancellation-check-period-ms "$PLAN_CANCEL_PERIOD_MS"
              --gpu-device-ids "$(seq -s, 0 $((TP_SIZE - 1)))")
   # The fill also compiles the C++ detokenizer (postprocessing) with this image's g++ (the
   # image has it compiled already) and copies the library into the repository: a new image

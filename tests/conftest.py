@@ -1,14 +1,21 @@
 """Shared fixtures: the tiny checkpoint, its repository and its server (the local stack,
-mixtral_triton.local_stack) are built once per test session."""
+mixtral_triton.local_stack) are built once per test session; so is the paced server (the
+same repository with the paced stand-in engine, helpers.paced_settings) for the tests whose
+generations must outlast an event."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import gateway
+from helpers import gateway, paced_settings
+from mixtral_triton import cpp_detokenizer
+from mixtral_triton.launcher import TritonServer
 from mixtral_triton.local_stack import LocalStack, fixture_checkpoint
+from mixtral_triton.repository.fill import fill_repository
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +68,38 @@ def base_gateway(triton_server, tiny_checkpoint):
     """The base model (no chat template) behind a gateway with its tokenizer folder."""
     with gateway(triton_grpc_url=triton_server.grpc_url, tokenizer_dir=tiny_checkpoint) as g:
         yield g
+
+
+@pytest.fixture(scope="session")
+def paced_repository(cpu_repository, tmp_path_factory) -> Path:
+    """The session's repository with the paced stand-in engine (helpers.STEP_S a step at
+    least): a generation of helpers.LONG tokens there outlasts any test's wait."""
+    return fill_repository(paced_settings(cpu_repository), tmp_path_factory.mktemp("paced") / "repository")
+
+
+@pytest.fixture(scope="session")
+def paced_server(paced_repository, tmp_path_factory):
+    """A Triton server on the paced repository, shared by the tests that cancel, disconnect
+    or overload a generation in flight."""
+    with TritonServer(paced_repository, log_file=tmp_path_factory.mktemp("paced-logs") / "triton.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def paced_gateway(paced_server):
+    """A gateway in front of the paced server."""
+    with gateway(triton_grpc_url=paced_server.grpc_url) as g:
+        g.triton = paced_server
+        yield g
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The sanitizer pass (scripts/test.sh: the detokenizer compiled with AddressSanitizer and
+    UBSan in every server): any report they wrote fails the run, whatever the tests said."""
+    folder = os.environ.get(cpp_detokenizer.SANITIZER_REPORTS_ENV)
+    reports = cpp_detokenizer.sanitizer_reports(Path(folder)) if folder else []
+    for report in reports:
+        print(f"\n==== sanitizer report {report} ====\n{report.read_text(errors='replace')[:20000]}", file=sys.stderr)
+    if reports:
+        print(f"{len(reports)} sanitizer report(s): the run fails", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

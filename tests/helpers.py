@@ -1,10 +1,12 @@
-"""Helpers shared by several test modules: the field-rule table, the engine's request gauge,
-an in-process gateway, raw gRPC streams on any model, a stream reader thread, and one-line
-CLI errors."""
+"""Helpers shared by several test modules: the paced server's settings (generations that
+outlast a test by construction), the field-rule table, the engine's request gauge, an
+in-process gateway, raw gRPC streams on any model, a stream reader thread, and one-line CLI
+errors."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import re
 import socket
@@ -25,9 +27,44 @@ from mixtral_triton.client import Completion, PredictClient
 from mixtral_triton.gateway import GatewaySettings, Serving, create_app
 from mixtral_triton.protocol import FIELDS, MAX_STOP_CHARS, MAX_STOPS
 from mixtral_triton.protocol.predict import FLOAT32_MAX
+from mixtral_triton.repository.fill import MARKER, Settings
+from mixtral_triton.roofline import decode_step_seconds
 
 PROMPT = "What is mistral wind?"
-LONG = 1800  # tokens: about 15 s of generation on the CPU engine, cut short by every test
+
+
+# ---------------------------------------------------------------------------------------
+# Generations that outlast the test, by construction
+#
+# A test that needs a generation still running at a later event (its cancel, a disconnect,
+# a full queue, a server stop or restart) must not count on the machine being slow: on the
+# CPU reference engine 1800 tokens took 15 s on one machine and 6 s on another, and would
+# take 0.6 s on one ten times faster. Such tests run on the *paced server*: the same
+# serving path (tokenizer, C++ detokenizer, Triton, gateway) in front of the stand-in
+# engine of mixtral_triton.standin, whose every step lasts at least STEP_S (a sleep, which
+# no machine shortens; a slower machine only lengthens it). LONG tokens there take at least
+# LONG * STEP_S = 90 s, longer than any wait of the tests that use it, and each of them
+# ends its generation itself (stop, cancel, disconnect or kill). The stand-in emits a fixed
+# token table whatever the prompt, at the sequence's own position in it, so two streams
+# started at different times still carry different text.
+
+STEP_S = 0.05  # the paced engine's shortest step (one sequence, a one-token context)
+PACE_GPU, PACE_TP = "H100-80GB", 4
+LONG = 1800  # tokens: at least 90 s on the paced server (the CPU reference engine: seconds)
+
+
+def paced_settings(cpu_repository: Path, **overrides) -> Settings:
+    """A CPU repository's fill settings with the paced stand-in engine: the session's
+    converted checkpoint and limits, each decode step at least STEP_S (the roofline's step
+    grows with the batch and the context, so a one-sequence, one-token step is the
+    shortest)."""
+    record = json.loads((cpu_repository / MARKER).read_text())
+    settings = dict(target="cpu", tokenizer_dir=Path(record["tokenizer_dir"]),
+                    checkpoint_dir=Path(record["checkpoint_dir"]), max_batch_size=record["max_batch_size"],
+                    max_input_len=record["max_input_len"], max_seq_len=record["max_seq_len"],
+                    cpu_engine="standin", standin_gpu=PACE_GPU, standin_tp=PACE_TP,
+                    standin_pace_scale=STEP_S / decode_step_seconds(PACE_GPU, 1, 1, PACE_TP))
+    return Settings(**{**settings, **overrides})
 
 
 # ---------------------------------------------------------------------------------------

@@ -87,17 +87,18 @@ def test_the_servers_own_checks_come_back_naming_the_field(triton_server, fields
     assert async_error.value.field == field and str(async_error.value) == str(sync_error.value)
 
 
-def test_async_client_cancels_when_the_consumer_stops_or_the_task_is_cancelled(triton_server):
-    assert wait_active(triton_server, lambda v: v == 0) == 0
+def test_async_client_cancels_when_the_consumer_stops_or_the_task_is_cancelled(paced_server):
+    """On the paced server: the LONG generations cannot end before the test ends them."""
+    assert wait_active(paced_server, lambda v: v == 0) == 0
 
     async def run():
-        async with AsyncPredictClient(triton_server.grpc_url) as client:
+        async with AsyncPredictClient(paced_server.grpc_url) as client:
             # 1. the consumer leaves the loop (the generator is closed)
             stream = client.generate(_request(LONG))
             await anext(stream)
-            assert await asyncio.to_thread(wait_active, triton_server, lambda v: v >= 1) >= 1
+            assert await asyncio.to_thread(wait_active, paced_server, lambda v: v >= 1) >= 1
             await stream.aclose()
-            assert await asyncio.to_thread(wait_active, triton_server, lambda v: v == 0, 5) == 0
+            assert await asyncio.to_thread(wait_active, paced_server, lambda v: v == 0, 30) == 0
 
             # 2. the task is cancelled
             started = asyncio.Event()
@@ -111,7 +112,7 @@ def test_async_client_cancels_when_the_consumer_stops_or_the_task_is_cancelled(t
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert await asyncio.to_thread(wait_active, triton_server, lambda v: v == 0, 5) == 0
+            assert await asyncio.to_thread(wait_active, paced_server, lambda v: v == 0, 30) == 0
 
             # 3. the client still works on the same channel
             completion = await client.predict(PROMPT, stream=False, max_tokens=4, temperature=0)
@@ -182,13 +183,15 @@ def test_cli_errors_are_one_line(triton_server):
         assert lines[0].startswith("predict.py: error: ") and words in lines[0]
 
 
-def test_cli_ctrl_c_cancels_on_the_server_and_exits_130(triton_server):
-    assert wait_active(triton_server, lambda v: v == 0) == 0
+def test_cli_ctrl_c_cancels_on_the_server_and_exits_130(paced_server):
+    """On the paced server: the LONG generation (90 s at least) cannot end before the
+    Ctrl-C."""
+    assert wait_active(paced_server, lambda v: v == 0) == 0
     process = _cli(PROMPT, "--max-tokens", str(LONG), "--temperature", "0", "--url",
-                   triton_server.grpc_url, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                   paced_server.grpc_url, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert process.stdout.read(1)  # the stream has begun
-        assert wait_active(triton_server, lambda v: v >= 1) >= 1
+        assert wait_active(paced_server, lambda v: v >= 1) >= 1
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
     finally:
@@ -196,7 +199,7 @@ def test_cli_ctrl_c_cancels_on_the_server_and_exits_130(triton_server):
             process.kill()
     assert process.returncode == 130, err.decode()
     assert "[cancelled]" in err.decode() and "Traceback" not in err.decode()
-    assert wait_active(triton_server, lambda v: v == 0, 5) == 0  # not 15 s: the engine stopped
+    assert wait_active(paced_server, lambda v: v == 0, 30) == 0  # not 90 s: the engine stopped
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,6 +365,8 @@ def test_errors_are_classified_by_code_then_by_tritons_wording(message, kind, fi
 @pytest.mark.parametrize("engine_error, status", [
     ("[unavailable] the engine's queue is full: 3 requests", "UNAVAILABLE"),  # its own code stays
     ("[request id: 0d8f] Exceeds maximum queue size", "UNAVAILABLE"),  # Triton's overload wording
+    # TensorRT-LLM's executor (sent by the tensorrtllm backend as INTERNAL, uncoded)
+    ("Maximum queue size of 708 has been reached, please try again later", "UNAVAILABLE"),
     ("Stub process 'tensorrt_llm_0_0' is not healthy.", "UNAVAILABLE"),
     ("CUDA error: an illegal memory access", "INTERNAL"),
 ])

@@ -101,18 +101,28 @@ def test_dockerfile_serves_with_the_plain_server_in_orchestrator_mode():
     assert env[ORCHESTRATOR_ENV] == orchestrator_environment()[ORCHESTRATOR_ENV] == "1"
 
 
-def test_dockerfile_installs_gpp_and_compiles_the_detokenizer_as_the_user_that_fills():
-    """The served postprocessing model is the C++ detokenizer, which the fill compiles: the
-    image has g++, and compiles it at build time (a compile error fails the image) into the
-    cache of the non-root user the build job runs as, where the fill finds it."""
-    runtime = _dockerfile()[:_dockerfile().index(" AS test")]
-    apt = re.search(r"apt-get install -y --no-install-recommends g\+\+", runtime)
-    compiled = re.search(r"^RUN python3 -c .*from mixtral_triton.cpp_detokenizer import build, default_cache_dir; "
-                         r"print\(build\(default_cache_dir\(\)\)\)", runtime, re.M)
-    user = list(re.finditer(rf"^USER {IMAGE_UID}:{IMAGE_UID}$", runtime, re.M))[-1]
-    home = re.search(r"^ENV HOME=(\S+)$", runtime, re.M)
-    assert apt and compiled and home
-    assert apt.start() < user.start() < home.start() < compiled.start()
+def test_dockerfile_compiles_the_detokenizer_in_a_builder_stage_checked_against_the_images_headers():
+    """The served postprocessing model is the C++ detokenizer: a builder stage with g++ checks
+    triton_api.h against the image's own Triton headers and compiles the library (a mismatch
+    or a compile error fails the image); the runtime stage copies the library, names it for
+    the fill and checks its sources stamp, and has no compiler."""
+    text = _dockerfile()
+    builder = text[:text.index(" AS runtime")]
+    runtime = text[text.index(" AS runtime"):text.index(" AS test")]
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:26\.07-trtllm-python-py3 AS detokenizer$", builder, re.M)
+    assert re.search(r"apt-get install -y --no-install-recommends g\+\+", builder)
+    compiled = builder[builder.index("RUN python3 -m mixtral_triton.cpp_detokenizer"):].split("\n\n")[0]
+    args = shlex.split(compiled.replace("\\\n", " "))
+    assert args[4:] == ["--out", "/opt/mixtral-triton/detokenizer", "--triton-include", "/opt/tritonserver/include"]
+    assert not re.search(r"install[^\n]*g\+\+", runtime)  # no compiler in what is served
+    assert "COPY --from=detokenizer /opt/mixtral-triton/detokenizer /opt/mixtral-triton/detokenizer" in runtime
+    env = dict(re.findall(r"^ENV (\w+)=(\S+)$", runtime, re.M))
+    assert env["MIXTRAL_TRITON_POSTPROCESSING_LIBRARY"] == "/opt/mixtral-triton/detokenizer/libtriton_mixtral_detokenizer.so"
+    assert "from mixtral_triton.cpp_detokenizer import prebuilt_library; print(prebuilt_library())" in runtime
+    # the builder copies what the module needs to run alone
+    for source in re.findall(r"^COPY (src/\S+(?: src/\S+)*) ", builder, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), path
 
 
 def test_dockerfile_copies_exist_and_pass_the_dockerignore():
@@ -298,7 +308,7 @@ def test_build_job_refuses_early(tmp_path):
     assert "download" not in too_small.stdout and not data.exists()
     stale = _build_job("--dry-run", env={"DATA_DIR": str(data), "GPU_TYPE": "H100-80GB",
                                          "EXPECT_MAX_BATCH_SIZE": "35"})
-    assert stale.returncode == EXIT_REFUSED and "max_batch_size 35 but the plan gives 708" in stale.stderr
+    assert stale.returncode == EXIT_REFUSED and "max_batch_size 35 but the plan gives 637" in stale.stderr
     assert _build_job("--steps", "nonsense").returncode == 2
 
 

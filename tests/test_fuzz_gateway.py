@@ -1,7 +1,8 @@
 """Schemathesis against the live gateway (issue 7): requests generated from the gateway's own
 OpenAPI document, valid ones and ones that break it (schemathesis's positive and negative
-modes), sent to a real gateway in front of the session's Triton server. Checks: no 5xx,
-and every response conforms to the schema declared for its status.
+modes), sent to a real gateway in front of the session's Triton server. Checks: no 5xx
+(but /ready's documented 503), and every response conforms to the schema declared for its
+status.
 
 Bounded: the examples and fuzzing phases only (schemathesis's coverage phase alone makes
 ~700 requests: run it by hand, see docs/reliability.md), 25 examples per operation,
@@ -55,5 +56,8 @@ def _steer(body) -> None:
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_the_gateway_never_fails_and_answers_as_documented(case, fuzz_gateway):
     _steer(case.body)
-    case.call_and_validate(base_url=fuzz_gateway.url, timeout=60,
-                           checks=[not_a_server_error, response_schema_conformance])
+    # /ready answers 503 when its probe of Triton (2 s) does not come back in time, as on a
+    # loaded machine: documented, and not a failure of the gateway (its body is still checked).
+    checks = [response_schema_conformance] if case.path == "/ready" else [not_a_server_error,
+                                                                          response_schema_conformance]
+    case.call_and_validate(base_url=fuzz_gateway.url, timeout=60, checks=checks)

@@ -313,26 +313,30 @@ def test_openai_the_servers_own_checks_name_openai_fields(base_gateway, instruct
     ("/predict", {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": False}),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True}),
 ], ids=["predict-stream", "predict-json", "completions-sse"])
-def test_a_disconnect_stops_the_engine(base_gateway, triton_server, path, body):
-    assert wait_active(triton_server, lambda v: v == 0) == 0
-    disconnects = metric(base_gateway, "mixtral_gateway_client_disconnects_total")
-    connection = http.client.HTTPConnection("127.0.0.1", base_gateway.port, timeout=30)
+def test_a_disconnect_stops_the_engine(paced_gateway, path, body):
+    """On the paced server: the LONG generation (90 s at least) cannot end before the
+    disconnect, so leaving the engine at all is the cancellation's doing."""
+    server = paced_gateway.triton
+    assert wait_active(server, lambda v: v == 0) == 0
+    disconnects = metric(paced_gateway, "mixtral_gateway_client_disconnects_total")
+    connection = http.client.HTTPConnection("127.0.0.1", paced_gateway.port, timeout=30)
     connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     if body.get("stream", True):
         response = connection.getresponse()
         assert response.status == 200 and response.read1(64)  # streaming has begun
-    assert wait_active(triton_server, lambda v: v >= 1) >= 1
+    assert wait_active(server, lambda v: v >= 1) >= 1
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
-    # LONG tokens take about 15 s; the engine lets go as soon as the stop arrives
-    assert wait_active(triton_server, lambda v: v == 0, 5) == 0
-    assert wait_metric(base_gateway, "mixtral_gateway_client_disconnects_total",
+    assert wait_active(server, lambda v: v == 0, 30) == 0
+    assert wait_metric(paced_gateway, "mixtral_gateway_client_disconnects_total",
                        lambda v: v > disconnects) == disconnects + 1
-    assert wait_metric(base_gateway, "mixtral_gateway_generations_in_flight", lambda v: v == 0) == 0
+    assert wait_metric(paced_gateway, "mixtral_gateway_generations_in_flight", lambda v: v == 0) == 0
 
 
-def test_the_concurrency_bound_answers_429_with_retry_after(triton_server):
-    with gateway(triton_grpc_url=triton_server.grpc_url, max_concurrency=1) as g:
+def test_the_concurrency_bound_answers_429_with_retry_after(paced_server):
+    """The one slot is held by a LONG generation on the paced server, which cannot end
+    before the test closes it."""
+    with gateway(triton_grpc_url=paced_server.grpc_url, max_concurrency=1) as g:
         connection, response = open_stream(g, "/predict", {"prompt": PROMPT, "max_tokens": LONG,
                                                            "temperature": 0})
         assert response.status == 200 and response.read1(16)
@@ -343,8 +347,8 @@ def test_the_concurrency_bound_answers_429_with_retry_after(triton_server):
         with pytest.raises(openai.RateLimitError):
             openai_client(g).completions.create(model="mixtral", prompt=PROMPT, max_tokens=4)
         connection.close()
-        assert wait_active(triton_server, lambda v: v == 0, 5) == 0
-        deadline = time.monotonic() + 5  # the slot is free again
+        assert wait_active(paced_server, lambda v: v == 0, 30) == 0
+        deadline = time.monotonic() + 30  # the slot is free again
         while (resp := requests.post(f"{g.url}/predict", json={"prompt": PROMPT, "max_tokens": 4,
                                                                 "stream": False})).status_code == 429:
             assert time.monotonic() < deadline

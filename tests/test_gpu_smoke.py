@@ -2,9 +2,13 @@
 tritonserver:26.07-trtllm-python-py3): convert the tiny fixture at tp 1, build a real
 engine through the trtllm-build wrapper, run it with TensorRT-LLM's C++ runtime
 (tensorrt_llm.runtime.ModelRunnerCpp) and compare its greedy tokens with transformers'
-generate on the same checkpoint; then serve it as users do, the plain `tritonserver` in
-orchestrator mode on a filled GPU repository, stream through the ensemble, and stop it with
-SIGTERM.
+generate on the same checkpoint; then serve it as users do, `tritonserver` in orchestrator
+mode started the way the launcher starts it for the image's Open MPI (bare, or under
+`mpirun -n 1`), on a filled GPU repository, at TP=1 and, with two GPUs or more, TP=2; stream
+through the ensemble, and stop it with SIGTERM. The spawned workers are checked by what they do
+(each holds the engine on its own GPU, seen by nvidia-smi), not by their parent: where Open MPI
+starts them they are children of its daemon, not of the server. None of this has run on a GPU
+in this project.
 
     python3 -m pytest -m gpu tests/test_gpu_smoke.py
 
@@ -26,9 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, orchestrator_environment, orchestrator_server_command
+from mixtral_triton.gpu_acceptance import gpu_memory_by_process
+from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, server_invocation, serving_rank
 from mixtral_triton.launcher.ports import free_ports
-from mixtral_triton.launcher.shutdown import descendants
 from mixtral_triton.trtllm_build import BUILD_RECORD, TRTLLM_BUILD, prepare_build, run_build
 
 EOS = 2  # the fixture's eos_token_id
@@ -55,17 +59,20 @@ def _until_eos(tokens: list[int]) -> list[int]:
     return tokens[:tokens.index(EOS)] if EOS in tokens else tokens
 
 
-@pytest.fixture(scope="module")
-def engine_dir(tiny_checkpoint, tmp_path_factory):
+def _build_tiny_engine(tiny_checkpoint, work: Path, tp: int) -> Path:
     from mixtral_triton.convert.mapping import resolve
     from mixtral_triton.convert.writer import convert
 
-    work = tmp_path_factory.mktemp("gpu")
-    convert(tiny_checkpoint, work / "ckpt", parallel=resolve(tp=1), dtype="float16")
+    convert(tiny_checkpoint, work / "ckpt", parallel=resolve(tp=tp), dtype="float16")
     # The plan only sizes the engine's limits here: the tiny model fits any of the GPU types,
     # so the smallest is named whatever this machine has.
     return run_build(prepare_build(work / "ckpt", work / "engine", "A100-40GB",
-                                   max_input_len=64, max_output_len=NEW_TOKENS))
+                                   max_input_len=64, max_output_len=NEW_TOKENS, workers=tp))
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tiny_checkpoint, tmp_path_factory):
+    return _build_tiny_engine(tiny_checkpoint, tmp_path_factory.mktemp("gpu"), 1)
 
 
 def test_engine_folder_is_complete(engine_dir):
@@ -110,35 +117,43 @@ EXIT_TIMEOUT_S = 30
 LOAD_TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def orchestrator_server(engine_dir, tiny_checkpoint, tmp_path_factory):
-    """The filled GPU repository served the way the image and the pod serve it: one plain
-    tritonserver process with TRTLLM_ORCHESTRATOR=1, spawning the engine's worker itself."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def orchestrator_server(request, engine_dir, tiny_checkpoint, tmp_path_factory):
+    """The filled GPU repository served the way the image and the pod serve it: one tritonserver
+    process with TRTLLM_ORCHESTRATOR=1, started as the launcher starts it for this image's Open
+    MPI, spawning the engine's workers itself (TP=1, and TP=2 on two GPUs)."""
     if not Path(NGC_TRITONSERVER).exists():
         pytest.skip(f"{NGC_TRITONSERVER} is not here (run in the NGC image)")
+    tp = request.param
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"TP={tp} needs {tp} GPUs, this machine has {torch.cuda.device_count()}")
     from mixtral_triton.repository import Settings, fill_repository
 
-    work = tmp_path_factory.mktemp("serve")
-    repo = fill_repository(Settings(target="gpu", tokenizer_dir=tiny_checkpoint, engine_dir=engine_dir,
+    work = tmp_path_factory.mktemp(f"serve-tp{tp}")
+    engine = engine_dir if tp == 1 else _build_tiny_engine(tiny_checkpoint, work / "build", tp)
+    repo = fill_repository(Settings(target="gpu", tokenizer_dir=tiny_checkpoint, engine_dir=engine,
                                     triton_max_batch_size=4, max_input_len=64, max_seq_len=64 + NEW_TOKENS,
-                                    kv_cache_free_gpu_mem_fraction=0.1, gpu_device_ids="0"), work / "repo")
+                                    kv_cache_free_gpu_mem_fraction=0.1,
+                                    gpu_device_ids=",".join(map(str, range(tp)))), work / "repo")
     ports = free_ports()
     log = work / "triton.log"
+    _, env, command = server_invocation("orchestrator", "auto", repo, tp, ports, exit_timeout_s=EXIT_TIMEOUT_S)
     with open(log, "wb") as out:
-        server = subprocess.Popen(orchestrator_server_command(repo, 1, ports, exit_timeout_s=EXIT_TIMEOUT_S),
-                                  env={**os.environ, **orchestrator_environment()}, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        launched = subprocess.Popen(command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
     try:
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while not _ready(ports.http):
-            assert server.poll() is None, f"tritonserver exited with {server.returncode}:\n{log.read_text()[-4000:]}"
+            assert launched.poll() is None, f"the server exited with {launched.returncode}:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"not ready after {LOAD_TIMEOUT_S} s:\n{log.read_text()[-4000:]}"
             time.sleep(1)
-        yield server, ports, log
+        # The serving tritonserver: the process itself when bare, the rank below mpirun otherwise.
+        server_pid = launched.pid if command[0] != "mpirun" else serving_rank(launched.pid)
+        yield launched, server_pid, tp, ports, log
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        if launched.poll() is None:
+            os.killpg(launched.pid, signal.SIGKILL)
+            launched.wait()
 
 
 def _argv0(pid: int) -> str:
@@ -165,15 +180,27 @@ def _ready(http_port: int) -> bool:
         return False
 
 
+def _workers(server_pid: int, tp: int) -> dict[int, int]:
+    """GPU -> the process other than the server that holds the most memory there: the worker
+    that loaded its rank of the engine (nvidia-smi; whoever its parent is)."""
+    gpus = gpu_memory_by_process()
+    found = {}
+    for index in range(tp):
+        others = {pid: mib for pid, mib in gpus[index]["processes"].items() if pid != server_pid}
+        if others:
+            found[index] = max(others, key=others.get)
+    return found
+
+
 def test_orchestrator_mode_serves_streams_and_drains_on_sigterm(orchestrator_server):
     from mixtral_triton.client import PredictClient
     from mixtral_triton.protocol import parse_request
 
-    server, ports, log = orchestrator_server
-    # The server spawned the engine's executor worker (MPI_Comm_spawn) on GPU 0.
-    workers = [pid for pid in descendants(server.pid) if _argv0(pid).endswith("trtllmExecutorWorker")]
-    assert workers, "no trtllmExecutorWorker below the server: it is not in orchestrator mode"
-    assert "(devices: 0)" in log.read_text()
+    launched, server_pid, tp, ports, log = orchestrator_server
+    # One spawned worker per GPU holds its rank of the engine; the server is none of them.
+    workers = _workers(server_pid, tp)
+    assert sorted(workers) == list(range(tp)) and len(set(workers.values())) == tp, (workers, log.read_text()[-4000:])
+    assert all(_argv0(pid).endswith("trtllmExecutorWorker") for pid in workers.values())
 
     client = PredictClient(f"127.0.0.1:{ports.grpc}", timeout_s=120)
     request = parse_request({"prompt": PROMPTS[1], "max_tokens": NEW_TOKENS, "temperature": 0})
@@ -184,15 +211,15 @@ def test_orchestrator_mode_serves_streams_and_drains_on_sigterm(orchestrator_ser
     with urllib.request.urlopen(f"http://127.0.0.1:{ports.metrics}/metrics", timeout=10) as reply:
         assert 'nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="active"' in reply.read().decode()
 
-    # SIGTERM with a stream in flight: the stream ends normally, then the server and its
-    # worker exit.
+    # SIGTERM to the serving tritonserver with a stream in flight (what the launcher does, also
+    # below mpirun): the stream ends normally, then the server, its workers and mpirun exit.
     stream = client.generate(request)
     first = next(stream)
-    server.send_signal(signal.SIGTERM)
+    os.kill(server_pid, signal.SIGTERM)
     rest = list(stream)
     assert (rest or [first])[-1].finish_reason in ("length", "stop")
-    assert server.wait(EXIT_TIMEOUT_S + 30) == 0, log.read_text()[-4000:]
+    assert launched.wait(EXIT_TIMEOUT_S + 30) == 0, log.read_text()[-4000:]
     deadline = time.monotonic() + 30
-    while any(_running(pid) for pid in workers):
-        assert time.monotonic() < deadline, "the executor worker outlived the server"
+    while any(_running(pid) for pid in workers.values()):
+        assert time.monotonic() < deadline, "an executor worker outlived the server"
         time.sleep(0.5)

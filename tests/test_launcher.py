@@ -24,12 +24,16 @@ import tritonclient.grpc as grpcclient
 from helpers import PROMPT, Reader
 from mixtral_triton.client import PredictClient
 from mixtral_triton.launcher import TritonServer, free_ports
-from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, mpi_server_command, serving_rank
+from mixtral_triton.launcher.gpu import (NGC_TRITONSERVER, mpi_server_command, ompi_version, orchestrator_server_command,
+                                         orchestrator_start, serving_rank, shm_prefix_flag)
 from mixtral_triton.launcher.shutdown import descendants, process_group_alive
 from mixtral_triton.protocol import parse_request
 
 ECHO_REPOSITORY = Path(__file__).parent / "data" / "echo_repository"
-DRAIN_TOKENS = 300  # per stream: several seconds of generation on the CPU engine
+# Per stream, on the paced engine (helpers.STEP_S a step at least): 5 s at least, so the
+# streams are still in flight at the SIGTERM sent right after their first tokens, however
+# fast the machine.
+DRAIN_TOKENS = 100
 DRAIN_EXIT_TIMEOUT_S = 120  # the drain the launcher is given: far more than the streams need
 LAUNCH = [sys.executable, "-m", "mixtral_triton.launcher.cli"]
 
@@ -151,6 +155,83 @@ def test_gpu_dry_run_prints_the_plain_orchestrator_mode_server(tmp_path):
                            *[f"--cuda-memory-pool-byte-size={gpu}:0" for gpu in range(4)]]
 
 
+@pytest.mark.parametrize("recorded, version, start", [
+    ("Open MPI v4.1.7\n\nhttp://www.open-mpi.org/community/help/\n", "4.1.7", "bare"),
+    ("Open MPI v5.0.6\n\nhttp://www.open-mpi.org/community/help/\n", "5.0.6", "mpirun"),
+])
+def test_orchestrator_start_follows_the_images_open_mpi(tmp_path, recorded, version, start):
+    """The image records `ompi_info --version` at build; the server runs bare (its worker spawn
+    from an MPI singleton) only below Open MPI 5, else under upstream's `mpirun -n 1`."""
+    record = tmp_path / "ompi-version.txt"
+    record.write_text(recorded)
+    assert ompi_version(record) == version and orchestrator_start(version) == start
+
+
+def test_gpu_dry_run_prints_the_orchestrator_under_mpirun_n_1(tmp_path):
+    result = subprocess.run(LAUNCH + ["--model-repository", str(tmp_path), "--target", "gpu", "--world-size", "2",
+                                      "--exit-timeout-secs", "120", "--orchestrator-start", "mpirun", "--dry-run"],
+                            capture_output=True, text=True, check=True)
+    printed = shlex.split(result.stdout)
+    assert printed[:6] == ["mpirun", "--allow-run-as-root", "-n", "1", "-x", "TRTLLM_ORCHESTRATOR=1"]
+    # The very server of the bare start (one process, its memory flags), marked as rank 0.
+    assert printed[6:-1] == orchestrator_server_command(tmp_path.resolve(), 2, free_ports().__class__(),
+                                                        exit_timeout_s=120)
+    assert printed[-1] == shm_prefix_flag(0) and ":" not in printed
+
+
+FAKE_MPIRUN = r"""
+import signal, subprocess, sys, time
+log = open(sys.argv[1], "a", buffering=1)
+rank = subprocess.Popen([sys.executable, *sys.argv[2:]])
+def forward(*_):  # Open MPI: forward SIGTERM to the ranks, kill them a second later
+    log.write("mpirun got SIGTERM\n")
+    rank.terminate()
+    time.sleep(1)
+    rank.kill()
+signal.signal(signal.SIGTERM, forward)
+sys.exit(rank.wait())
+"""
+FAKE_SERVER = r"""
+import signal, sys, time
+log = open(sys.argv[1], "a", buffering=1)
+def drain(*_):  # tritonserver: finish what is in flight, then exit
+    log.write("server got SIGTERM\n")
+    time.sleep(3)
+    log.write("server drained\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, drain)
+log.write("server up\n")
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_sigterm_reaches_the_server_below_mpirun_first_so_the_drain_holds(tmp_path):
+    """The wrapped orchestrator (and leader mode) keep mpirun as the launcher's child: the
+    launcher's SIGTERM goes to the serving tritonserver rank, not to mpirun (which would kill
+    it a second later). Here a stand-in mpirun that does what Open MPI's does on SIGTERM and a
+    stand-in server that takes 3 s to drain."""
+    log = tmp_path / "events.log"
+    (tmp_path / "mpirun.py").write_text(FAKE_MPIRUN)
+    (tmp_path / "server.py").write_text(FAKE_SERVER)
+    command = [sys.executable, str(tmp_path / "mpirun.py"), str(log), str(tmp_path / "server.py"), str(log),
+               shm_prefix_flag(0)]
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from mixtral_triton.launcher.gpu import "
+                                 "serve_under_mpirun; sys.exit(serve_under_mpirun(sys.argv[1:], 5))", *command],
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "server up" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, "the stand-in server never started"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(60) == 0
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert log.read_text().splitlines() == ["server up", "server got SIGTERM", "server drained"]
+
+
 def test_gpu_dry_run_prints_the_leader_mode_mpirun_command(tmp_path):
     result = subprocess.run(LAUNCH + ["--model-repository", str(tmp_path), "--target", "gpu", "--mode", "leader",
                                       "--world-size", "4", "--exit-timeout-secs", "120", "--dry-run"],
@@ -242,13 +323,13 @@ def test_a_dead_stub_is_seen_until_it_is_reaped(tmp_path):
     assert stubs.dead_stubs(os.getpid()) == []
 
 
-def test_sigterm_drains_streams_in_flight_then_leaves_no_process(cpu_repository, tmp_path):
+def test_sigterm_drains_streams_in_flight_then_leaves_no_process(paced_repository, tmp_path):
     """Kubernetes stops a pod with SIGTERM: the launcher must let Triton finish the streams
     in flight (up to --exit-timeout-secs) before anything is killed, and still leave no
     server or stub process behind."""
     # A copy of its own, so that the processes left behind are told apart from those of the
     # session's shared server on the same repository.
-    repository = shutil.copytree(cpu_repository, tmp_path / "repository")
+    repository = shutil.copytree(paced_repository, tmp_path / "repository")
     launch = subprocess.Popen(
         LAUNCH + ["--model-repository", str(repository), "--free-ports",
                   "--exit-timeout-secs", str(DRAIN_EXIT_TIMEOUT_S), "--log-file", str(tmp_path / "triton.log")],

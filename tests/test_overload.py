@@ -3,34 +3,32 @@ and max_queue_size 1 for the engine model: one request runs, one waits, the next
 refused at once with a clear, retryable error (gRPC: ServerError UNAVAILABLE; gateway: 503
 with Retry-After), never left to hang; and after the load the server serves again.
 (The gateway's own bound, 429 with Retry-After, is test_gateway's.)
+
+The engine is the paced stand-in (helpers.LONG): the requests that fill the batch slot and
+the queue cannot end before the test stops them, so the queue is full when the next request
+comes, however fast the machine.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from helpers import LONG, PROMPT, RawStream, ensemble_arrays, gateway, raw_stream, text_of, wait_active
+from helpers import LONG, PROMPT, RawStream, ensemble_arrays, gateway, paced_settings, raw_stream, text_of, wait_active
 from mixtral_triton.client import PredictClient, ServerError
 from mixtral_triton.client.ensemble import ENSEMBLE, requested_outputs, server_error
 from mixtral_triton.launcher import TritonServer
-from mixtral_triton.repository.fill import MARKER, Settings, fill_repository
+from mixtral_triton.repository.fill import fill_repository
 
 
 @pytest.fixture(scope="module")
 def queued(cpu_repository, tmp_path_factory):
-    """A server whose engine runs one request and queues one, and its gateway."""
-    record = json.loads((cpu_repository / MARKER).read_text())  # the session's converted checkpoint
-    settings = Settings(target="cpu", tokenizer_dir=Path(record["tokenizer_dir"]),
-                        checkpoint_dir=Path(record["checkpoint_dir"]), max_batch_size=1,
-                        max_queue_size=1, max_input_len=record["max_input_len"],
-                        max_seq_len=record["max_seq_len"])
+    """A server whose (paced) engine runs one request and queues one, and its gateway."""
+    settings = paced_settings(cpu_repository, max_batch_size=1, max_queue_size=1)
     repository = fill_repository(settings, tmp_path_factory.mktemp("queued") / "repository")
     with TritonServer(repository, log_file=tmp_path_factory.mktemp("logs") / "queued.log") as server:
         with gateway(triton_grpc_url=server.grpc_url) as g:
@@ -62,7 +60,8 @@ def test_a_full_engine_queue_is_a_clear_retryable_error(queued):
         with pytest.raises(ServerError) as refused:
             PredictClient(url, timeout_s=30).predict(PROMPT, stream=False, max_tokens=4)
         assert refused.value.status == "UNAVAILABLE"
-        assert "queue is full" in str(refused.value) and "max_queue_size 1" in str(refused.value)
+        # the executor's own wording (TensorRT-LLM sends it as INTERNAL), relayed as overload
+        assert "Maximum queue size of 1 has been reached" in str(refused.value)
         assert time.monotonic() - started < 5
 
         for route in ("/predict", "/v1/completions"):
@@ -70,7 +69,7 @@ def test_a_full_engine_queue_is_a_clear_retryable_error(queued):
             assert reply.status_code == 503, reply.text
             assert reply.headers["retry-after"] == "1"
             error = reply.json()["error"]
-            assert error["type"] == "service_unavailable" and "queue is full" in error["message"]
+            assert error["type"] == "service_unavailable" and "Maximum queue size of 1" in error["message"]
     finally:
         for stream in (running, waiting):
             _stop(url, stream.request_id)
@@ -84,23 +83,38 @@ def test_a_full_engine_queue_is_a_clear_retryable_error(queued):
 
 
 def test_a_burst_over_the_queue_ends_every_request_promptly(queued):
-    """Eight requests at once on a batch of one and a queue of one: each either completes or
-    is refused as overload (by the engine, or by Triton's own scheduler queue, which the
-    same max_queue_size bounds); none hangs."""
+    """Eight requests at once on a batch of one and a queue of one, while a LONG request
+    holds the batch slot (so that the burst meets a busy engine on any machine): at most
+    one of them waits in the queue, the others are refused as overload at once (by the
+    engine, or by Triton's own scheduler queue, which the same max_queue_size bounds), none
+    hangs; once the holder is stopped the queued one is served."""
     url = queued.triton.grpc_url
+    holder = _long("burst-holder", url)
+    assert holder.next()[1] is None
 
     def one(i: int):
         results, error = raw_stream(url, ENSEMBLE, ensemble_arrays(f"{PROMPT} {i}", 16), f"burst-{i}",
                                     requested_outputs(), timeout_s=60)
         return (text_of(results), None) if error is None else (None, server_error(error))
 
-    started = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
-        outcomes = list(pool.map(one, range(8)))
-    assert time.monotonic() - started < 30
+        burst = [pool.submit(one, i) for i in range(8)]
+        try:
+            # All but the queued one are answered while the holder still runs (LONG: it
+            # cannot end by itself during the test).
+            deadline = time.monotonic() + 30
+            while sum(f.done() for f in burst) < 7:
+                assert time.monotonic() < deadline, "a refused request hangs"
+                time.sleep(0.02)
+            assert wait_active(queued.triton, lambda v: v == 2) == 2  # the holder and the queued one
+        finally:
+            _stop(url, holder.request_id)
+            holder.read_all(30)
+            holder.close()
+        outcomes = [f.result(60) for f in burst]
     refused = [error for _, error in outcomes if error is not None]
     served = [text for text, _ in outcomes if text is not None]
-    assert refused and served, outcomes
+    assert len(refused) == 7 and len(served) == 1, outcomes
     for error in refused:
         assert isinstance(error, ServerError) and error.status == "UNAVAILABLE", error
     assert all(served)

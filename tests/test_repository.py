@@ -5,6 +5,8 @@ rules, the CPU reference engine has exactly the GPU engine's tensor contract, an
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import struct
 import subprocess
@@ -128,6 +130,24 @@ def _table(path: Path) -> list[bytes]:
     return table
 
 
+def exported_symbols(library) -> set[str]:
+    """The defined dynamic symbols of a shared library (functions, objects, weak and unique)."""
+    table = subprocess.run(["readelf", "--dyn-syms", "--wide", str(library)], capture_output=True, text=True,
+                           check=True).stdout
+    symbols = set()
+    for line in table.splitlines():
+        fields = line.split()  # Num: Value Size Type Bind Vis Ndx Name
+        if len(fields) >= 8 and fields[0][:-1].isdigit() and fields[6] != "UND" and fields[3] != "SECTION":
+            symbols.add(fields[7].split("@")[0])
+    return symbols - {""}
+
+
+@pytest.mark.parametrize("flavour", sorted(cpp_detokenizer.FLAVOURS))
+def test_every_flavour_of_the_library_exports_only_the_backend_entry_points(flavour, tmp_path):
+    library = cpp_detokenizer.build(tmp_path, flavour)
+    assert {s for s in exported_symbols(library) if not s.startswith("TRITONBACKEND_")} == set()
+
+
 @pytest.mark.parametrize("target", ["cpu", "gpu"])
 def test_postprocessing_is_the_cpp_detokenizer_with_its_library_and_tables(target, dirs, tmp_path):
     out = tmp_path / "repo"
@@ -137,14 +157,17 @@ def test_postprocessing_is_the_cpp_detokenizer_with_its_library_and_tables(targe
     # One instance: it keeps no state per instance and never blocks in execute.
     assert [(g.count, ModelInstanceGroup.Kind.Name(g.kind)) for g in post.instance_group] == [(1, "KIND_CPU")]
     params = {k: v.string_value for k, v in post.parameters.items()}
-    assert params == {"engine_model": "tensorrt_llm", "min_response_interval_us": "2000"}
+    record = json.loads((out / MARKER).read_text())
+    assert params == {"engine_model": "tensorrt_llm", "min_response_interval_us": "2000",
+                      "max_input_len": str(record["max_input_len"]), "max_seq_len": str(record["max_seq_len"])}
     # Triton loads libtriton_<backend>.so from the model's folder: a shared library exporting
-    # the backend API's entry points.
+    # the backend API's entry points, and nothing else (no weak std:: template instance, no
+    # unique global that could bind to another library's copy inside the server).
     library = out / "postprocessing" / cpp_detokenizer.LIBRARY
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
-                             check=True).stdout
-    for entry in ("TRITONBACKEND_ModelInitialize", "TRITONBACKEND_ModelInstanceExecute"):
-        assert f" T {entry}" in symbols, entry
+    assert exported_symbols(library) == {
+        "TRITONBACKEND_Initialize", "TRITONBACKEND_ModelInitialize", "TRITONBACKEND_ModelFinalize",
+        "TRITONBACKEND_ModelInstanceInitialize", "TRITONBACKEND_ModelInstanceFinalize",
+        "TRITONBACKEND_ModelInstanceExecute"}
     assert not (out / "postprocessing" / "1" / "model.py").exists()  # no Python stub
     # Both token tables, by skip_special_tokens, exactly the text package's.
     for skip, name in cpp_detokenizer.TABLE_FILES.items():
@@ -155,13 +178,39 @@ def test_the_library_is_compiled_once_per_version_of_its_sources(dirs, tmp_path)
     cache = tmp_path / "cache"
     fill_repository(settings("cpu", dirs), tmp_path / "a", library_cache=cache)
     [built] = list(cache.glob(f"*/{cpp_detokenizer.LIBRARY}"))
-    assert built.parent.name == cpp_detokenizer.sources_digest()
+    assert built.parent.name == cpp_detokenizer.build_key("release")
     stamp = built.stat().st_mtime_ns
     fill_repository(settings("gpu", dirs), tmp_path / "b", library_cache=cache)
     assert built.stat().st_mtime_ns == stamp  # reused, not compiled again
-    assert [p.name for p in built.parent.iterdir()] == [cpp_detokenizer.LIBRARY]  # no partial left
+    # no partial left; the stamp records the sources it was built from
+    assert sorted(p.name for p in built.parent.iterdir()) == [cpp_detokenizer.LIBRARY, f"{cpp_detokenizer.LIBRARY}.sources"]
+    assert (built.parent / f"{cpp_detokenizer.LIBRARY}.sources").read_text().strip() == cpp_detokenizer.sources_digest()
     for out in (tmp_path / "a", tmp_path / "b"):
         assert (out / "postprocessing" / cpp_detokenizer.LIBRARY).read_bytes() == built.read_bytes()
+
+
+def test_the_build_key_follows_the_compiler_and_the_flags(tmp_path, monkeypatch):
+    keys = {flavour: cpp_detokenizer.build_key(flavour) for flavour in cpp_detokenizer.FLAVOURS}
+    assert len(set(keys.values())) == len(keys)  # flags differ: keys differ
+    # another compiler of the same name (here: a wrapper reporting another version) is another key
+    wrapper = tmp_path / "bin" / "g++"
+    wrapper.parent.mkdir()
+    wrapper.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "g++ (Other) 99.1"; exit 0; fi\nexec /usr/bin/g++ "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    assert cpp_detokenizer.build_key("release") != keys["release"]
+
+
+def test_a_prebuilt_library_is_installed_only_with_the_stamp_of_these_sources(dirs, tmp_path, monkeypatch):
+    library = cpp_detokenizer.build(tmp_path / "cache")
+    monkeypatch.setenv(cpp_detokenizer.PREBUILT_ENV, str(library))
+    assert cpp_detokenizer.prebuilt_library() == library
+    out = fill_repository(settings("gpu", dirs), tmp_path / "repo", library_cache=tmp_path / "unused")
+    assert (out / "postprocessing" / cpp_detokenizer.LIBRARY).read_bytes() == library.read_bytes()
+    assert not (tmp_path / "unused").exists()  # nothing compiled
+    library.with_name(f"{library.name}.sources").write_text("0123456789abcdef\n")
+    with pytest.raises(UserError, match="built from other sources"):
+        cpp_detokenizer.prebuilt_library()
 
 
 def test_a_detokenizer_template_of_another_backend_is_refused(dirs, tmp_path):
@@ -194,7 +243,8 @@ def test_reference_engine_has_the_gpu_engine_contract(dirs, tmp_path):
 
 
 def test_gpu_engine_model_matches_v1_2_1(dirs, tmp_path):
-    configs = fill_and_load("gpu", dirs, tmp_path / "repo", kv_cache_free_gpu_mem_fraction=0.85)
+    configs = fill_and_load("gpu", dirs, tmp_path / "repo", kv_cache_free_gpu_mem_fraction=0.85,
+                            cancellation_check_period_ms=23)
     config = configs["tensorrt_llm"]
     inputs = {t.name: t for t in config.input}
     outputs = {t.name: t for t in config.output}
@@ -210,6 +260,8 @@ def test_gpu_engine_model_matches_v1_2_1(dirs, tmp_path):
     assert params["gpt_model_type"] == "inflight_fused_batching"
     assert params["gpt_model_path"] == str(dirs["engine"].resolve())
     assert params["kv_cache_free_gpu_mem_fraction"] == "0.85"
+    # The plan's one decode step (mixtral_triton.capacity), read by the backend as an int.
+    assert params["cancellation_check_period_ms"] == "23"
     assert params["exclude_input_in_output"] == "true"
     # The backend fails to load without these keys (it reads them with no fallback).
     for key in ("tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path"):

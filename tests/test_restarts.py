@@ -5,6 +5,11 @@ stopped: both get a clear error within seconds (UNAVAILABLE; the gateway's strea
 visibly, its new requests are 503 and /ready is false), never a hang. Triton is then
 started again on the same ports and requests succeed again through the same gateway
 process; the time that takes is measured and bounded (docs/reliability.md).
+
+The servers here serve the paced repository (helpers.LONG): a stream in flight cannot end
+before the stop or the restart it must witness, however fast the machine (on the reference
+engine a fast runner finished it during the launcher's graceful restart, and the expected
+error never came).
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ RECOVER_WITHIN_S = 60.0
 
 
 @pytest.fixture(scope="module")
-def restartable(cpu_repository, tmp_path_factory):
+def restartable(paced_repository, tmp_path_factory):
     """A Triton server of this module's own (it is stopped), and a gateway in front."""
     logs = tmp_path_factory.mktemp("restart-logs")
-    server = TritonServer(cpu_repository, log_file=logs / "triton.log", exit_timeout_s=EXIT_TIMEOUT_S)
+    server = TritonServer(paced_repository, log_file=logs / "triton.log", exit_timeout_s=EXIT_TIMEOUT_S)
     server.start()
     try:
         with gateway(triton_grpc_url=server.grpc_url, timeout_s=30) as g:
@@ -155,15 +160,17 @@ def test_a_dead_python_stub_makes_the_gateway_unready(restartable):
     assert down.value.status == "UNAVAILABLE"
 
 
-def test_the_launcher_restarts_triton_when_a_stub_dies(cpu_repository, tmp_path):
+def test_the_launcher_restarts_triton_when_a_stub_dies(paced_repository, tmp_path):
     """`mixtral-triton-launch` (and serve.sh) restart the server when a stub dies (or the
     server itself does). Here the tokenizer model's stub (preprocessing, the Python model of
     the serving path on every target; the detokenizer runs inside the server, so its crash
     is the server's) is killed while a stream runs: the launcher restarts Triton on the same
     ports, the stream ends with an error (or its client gives up at its own timeout), and
-    requests succeed again."""
+    requests succeed again. The stream (LONG tokens on the paced engine: 90 s at least)
+    cannot end by itself before the restart kills the server: the restart begins within the
+    30 s waited for below and kills what is left of the server EXIT_TIMEOUT_S + 5 s later."""
     launch = subprocess.Popen(
-        [sys.executable, "-m", "mixtral_triton.launcher.cli", "--model-repository", str(cpu_repository),
+        [sys.executable, "-m", "mixtral_triton.launcher.cli", "--model-repository", str(paced_repository),
          "--free-ports", "--exit-timeout-secs", str(EXIT_TIMEOUT_S), "--log-file", str(tmp_path / "triton.log")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mixtral_triton.errors import UserError
-from mixtral_triton.trtllm_build import BUILD_RECORD, engine_main, prepare_build, run_build
+from mixtral_triton.trtllm_build import BUILD_LOG, BUILD_RECORD, engine_main, plan_main, prepare_build, run_build
 
 # A TensorRT-LLM checkpoint's config.json for Mixtral-8x22B converted fp16 at tp 4 (the
 # fields the wrapper reads; the converter writes more).
@@ -50,8 +50,8 @@ def expected_command(ckpt: Path, out: Path, max_batch_size: int, workers: int = 
 # max_batch_size: the 128/128 requests the KV cache admits (H100) or the roofline's throughput
 # knee (A100, B200); with --workload 4096/1024, the full-length requests that fit.
 @pytest.mark.parametrize("gpu, workload, max_batch_size", [
-    ("H100-80GB", [], 708), ("A100-80GB", [], 602), ("B200-180GB", [], 1202),
-    ("H100-80GB", ["--workload", "4096/1024"], 35), ("A100-80GB", ["--workload", "4096/1024"], 36)])
+    ("H100-80GB", [], 637), ("A100-80GB", [], 602), ("B200-180GB", [], 1202),
+    ("H100-80GB", ["--workload", "4096/1024"], 31), ("A100-80GB", ["--workload", "4096/1024"], 32)])
 def test_dry_run_prints_the_exact_command(ckpt, tmp_path, capsys, gpu, workload, max_batch_size):
     out = tmp_path / "engines"
     assert engine_main(["--checkpoint-dir", str(ckpt), "--output-dir", str(out), "--gpu", gpu,
@@ -125,6 +125,9 @@ out = pathlib.Path(args.output_dir)
 (out / "config.json").write_text("{{}}")
 for r in range({ranks}):
     (out / f"rank{{r}}.engine").write_bytes(b"engine")
+    # What a build logs per rank: TensorRT-LLM's MiB summary and TensorRT's byte counts.
+    print(f"[TRT-LLM] [I] Activation memory size: {{3000.5 + r:.2f}} MiB", flush=True)
+    print(f"[TRT] [I] Total Weights Memory: {{70_600_000_000 + r}} bytes", flush=True)
 sys.exit({code})
 """
 
@@ -150,9 +153,38 @@ def test_a_build_checks_the_engines_and_records_how_they_were_made(ckpt, tmp_pat
     out = run_build(build)
     record = json.loads((out / BUILD_RECORD).read_text())
     assert record["command"] == build.command
-    assert record["plan"]["max_batch_size"] == 708
+    assert record["plan"]["max_batch_size"] == 637
     assert record["versions"]["tensorrt_llm"] is None  # not installed here
     assert record["checkpoint_dir"] == str(ckpt)
+    # What the build reported, the largest rank's, and each rank engine's size.
+    assert record["memory"] == {"reported": {"activation_bytes": round(3003.5 * 2**20), "weight_bytes": 70_600_000_003},
+                                "rank_engine_bytes": [6, 6, 6, 6]}
+    assert "Total Weights Memory" in (out / BUILD_LOG).read_text()
+    assert record["model"]["num_hidden_layers"] == 56
+
+
+def test_the_plan_runs_again_from_the_build_record_with_the_measured_memory(ckpt, tmp_path, fake_trtllm_build,
+                                                                            capsys):
+    fake_trtllm_build()
+    out = run_build(prepare_build(ckpt, tmp_path / "engines", "H100-80GB"))
+    capsys.readouterr()
+    assert plan_main(["--from-build-record", str(out), "--json"]) == 0
+    replanned = json.loads(capsys.readouterr().out)
+    assert replanned["activations_source"] == replanned["weights_source"] == "measured (trtllm-build)"
+    assert replanned["activation_bytes"] == round(3003.5 * 2**20)  # not the 2.28 GB estimate
+    assert replanned["weight_bytes_per_gpu"] == 70_600_000_003
+    assert (replanned["gpu"], replanned["tp"], replanned["workload"]) == ("H100-80GB", 4, "128/128")
+    # More activations than estimated: a smaller KV cache, never a larger batch than the engine's.
+    assert replanned["kv_admitted_requests"] < 637 and replanned["max_batch_size"] == replanned["kv_admitted_requests"]
+    for row in replanned["memory_per_gpu"]:
+        assert row["headroom"] >= 2**30 and row["activations"] == replanned["activation_bytes"]
+
+    # A record without measurements (an older build) is refused in one line.
+    old = json.loads((out / BUILD_RECORD).read_text())
+    del old["memory"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert plan_main(["--from-build-record", str(tmp_path / "old.json")]) == 2
+    assert "has no plan, model or memory" in capsys.readouterr().err
 
 
 def test_a_failed_or_incomplete_build_is_reported(ckpt, tmp_path, fake_trtllm_build):

@@ -10,11 +10,16 @@ no pipeline parallelism), computed from the model's config:
   parallel embedding).
 * KV cache per token: layers x 2 (K and V) x KV heads x head size x 2 bytes; each rank
   holds its share of the KV heads (one whole head when tp exceeds the KV heads).
-* reserve, in three parts, all documented at their constants below: the CUDA context and
-  communication buffers, the TensorRT activation buffers sized for max_num_tokens, and
-  headroom left free after the KV cache.
+* reserve, in four parts, all documented at their constants below: the worker's CUDA context
+  and communication buffers, the TensorRT activation buffers sized for max_num_tokens,
+  headroom left free after the KV cache, and on GPU 0 the serving process's own CUDA context
+  (orchestrator mode), which appears only after the KV cache is sized.
 * KV tokens: what is left, as TensorRT-LLM allocates it: kv_cache_free_gpu_mem_fraction of
-  the memory still free once the engine and its activations are loaded.
+  the memory still free once the engine and its activations are loaded. One fraction applies
+  to every rank, so GPU 0 (the most loaded) sets it and the other GPUs keep more headroom.
+* measured, not estimated: given what trtllm-build reported for a built engine (its build
+  record, `--from-build-record`), the weights and activations are those figures instead of
+  the calculation, and the plan says which it used.
 
 Engine limits by workload, not by the worst case. The engine's max_input_len/max_seq_len
 bound what one request may ask for; max_batch_size bounds how many requests run at once.
@@ -60,6 +65,26 @@ CONTEXT_RESERVE_BYTES = 1 * GiB
 # Left free after the KV cache: per-request decoder and sampling buffers, logits, and room for
 # allocator fragmentation. Without it a full KV cache makes later small allocations fail.
 HEADROOM_BYTES = 1 * GiB
+# Orchestrator mode: the tritonserver process holds a CUDA context of its own on GPU 0 (its
+# tensorrtllm backend makes a CUDA stream for every request it reads, TensorRT-LLM 1.2.1's
+# triton_backend/inflight_batcher_llm/src/utils.cc readInputsTensors), created at the first
+# request, after the workers sized their KV cache from the memory then free. So it must come
+# out of what the KV fraction leaves on GPU 0, beside the headroom. An estimate (a context is a
+# few hundred MiB; its size depends on the driver and the kernels loaded):
+# scripts/gpu_acceptance.py measures it per process with nvidia-smi.
+SERVER_CONTEXT_RESERVE_BYTES = 1 * GiB
+SERVER_CONTEXT_GPU = 0
+# How often TensorRT-LLM's backend looks for cancelled requests (cancellation_check_period_ms;
+# its default is 100 ms): the plan sets it to one decode step of its batch, within these bounds.
+# A stop string or a disconnect then frees its batch slot within about a step, instead of up to
+# 100 ms (4 steps of the H100 plan) later. The cost: each check takes the lock the backend's
+# response thread also takes and asks Triton, request by request, whether each active request
+# was cancelled (an atomic read each): at max_batch_size requests every step, well under 1 %
+# of one core.
+MIN_CANCELLATION_CHECK_PERIOD_MS = 5
+# What every GPU keeps beside weights, activations and the KV cache (GPU 0, the most).
+_RUNTIME_RESERVE_BYTES = CONTEXT_RESERVE_BYTES + HEADROOM_BYTES + SERVER_CONTEXT_RESERVE_BYTES
+DEFAULT_CANCELLATION_CHECK_PERIOD_MS = 100
 # TensorRT sizes activation buffers for max_num_tokens and does not reuse every one of them
 # across layers, so twice the live per-token footprint is reserved. An estimate: it has not
 # been measured on a built 8x22B engine.
@@ -195,6 +220,19 @@ def activation_bytes_per_token(m: ModelShape, tp: int, ep: int) -> int:
 
 
 @dataclass(frozen=True)
+class BuildMeasurement:
+    """GPU memory of one built engine as trtllm-build reported it (the largest rank's), or None
+    for a figure it did not report."""
+
+    weight_bytes: int | None = None
+    activation_bytes: int | None = None
+
+
+MEASURED = "measured (trtllm-build)"
+ESTIMATED = "estimate"
+
+
+@dataclass(frozen=True)
 class CapacityPlan:
     gpu: str
     gpus: int
@@ -211,6 +249,7 @@ class CapacityPlan:
     context_reserve_bytes: int
     activation_bytes: int
     headroom_bytes: int
+    server_context_reserve_bytes: int
     kv_cache_bytes_per_gpu: int
     kv_cache_free_gpu_mem_fraction: float
     kv_cache_tokens: int
@@ -221,9 +260,28 @@ class CapacityPlan:
     max_batch_size: int
     max_num_tokens: int
     tokens_per_block: int
+    decode_step_ms: float
+    cancellation_check_period_ms: int
+    weights_source: str = ESTIMATED
+    activations_source: str = ESTIMATED
+
+    def memory_per_gpu(self) -> list[dict]:
+        """Each GPU's memory as planned, in bytes: what is left once everything else is placed
+        is its headroom, at least HEADROOM_BYTES on every GPU (GPU 0 also holds the server's
+        context, the others keep that as extra headroom)."""
+        rows = []
+        for index in range(self.gpus):
+            server = self.server_context_reserve_bytes if index == SERVER_CONTEXT_GPU else 0
+            placed = {"weights": self.weight_bytes_per_gpu, "activations": self.activation_bytes,
+                      "kv_cache": self.kv_cache_bytes_per_gpu, "worker_context": self.context_reserve_bytes,
+                      "server_context": server}
+            rows.append({"gpu_index": index, **placed,
+                         "headroom": self.gpu_memory_bytes - sum(placed.values()),
+                         "gpu_memory": self.gpu_memory_bytes})
+        return rows
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "memory_per_gpu": self.memory_per_gpu()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -236,9 +294,11 @@ class CapacityPlan:
             ("weights per GPU", _gb(self.weight_bytes_per_gpu)),
             ("KV per token, whole model", f"{self.kv_bytes_per_token_total / 1024:g} KiB"),
             ("KV per token per GPU", f"{self.kv_bytes_per_token_per_gpu / 1024:g} KiB"),
-            ("reserve: CUDA context, NCCL", _gb(self.context_reserve_bytes)),
+            ("reserve: worker CUDA context, NCCL", _gb(self.context_reserve_bytes)),
             ("reserve: activations", f"{_gb(self.activation_bytes)} (max_num_tokens {self.max_num_tokens})"),
             ("reserve: headroom", _gb(self.headroom_bytes)),
+            (f"reserve: server context, GPU {SERVER_CONTEXT_GPU}", _gb(self.server_context_reserve_bytes)),
+            ("weights, activations from", f"{self.weights_source}, {self.activations_source}"),
             ("KV cache per GPU", _gb(self.kv_cache_bytes_per_gpu)),
             ("KV cache tokens", f"{self.kv_cache_tokens:,} (every rank holds its heads of each)"),
             ("max_input_len / max_seq_len", f"{self.max_input_len} / {self.max_seq_len}"),
@@ -249,6 +309,8 @@ class CapacityPlan:
             ("max_batch_size", f"{self.max_batch_size} (the fewer of the two above, at most {MAX_BATCH_SIZE_CAP})"),
             ("max_num_tokens", str(self.max_num_tokens)),
             ("kv_cache_free_gpu_mem_fraction", f"{self.kv_cache_free_gpu_mem_fraction:.2f}"),
+            ("decode step (roofline)", f"{self.decode_step_ms:.1f} ms at the batch above"),
+            ("cancellation_check_period_ms", str(self.cancellation_check_period_ms)),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -279,14 +341,22 @@ def mean_decode_context(workload: Workload) -> int:
     return workload.input_tokens + workload.output_tokens // 2
 
 
+def cancellation_check_period_ms(decode_step_ms: float) -> int:
+    """One decode step, in whole milliseconds, within the bounds above."""
+    return min(DEFAULT_CANCELLATION_CHECK_PERIOD_MS, max(MIN_CANCELLATION_CHECK_PERIOD_MS, math.floor(decode_step_ms)))
+
+
 def plan_capacity(gpu: str, gpus: int, max_input_len: int | None = None, max_output_len: int | None = None,
                   tp: int | None = None, ep: int = 1, model: ModelShape = MIXTRAL_8X22B,
-                  workload: Workload | None = None) -> CapacityPlan:
+                  workload: Workload | None = None, measured: BuildMeasurement | None = None,
+                  engine_max_batch_size: int | None = None) -> CapacityPlan:
     """The plan, or UserError naming the option, its allowed range, or the numbers that do not fit.
     max_batch_size is sized for `workload`; by default the seed's 128/128 where the engine takes
-    it, else the engine's full-length requests."""
+    it, else the engine's full-length requests. `measured`: what trtllm-build reported for the
+    built engine, used instead of the calculation; `engine_max_batch_size`: the built engine's,
+    which a plan for it cannot exceed."""
     # The roofline builds on this module's model shapes, so it is imported here, not at the top.
-    from mixtral_triton.roofline import throughput_batch
+    from mixtral_triton.roofline import decode_step_seconds, throughput_batch
 
     if gpu not in GPU_MEMORY_BYTES:
         raise UserError(f"--gpu must be one of {', '.join(GPU_MEMORY_BYTES)}, got {gpu!r}")
@@ -321,18 +391,20 @@ def plan_capacity(gpu: str, gpus: int, max_input_len: int | None = None, max_out
                         f"{max_input_len}, input + output at most {max_seq_len})")
 
     memory = GPU_MEMORY_BYTES[gpu]
-    weights = weight_bytes(model, tp)
-    if weights + CONTEXT_RESERVE_BYTES + HEADROOM_BYTES >= memory:
+    measured = measured or BuildMeasurement()
+    weights = measured.weight_bytes or weight_bytes(model, tp)
+    if weights + _RUNTIME_RESERVE_BYTES >= memory:
         raise UserError(
             f"does not fit: the fp16 weights need {_gb(weights)} per GPU at tp {tp} "
-            f"(+ {_gb(CONTEXT_RESERVE_BYTES + HEADROOM_BYTES)} runtime reserve), "
+            f"(+ {_gb(_RUNTIME_RESERVE_BYTES)} runtime reserve), "
             f"and each {gpu} has {_gb(memory)}{_fits_hint(gpu, gpus, model)}")
 
     # A whole prompt runs in one context step: no chunked prefill needed for max_input_len.
     max_num_tokens = max(DEFAULT_MAX_NUM_TOKENS, max_input_len)
-    activations = max_num_tokens * activation_bytes_per_token(model, tp, ep)
+    activations = measured.activation_bytes or max_num_tokens * activation_bytes_per_token(model, tp, ep)
     free_at_kv_allocation = max(memory - weights - CONTEXT_RESERVE_BYTES - activations, 0)
-    kv_room = max(free_at_kv_allocation - HEADROOM_BYTES, 0)
+    # What the KV fraction leaves must hold the headroom and, on GPU 0, the server's context.
+    kv_room = max(free_at_kv_allocation - HEADROOM_BYTES - SERVER_CONTEXT_RESERVE_BYTES, 0)
     fraction = min(math.floor(100 * kv_room / free_at_kv_allocation) / 100 if kv_room else 0.0,
                    MAX_KV_FRACTION)
     kv_cache_bytes = int(fraction * free_at_kv_allocation)
@@ -341,41 +413,68 @@ def plan_capacity(gpu: str, gpus: int, max_input_len: int | None = None, max_out
     if kv_tokens < max_seq_len:
         raise UserError(
             f"does not fit: after {_gb(weights)} of weights and "
-            f"{_gb(CONTEXT_RESERVE_BYTES + activations + HEADROOM_BYTES)} of runtime reserve "
+            f"{_gb(_RUNTIME_RESERVE_BYTES + activations)} of runtime reserve "
             f"(activations for max_num_tokens {max_num_tokens}), each {gpu} has {_gb(kv_cache_bytes)} "
             f"left for the KV cache, and one request of {max_seq_len} tokens needs "
             f"{_gb(max_seq_len * kv_per_token)}; lower --max-input-len/--max-output-len or use more "
             f"or larger GPUs")
     admitted = kv_admitted_requests(kv_tokens, workload.input_tokens, workload.output_tokens)
     knee = throughput_batch(gpu, mean_decode_context(workload), tp, model, MAX_BATCH_SIZE_CAP)
-    max_batch_size = min(admitted, knee, MAX_BATCH_SIZE_CAP)
+    max_batch_size = min(admitted, knee, MAX_BATCH_SIZE_CAP, engine_max_batch_size or MAX_BATCH_SIZE_CAP)
     # Every step holds one token per decoding request, the rest of max_num_tokens goes to prompts.
     assert max_num_tokens >= max_batch_size
-    return CapacityPlan(
+    step_ms = 1e3 * decode_step_seconds(gpu, max_batch_size, mean_decode_context(workload), tp, model)
+    plan = CapacityPlan(
         gpu=gpu, gpus=gpus, tp=tp, ep=ep, max_input_len=max_input_len, max_output_len=max_output_len,
         max_seq_len=max_seq_len, gpu_memory_bytes=memory,
         weight_bytes_total=weight_bytes(model), weight_bytes_per_gpu=weights,
         kv_bytes_per_token_total=kv_bytes_per_token(model), kv_bytes_per_token_per_gpu=kv_per_token,
         context_reserve_bytes=CONTEXT_RESERVE_BYTES, activation_bytes=activations,
-        headroom_bytes=HEADROOM_BYTES, kv_cache_bytes_per_gpu=kv_cache_bytes,
+        headroom_bytes=HEADROOM_BYTES, server_context_reserve_bytes=SERVER_CONTEXT_RESERVE_BYTES,
+        kv_cache_bytes_per_gpu=kv_cache_bytes,
         kv_cache_free_gpu_mem_fraction=fraction, kv_cache_tokens=kv_tokens,
         workload=str(workload), kv_admitted_requests=admitted,
         full_length_requests=kv_admitted_requests(kv_tokens, max_input_len, max_output_len),
         throughput_batch=knee, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
-        tokens_per_block=TOKENS_PER_BLOCK)
+        tokens_per_block=TOKENS_PER_BLOCK, decode_step_ms=step_ms,
+        cancellation_check_period_ms=cancellation_check_period_ms(step_ms),
+        weights_source=MEASURED if measured.weight_bytes else ESTIMATED,
+        activations_source=MEASURED if measured.activation_bytes else ESTIMATED)
+    assert all(row["headroom"] >= HEADROOM_BYTES for row in plan.memory_per_gpu())
+    return plan
 
 
 def _fits_hint(gpu: str, asked: int, model: ModelShape) -> str:
     """Point at the smallest larger GPU count of this type whose weights fit, if any."""
     for gpus in range(asked + 1, MAX_GPUS + 1):
         if (model.num_attention_heads % gpus == 0 and model.intermediate_size % gpus == 0
-                and weight_bytes(model, gpus) + CONTEXT_RESERVE_BYTES + HEADROOM_BYTES < GPU_MEMORY_BYTES[gpu]):
+                and weight_bytes(model, gpus) + _RUNTIME_RESERVE_BYTES < GPU_MEMORY_BYTES[gpu]):
             return f"; {gpus} x {gpu} would hold {_gb(weight_bytes(model, gpus))} each"
     return ""
 
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+MEMORY_COLUMNS = ("weights", "activations", "kv_cache", "worker_context", "server_context", "headroom")
+
+
+def memory_table_markdown(plans: list[CapacityPlan]) -> str:
+    """Each plan's GPUs, one row per GPU: where its memory goes, in GB, adding up to the GPU's.
+    GPUs whose rows are the same share one row."""
+    lines = ["| GPU (x count) | GPU index | weights | activations | KV cache | worker context | "
+             "server context | headroom | sum = GPU memory |", "|---|---|---|---|---|---|---|---|---|"]
+    for plan in plans:
+        groups: dict[tuple, list[int]] = {}
+        for row in plan.memory_per_gpu():
+            groups.setdefault(tuple(row[c] for c in MEMORY_COLUMNS), []).append(row["gpu_index"])
+        for values, indices in groups.items():
+            shown = str(indices[0]) if len(indices) == 1 else f"{indices[0]}-{indices[-1]}"
+            lines.append(f"| {plan.gpu} (x{plan.gpus}) | {shown} | "
+                         + " | ".join(f"{v / 1e9:.2f}" for v in values)
+                         + f" | {plan.gpu_memory_bytes / 1e9:.2f} |")
+    return "\n".join(lines)
 
 
 # Scale a Triton replica out before its engine's batch is full.

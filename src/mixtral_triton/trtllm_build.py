@@ -5,29 +5,46 @@ tensorrt_llm/plugin/plugin.py). `--kv_cache_type paged` rather than `--paged_kv_
 enable`, which 1.2.1 still accepts but marks deprecated.
 
 The input is a TensorRT-LLM checkpoint (config.json and one rank{r}.safetensors per rank);
-the output folder gets config.json, one rank{r}.engine per rank, and BUILD_RECORD: the
-command, the versions and the plan, so an engine folder says how it was made.
+the output folder gets config.json, one rank{r}.engine per rank, trtllm-build's output
+(BUILD_LOG) and BUILD_RECORD: the command, the versions, the plan, the model's shape and the
+GPU memory the build reported (each rank engine's size, and the activation and weight memory
+where trtllm-build or TensorRT logged them), so an engine folder says how it was made and
+`plan_capacity.py --from-build-record` can plan again from measured figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 from mixtral_triton.capacity import (DEFAULT_MAX_INPUT_LEN, DEFAULT_MAX_OUTPUT_LEN, GPU_MEMORY_BYTES, MIXTRAL_8X22B,
-                                     SEED_WORKLOAD, CapacityPlan, ModelShape, Workload, plan_capacity)
+                                     SEED_WORKLOAD, BuildMeasurement, CapacityPlan, ModelShape,
+                                     Workload, memory_table_markdown, plan_capacity)
 from mixtral_triton.errors import UserError, one_line_errors
 
 TRTLLM_BUILD = "trtllm-build"
 BUILD_RECORD = "mixtral_triton_build.json"
+BUILD_LOG = "trtllm-build.log"
+# What a build logs about one rank engine's GPU memory: TensorRT-LLM's own summary lines
+# ("Activation memory size: 2062.03 MiB", "Weights memory size: ... MiB") and TensorRT's
+# builder statistics ("Total Activation Memory: N bytes", "Total Weights Memory: N bytes").
+# Which of them 1.2.1's trtllm-build prints at its default log level has not been seen here
+# (no GPU); whichever appears is used, the largest over the ranks.
+_MEMORY_LINES = {
+    "activation_bytes": (re.compile(r"Activation memory size: ([\d.]+) MiB"),
+                         re.compile(r"Total Activation Memory: (\d+) bytes")),
+    "weight_bytes": (re.compile(r"Weights memory size: ([\d.]+) MiB"),
+                     re.compile(r"Total Weights Memory: (\d+) bytes")),
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,7 @@ class EngineBuild:
     output_dir: Path
     plan: CapacityPlan
     command: list[str]
+    model: ModelShape
 
 
 def read_checkpoint(checkpoint_dir: Path) -> tuple[dict, ModelShape]:
@@ -99,7 +117,7 @@ def prepare_build(checkpoint_dir: Path, output_dir: Path, gpu: str, max_input_le
     if not 1 <= workers <= tp:
         raise UserError(f"--workers must be between 1 and {tp} (the checkpoint's ranks), got {workers}")
     return EngineBuild(checkpoint_dir, output_dir, plan,
-                       engine_command(checkpoint_dir, output_dir, plan, workers))
+                       engine_command(checkpoint_dir, output_dir, plan, workers), shape)
 
 
 def run_build(build: EngineBuild) -> Path:
@@ -115,7 +133,8 @@ def run_build(build: EngineBuild) -> Path:
     started = time.monotonic()
     returncode = _run_with_progress(build.command, out, build.plan.tp)
     if returncode:
-        raise UserError(f"{TRTLLM_BUILD} failed with exit code {returncode} (its output is above)")
+        raise UserError(f"{TRTLLM_BUILD} failed with exit code {returncode} (its output is above, "
+                        f"and in {out / BUILD_LOG})")
     expected = ["config.json"] + [f"rank{r}.engine" for r in range(build.plan.tp)]
     missing = [name for name in expected if not (out / name).is_file() or not (out / name).stat().st_size]
     if missing:
@@ -124,6 +143,9 @@ def run_build(build: EngineBuild) -> Path:
         "command": build.command,
         "versions": {name: _version(name) for name in ("tensorrt_llm", "tensorrt", "mixtral-triton")},
         "plan": build.plan.to_dict(),
+        "model": asdict(build.model),
+        "memory": {"reported": reported_memory((out / BUILD_LOG).read_text(errors="replace")),
+                   "rank_engine_bytes": [(out / f"rank{r}.engine").stat().st_size for r in range(build.plan.tp)]},
         "checkpoint_dir": str(build.checkpoint_dir),
         "build_seconds": round(time.monotonic() - started, 1),
     }
@@ -131,18 +153,71 @@ def run_build(build: EngineBuild) -> Path:
     return out
 
 
+def reported_memory(log: str) -> dict[str, int | None]:
+    """The activation and weight memory of the largest rank engine, in bytes, as the build's
+    output reports them; None for a figure it does not report."""
+    found: dict[str, int | None] = {}
+    for name, (mib, byte_count) in _MEMORY_LINES.items():
+        values = [round(float(v) * 2**20) for v in mib.findall(log)] + [int(v) for v in byte_count.findall(log)]
+        found[name] = max(values) if values else None
+    return found
+
+
 def _run_with_progress(command: list[str], out: Path, ranks: int) -> int:
     """Run trtllm-build with a bar over the rank engines it has written (each rank{r}.engine
-    appears when that rank is built), so the time left is estimated from the ranks done."""
+    appears when that rank is built), so the time left is estimated from the ranks done. Its
+    output goes to this process's stdout and to BUILD_LOG, where the memory it reports is read."""
+    import threading
+
     from mixtral_triton.progress import Progress
 
-    with subprocess.Popen(command) as child, Progress(total=ranks, desc="building engines", unit=" rank",
-                                                       unit_scale=False) as bar:
+    with open(out / BUILD_LOG, "w", encoding="utf-8") as log, \
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             errors="replace") as child, \
+            Progress(total=ranks, desc="building engines", unit=" rank", unit_scale=False) as bar:
+        def copy_output() -> None:
+            for line in child.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+
+        copier = threading.Thread(target=copy_output, daemon=True)
+        copier.start()
         while child.poll() is None:
             time.sleep(1.0)
             bar.update(len(list(out.glob("rank*.engine"))) - bar.n)
+        copier.join()
         bar.update(len(list(out.glob("rank*.engine"))) - bar.n)
     return child.returncode
+
+
+def read_build_record(path: Path) -> dict:
+    """An engine folder's BUILD_RECORD (or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BUILD_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--from-build-record: cannot read {path}: {exc}") from None
+    if not all(key in record for key in ("plan", "model", "memory")):
+        raise UserError(f"--from-build-record: {path} has no plan, model or memory (built by an older "
+                        "build_engine.py: build again)")
+    return record
+
+
+def plan_from_build_record(record: dict) -> CapacityPlan:
+    """The plan again for the engine a build record describes, with the memory its build
+    reported instead of the estimates: the weights reported (else the largest rank engine file,
+    which holds them), the activations reported (else still the estimate); its max_batch_size at
+    most the engine's."""
+    built, reported = record["plan"], record["memory"]["reported"]
+    measured = BuildMeasurement(
+        weight_bytes=reported.get("weight_bytes") or max(record["memory"]["rank_engine_bytes"]),
+        activation_bytes=reported.get("activation_bytes"))
+    return plan_capacity(built["gpu"], built["gpus"], built["max_input_len"], built["max_output_len"],
+                         tp=built["tp"], ep=built["ep"], model=ModelShape(**record["model"]),
+                         workload=Workload.parse(built["workload"]), measured=measured,
+                         engine_max_batch_size=built["max_batch_size"])
 
 
 def _version(distribution: str) -> str | None:
@@ -187,6 +262,12 @@ def plan_parser() -> argparse.ArgumentParser:
     output.add_argument("--table", action="store_true",
                         help="print the workload plan (markdown) for every planned GPU, or --gpu's, and "
                         "the request shapes 128/128, 512/256, 2048/512 and 4096/1024")
+    output.add_argument("--memory-table", action="store_true",
+                        help="print (markdown) where each GPU's memory goes, GPU by GPU, for every planned GPU "
+                        "type, or --gpu's, the engine sized for --workload")
+    p.add_argument("--from-build-record", type=Path, metavar="ENGINE_DIR",
+                   help=f"plan again for a built engine from its {BUILD_RECORD} (the engine folder or the "
+                   "file): the same limits, with the GPU memory its build reported instead of the estimates")
     output.add_argument("--render-overlay", type=Path, metavar="DIR",
                         help="write DIR/kustomization.yaml: the Kubernetes overlay for --gpu, every limit "
                         "(engine, gateway, HPA) from this plan")
@@ -204,10 +285,21 @@ def plan_main(argv: list[str] | None = None) -> int:
         print(workload_plan_markdown(workload_plan(gpus, sized_for=args.workload, gpu_count=args.gpus,
                                                    model=model)))
         return 0
-    if args.gpu is None:
-        raise UserError(f"--gpu is required (one of {', '.join(GPU_MEMORY_BYTES)}) unless --table is given")
-    plan = plan_capacity(args.gpu, args.gpus, args.max_input_len, args.max_output_len,
-                         tp=args.tp, ep=args.ep, model=model, workload=args.workload)
+    if args.memory_table:
+        from mixtral_triton.roofline import PLAN_GPUS
+
+        print(memory_table_markdown([plan_capacity(gpu, args.gpus, args.max_input_len, args.max_output_len,
+                                                   tp=args.tp, ep=args.ep, model=model, workload=args.workload)
+                                     for gpu in ((args.gpu,) if args.gpu else PLAN_GPUS)]))
+        return 0
+    if args.from_build_record:
+        plan = plan_from_build_record(read_build_record(args.from_build_record))
+    elif args.gpu is None:
+        raise UserError(f"--gpu is required (one of {', '.join(GPU_MEMORY_BYTES)}) unless --table, "
+                        "--memory-table or --from-build-record is given")
+    else:
+        plan = plan_capacity(args.gpu, args.gpus, args.max_input_len, args.max_output_len,
+                             tp=args.tp, ep=args.ep, model=model, workload=args.workload)
     if args.render_overlay:
         from mixtral_triton.overlay import write_overlay
 

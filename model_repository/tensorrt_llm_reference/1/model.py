@@ -15,7 +15,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from mixtral_triton.errors import UserError
-from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, UNAVAILABLE, coded
+from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, coded
 from mixtral_triton.reference import Engine, ReferenceModel
 from mixtral_triton.reference.engine import QueueFull
 from mixtral_triton.reference.contract import is_stop_request, output_arrays, request_from_inputs
@@ -104,9 +104,12 @@ class TritonPythonModel:
         with self.lock:  # hold the lock so on_event cannot pop before we register
             try:
                 handle = self.engine.submit(engine_request, on_event)
-            except QueueFull as exc:  # overload: the client may retry, unlike a bad request
+            except QueueFull as exc:
+                # As the tensorrtllm backend answers an executor that refused the request
+                # (model_instance_state.cc, enqueue): INTERNAL, the exception's text, no code
+                # of ours. The detokenizer turns that wording into a retryable `unavailable`.
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    coded(UNAVAILABLE, str(exc)), pb_utils.TritonError.UNAVAILABLE)),
+                    str(exc), pb_utils.TritonError.INTERNAL)),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             except UserError as exc:

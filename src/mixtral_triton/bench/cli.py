@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.results}", flush=True)
     elif not results:
         raise UserError(f"{args.results} does not exist: run without --report-only first")
+    # The GPU host's acceptance run (scripts/gpu_acceptance.py) writes its own file beside it.
+    acceptance = args.results.with_name("gpu-acceptance.json")
+    if acceptance.is_file():
+        results = {**results, "gpu_acceptance": json.loads(acceptance.read_text(encoding="utf-8"))}
     for path in report.write_report(results, ROOT, args.plots, args.report):
         print(f"wrote {path}", flush=True)
     for row in targets(results):

@@ -523,6 +523,52 @@ def _gpu(results: dict, plot_dir: Path, rel) -> list[str]:
     return lines
 
 
+def _gpu_measured(results: dict) -> list[str]:
+    """scripts/gpu_acceptance.py's results file (bench/results/gpu-acceptance.json), when one was
+    written on a GPU host: measured against the roofline plan, with its verdicts."""
+    run = results.get("gpu_acceptance")
+    if not run:
+        return ["## GPU, measured", "", "Not measured yet: no GPU has run `scripts/gpu_acceptance.py` for this "
+                "project (its results file, bench/results/gpu-acceptance.json, renders here).", ""]
+    machine = run.get("machine") or {}
+    plan = run.get("plan_measured") or run["plan_estimated"]
+    lines = ["## GPU, measured", "",
+             f"`scripts/gpu_acceptance.py` on {run['gpus']} x {run['gpu']}, {run['date_utc']}, commit "
+             f"`{(machine.get('git') or '?')[:12]}`; GPUs: {machine.get('nvidia-smi', '?')}; "
+             f"{machine.get('ompi_info', 'Open MPI ?').splitlines()[0] if machine.get('ompi_info') else 'Open MPI ?'}. "
+             f"Smoke tests: {run.get('smoke_tests', 'not run')}. Plan: max_batch_size {plan['max_batch_size']}, "
+             f"kv_cache_free_gpu_mem_fraction {plan['kv_cache_free_gpu_mem_fraction']}, "
+             f"cancellation_check_period_ms {plan['cancellation_check_period_ms']} (weights: "
+             f"{plan['weights_source']}, activations: {plan['activations_source']}). Each cell is one genai-perf run "
+             "(n requests); throughput is **met** at half the roofline or more, latency at twice it or less.", "",
+             "| mode | workload | concurrency | n | decode tok/s replica (roofline) | tok/s per user (roofline) | "
+             "TTFT p50 / p99 ms (roofline) | ITL p50 / p99 ms (roofline) | verdicts |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mode, measured in run["modes"].items():
+        for cell in measured["cells"]:
+            m, b, v = cell["measured"], cell["roofline"], cell["verdicts"]
+            lines.append(f"| {mode} | {cell['workload']} | {cell['concurrency']} | {m['requests']} | "
+                         f"{m['output_tokens_per_s']:,.0f} ({b['tokens_per_s_replica']:,.0f}) | "
+                         f"{1e3 / m['itl_ms_p50']:.0f} ({b['tokens_per_s_per_user']:.0f}) | "
+                         f"{m['ttft_ms_p50']:.0f} / {m['ttft_ms_p99']:.0f} ({b['ttft_ms']:.0f}) | "
+                         f"{m['itl_ms_p50']:.1f} / {m['itl_ms_p99']:.1f} ({b['itl_ms']:.1f}) | "
+                         + ", ".join(f"{k} {_verdict(x)}" for k, x in v.items()) + " |")
+    lines += ["", "GPU memory with the engine loaded and served (nvidia-smi), against the plan:", "",
+              "| mode | GPU | used GiB (planned) | headroom GiB (planned) | server process GiB (planned) | verdict |",
+              "|---|---|---|---|---|---|"]
+    for mode, measured in run["modes"].items():
+        for r in measured["memory"]:
+            lines.append(f"| {mode} | {r['gpu_index']} | {r['used_bytes'] / 2**30:.2f} ({r['planned_used_bytes'] / 2**30:.2f}) | "
+                         f"{r['headroom_bytes'] / 2**30:.2f} ({r['planned_headroom_bytes'] / 2**30:.2f}) | "
+                         f"{r['server_process_bytes'] / 2**30:.2f} ({r['planned_server_bytes'] / 2**30:.2f}) | "
+                         f"{_verdict(r['verdict'])} |")
+    lines += [""] + [f"- {mode}: the seed's `/predict` client through the gateway: {_verdict(m['predict']['status'])}, "
+                     f"first text after {_f(m['predict']['first_chunk_ms'], 0)} ms, {m['predict']['characters']} "
+                     f"characters; the server exited {m['server_exit_code']} on SIGTERM."
+                     for mode, m in run["modes"].items()] + [""]
+    return lines
+
+
 # ---------------------------------------------------------------------------- findings
 
 def findings(results: dict) -> list[str]:
@@ -708,7 +754,7 @@ def markdown(results: dict, plot_dir: Path, root: Path) -> str:
     rel = lambda p: os.path.relpath(Path(p).resolve(), root)  # noqa: E731
     lines = (_header(results, rel) + _targets(results) + _serving(results, plot_dir, rel)
              + _perf_analyzer(results) + _converter(results, plot_dir, rel) + _scale(results)
-             + _gateway(results) + _gpu(results, plot_dir, rel))
+             + _gateway(results) + _gpu_measured(results) + _gpu(results, plot_dir, rel))
     lines += ["## Findings", ""] + findings(results) + [""]
     return "\n".join(lines)
 

@@ -47,6 +47,13 @@ inline void DecodeUtf8(std::string& pending, std::string& out, bool final) {
   pending.clear();
 }
 
+// Whether `text` is whole, valid UTF-8 (by the rules above: nothing would be replaced).
+inline bool IsValidUtf8(const std::string& text) {
+  std::string pending = text, decoded;
+  DecodeUtf8(pending, decoded, true);
+  return decoded == text;
+}
+
 // ---- stop strings over streamed text (the rules of mixtral_triton.text.stops): the text
 // ends before the stop that completes first (the smallest end; of two ending together, the
 // longer); a tail that may begin a stop is held until the next text settles it. Bytes and

@@ -7,13 +7,13 @@ import os
 import shlex
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 
 from mixtral_triton.errors import OneLineArgumentParser, UserError, one_line_errors
 from mixtral_triton.launcher.cpu import TritonServer, cpu_server_command
-from mixtral_triton.launcher.gpu import (NGC_TRITONSERVER, mpi_server_command, orchestrator_environment,
-                                         orchestrator_server_command, serve_leader_mode)
+from mixtral_triton.launcher.gpu import NGC_TRITONSERVER, ORCHESTRATOR_STARTS, serve_under_mpirun, server_invocation
 from mixtral_triton.launcher.ports import Ports, free_ports
 
 
@@ -37,6 +37,10 @@ def parser() -> argparse.ArgumentParser:
                    help="gpu target: orchestrator (default): one tritonserver process with "
                    "TRTLLM_ORCHESTRATOR=1, one node; leader: mpirun, one tritonserver rank per GPU, "
                    "the layout that can span nodes")
+    p.add_argument("--orchestrator-start", choices=ORCHESTRATOR_STARTS, default="auto",
+                   help="gpu target, orchestrator mode: bare (the server alone, its worker spawn from an MPI "
+                   "singleton) or mpirun (under mpirun -n 1, as upstream's launch script); auto (default): bare "
+                   "below Open MPI 5, mpirun from 5 on, by the image's recorded `ompi_info --version`")
     p.add_argument("--world-size", type=int, default=4,
                    help="gpu target: the engine's GPUs (its tensor-parallel size), one MPI rank "
                    "each in leader mode (default 4)")
@@ -75,16 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch_gpu(args: argparse.Namespace, repo: Path, ports: Ports) -> int:
-    if args.mode == "orchestrator":
-        env = orchestrator_environment()
-        command = orchestrator_server_command(repo, args.world_size, ports, args.tritonserver,
-                                              args.exit_timeout_secs)
-        needed = [args.tritonserver]
-    else:
-        env = {}
-        command = mpi_server_command(repo, args.world_size, ports, args.tritonserver,
-                                     args.exit_timeout_secs)
-        needed = [args.tritonserver, "mpirun"]
+    start, env, command = server_invocation(args.mode, args.orchestrator_start, repo, args.world_size, ports,
+                                            args.tritonserver, args.exit_timeout_secs)
+    needed = [args.tritonserver] + (["mpirun"] if command[0] == "mpirun" else [])
     if args.dry_run:
         print(shlex.join([f"{name}={value}" for name, value in env.items()] + command))
         return 0
@@ -92,8 +89,10 @@ def launch_gpu(args: argparse.Namespace, repo: Path, ports: Ports) -> int:
     if missing:
         raise UserError("the gpu target runs inside nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 "
                         f"({' and '.join(missing)} not found here)")
-    if args.mode == "leader":
-        return serve_leader_mode(command, args.exit_timeout_secs)
+    if args.mode == "orchestrator":
+        print(f"orchestrator mode, started {start}", file=sys.stderr, flush=True)
+    if command[0] == "mpirun":
+        return serve_under_mpirun(command, args.exit_timeout_secs)
     # The server replaces this process, so that a container's SIGTERM reaches it directly.
     os.execve(command[0], command, {**os.environ, **env})
 

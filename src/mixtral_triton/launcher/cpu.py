@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mixtral_triton import cpp_detokenizer
 from mixtral_triton.errors import UserError
 from mixtral_triton.launcher.ports import Ports, free_ports
 from mixtral_triton.launcher.shutdown import stop_process_group
@@ -141,10 +142,15 @@ class TritonServer:
 
     def start(self, timeout_s: float = 180.0) -> "TritonServer":
         self.ports.check_free(self.host)
+        env = server_environment()
+        if cpp_detokenizer.sanitized_library_in(self.model_repository) is not None:
+            # a sanitized detokenizer (the suite's sanitizer pass): its runtimes go first
+            reports = os.environ.get(cpp_detokenizer.SANITIZER_REPORTS_ENV) or f"{self.log_file}.sanitizer"
+            env = cpp_detokenizer.sanitizer_environment(env, Path(reports))
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=server_environment(), start_new_session=True)
+                env=env, start_new_session=True)
         try:
             self.wait_ready(timeout_s)
         except BaseException:

@@ -8,6 +8,16 @@ worker process per GPU (MPI_Comm_spawn of the model's `executor_worker_path`, on
 statistics to and from them over MPI. Everything else (ports, the Python models, SIGTERM
 and the drain) is an ordinary Triton server's.
 
+How the server is started rests on the image's MPI: the spawn is made from an MPI singleton
+(a process not started by mpirun, world size 1). Upstream's CI runs the bare server that way
+and Triton's docs describe it, but the singleton spawns known to fail are on Open MPI 5, and
+upstream's own launch script (triton_backend/scripts/launch_triton_server.py --multi-model)
+runs the server under `mpirun -n 1`, which gives the spawn a runtime to start the workers in
+on any version. So the server runs bare where the image's Open MPI is older than 5 (recorded at
+image build by `ompi_info --version`, ompi_version()), and under `mpirun -n 1` otherwise; there
+the launcher keeps mpirun as its child and sends SIGTERM to the tritonserver rank first, as in
+leader mode, so that the drain holds.
+
 Leader mode (`--mode leader`; the layout that can span nodes, since spawned workers cannot):
 the same server under mpirun, one rank per GPU. Rank 0 loads every model and serves; ranks
 1..N-1 load only the engine model, whose load never returns on those ranks (they become the
@@ -17,6 +27,8 @@ Python-backend shared-memory prefix so their stubs' regions do not collide in /d
 
 from __future__ import annotations
 
+import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -34,6 +46,32 @@ ORCHESTRATOR_ENV = "TRTLLM_ORCHESTRATOR"
 # let the worker ranks exit, and then how long mpirun gets to end the ranks itself.
 DRAIN_MARGIN_S = 15.0
 MPIRUN_KILL_GRACE_S = 10.0
+# Written at image build (deploy/Dockerfile): `ompi_info --version` of the image's Open MPI.
+OMPI_VERSION_RECORD = Path("/opt/mixtral-triton/ompi-version.txt")
+# The first Open MPI major version whose singleton MPI_Comm_spawn is not trusted bare.
+SPAWN_NEEDS_MPIRUN_FROM = 5
+ORCHESTRATOR_STARTS = ("auto", "bare", "mpirun")
+
+
+def ompi_version(record: Path = OMPI_VERSION_RECORD) -> str | None:
+    """The image's Open MPI version ("4.1.7"): from the record written at image build, else from
+    `ompi_info --version` here; None where neither says (no Open MPI here)."""
+    try:
+        text = record.read_text(errors="replace")
+    except OSError:
+        if shutil.which("ompi_info") is None:
+            return None
+        text = subprocess.run(["ompi_info", "--version"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"Open MPI v?(\d+(?:\.\d+)*)", text)
+    return found.group(1) if found else None
+
+
+def orchestrator_start(version: str | None) -> str:
+    """bare below Open MPI 5, the mpirun -n 1 wrapper from 5 on; bare where no Open MPI is
+    known (outside the image: nothing to spawn with, so only a --dry-run gets this far)."""
+    if version is None:
+        return "bare"
+    return "mpirun" if int(version.split(".")[0]) >= SPAWN_NEEDS_MPIRUN_FROM else "bare"
 
 
 def _check_world_size(world_size: int) -> None:
@@ -65,6 +103,33 @@ def orchestrator_server_command(model_repository: Path, world_size: int, ports: 
     return [tritonserver, *_server_flags(model_repository, ports, exit_timeout_s),
             "--pinned-memory-pool-byte-size=0", "--enable-peer-access=false",
             *[f"--cuda-memory-pool-byte-size={gpu}:0" for gpu in range(world_size)]]
+
+
+def wrapped_orchestrator_command(model_repository: Path, world_size: int, ports: Ports,
+                                 tritonserver: str = NGC_TRITONSERVER, exit_timeout_s: int = 30) -> list[str]:
+    """The orchestrator-mode server as upstream's launch script starts it: the one server
+    process under `mpirun -n 1`, so that its worker spawn has an MPI runtime (any Open MPI).
+    Its rank-0 shared-memory prefix lets serving_rank find it below mpirun."""
+    return ["mpirun", "--allow-run-as-root", "-n", "1", "-x", f"{ORCHESTRATOR_ENV}=1",
+            *orchestrator_server_command(model_repository, world_size, ports, tritonserver, exit_timeout_s),
+            shm_prefix_flag(0)]
+
+
+def server_invocation(mode: str, start: str, model_repository: Path, world_size: int, ports: Ports,
+                      tritonserver: str = NGC_TRITONSERVER, exit_timeout_s: int = 30
+                      ) -> tuple[str, dict[str, str], list[str]]:
+    """How `mode` (orchestrator or leader) is started: the start chosen (bare, mpirun; `start`
+    auto: by the image's Open MPI), the environment it needs beyond the image's, the command."""
+    if mode == "leader":
+        return "mpirun", {}, mpi_server_command(model_repository, world_size, ports, tritonserver, exit_timeout_s)
+    if start == "auto":
+        version = ompi_version()
+        start = f"{orchestrator_start(version)} (Open MPI {version or 'not found'})"
+    if start.startswith("bare"):
+        return start, orchestrator_environment(), orchestrator_server_command(
+            model_repository, world_size, ports, tritonserver, exit_timeout_s)
+    # mpirun -x sets the mode for the server.
+    return start, {}, wrapped_orchestrator_command(model_repository, world_size, ports, tritonserver, exit_timeout_s)
 
 
 def shm_prefix_flag(rank: int) -> str:
@@ -101,10 +166,10 @@ def serving_rank(mpirun_pid: int) -> int | None:
     return None
 
 
-def serve_leader_mode(command: list[str], exit_timeout_s: int) -> int:
-    """Run mpirun until it exits or this process gets SIGTERM or SIGINT. On a signal, rank 0
-    alone gets SIGTERM and drains for its exit timeout; its engine unload then ends the
-    worker ranks and mpirun exits. Only past that does mpirun get SIGTERM itself (it kills
+def serve_under_mpirun(command: list[str], exit_timeout_s: int) -> int:
+    """Run mpirun (leader mode, or the wrapped orchestrator) until it exits or this process gets
+    SIGTERM or SIGINT. On a signal, rank 0's tritonserver alone gets SIGTERM and drains for its
+    exit timeout; its engine unload then ends the workers and mpirun exits. Only past that does mpirun get SIGTERM itself (it kills
     the ranks a second later), then the whole group SIGKILL. Returns mpirun's exit code."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

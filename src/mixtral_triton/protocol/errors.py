@@ -42,16 +42,21 @@ def read_code(message: str) -> CodedError | None:
     return CodedError(found.group("kind"), found.group("field"), message[found.end():])
 
 
-# Triton's own wording, for errors no model of ours made (read from the sources of
-# Triton core and python_backend at r24.10 = Triton 2.51 and r26.07 = 2.71; core's
-# wording is the same in r26.06 and its main branch):
+# The server's own wording for overload or a dead model process, for errors no model of
+# ours made (read from the sources of Triton core and python_backend at r24.10 = Triton 2.51
+# and r26.07 = 2.71, core's wording the same in r26.06 and main; and TensorRT-LLM v1.2.1):
 # - a full scheduler queue (core src/scheduler_utils.cc): "Exceeds maximum queue size";
+# - a full executor queue (TensorRT-LLM cpp/tensorrt_llm/executor/executorImpl.cpp, which
+#   the tensorrtllm backend sends as INTERNAL with the exception's text): "Maximum queue
+#   size of N has been reached, please try again later";
 # - a dead Python stub (python_backend src/stub_launcher.cc, src/python_be.cc):
 #   "Stub process '<instance>' is not healthy.", "Stub process is not healthy." and
 #   "Failed to obtain the health mutex." in both; 2.71 adds "Stub process is not healthy
 #   while waiting for is_ready()" and "... during readiness cleanup".
+# detokenizer.cc (Relayed) recognises the same phrases: keep the two lists together.
 TRITON_UNAVAILABLE = re.compile(
     r"Exceeds maximum queue size"
+    r"|Maximum queue size of \d+ has been reached"
     r"|Stub process( '[^']*')? is not healthy"
     r"|Failed to obtain the health mutex")
 

@@ -51,6 +51,8 @@ def is_stop_request(inputs: Mapping[str, np.ndarray]) -> bool:
 def request_from_inputs(inputs: Mapping[str, np.ndarray]) -> Request:
     input_ids = inputs["input_ids"].reshape(-1)
     length = int(_scalar(inputs, "input_lengths", input_ids.size))
+    if input_ids.size and not 1 <= length <= input_ids.size:  # a negative one would slice from the end
+        raise ValueError(f"input_lengths must be >= 1 and <= the {input_ids.size} input_ids given, got {length}")
     sampling = {field: _scalar(inputs, name) for name, field in _SAMPLING_INPUTS.items()}
     return Request(
         input_ids=input_ids[:length].tolist(),

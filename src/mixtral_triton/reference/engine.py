@@ -148,7 +148,9 @@ class _Active:
 
 
 class QueueFull(UserError):
-    """``submit`` while ``max_queue_size`` requests already wait for a batch slot."""
+    """``submit`` while ``max_queue_size`` requests already wait for a batch slot. Its text is
+    the executor's own (TensorRT-LLM v1.2.1, executorImpl.cpp), which the tensorrtllm backend
+    sends uncoded as INTERNAL: the pipeline in front must recognise that wording as overload."""
 
 
 class Engine:
@@ -192,8 +194,8 @@ class Engine:
             # Waiting requests that a free batch slot takes at the next step are not queued.
             queued = len(self._waiting) - max(0, self._max_batch_size - len(self._running))
             if self._max_queue_size and queued >= self._max_queue_size:
-                raise QueueFull(f"the engine's queue is full: {queued} requests already wait for "
-                                f"a batch slot (max_queue_size {self._max_queue_size}); retry later")
+                raise QueueFull(f"Maximum queue size of {self._max_queue_size} has been reached, "
+                                "please try again later")
             handle = RequestHandle(next(self._ids), self, on_event)
             active = _Active(handle, request, max_tokens, self._model.new_sampler(request))
             self._waiting.append(active)

@@ -24,6 +24,8 @@ _HELP = {
     "enable_chunked_context": "gpu: split long prompts across iterations",
     "enable_kv_cache_reuse": "gpu: reuse the KV cache of shared prompt prefixes",
     "max_queue_size": "requests queued before Triton refuses more (0: unbounded)",
+    "cancellation_check_period_ms": "gpu: how often the engine looks for cancelled requests, in ms "
+                                    "(the capacity plan's cancellation_check_period_ms: one decode step)",
     "logits_datatype": f"the engine's logits type: one of {', '.join(LOGITS_DATATYPES)}",
     "gpu_device_ids": "gpu: the CUDA devices of the engine's ranks, one per rank",
     "add_special_tokens": "prepend the tokenizer's BOS token to prompts",

@@ -69,6 +69,9 @@ class Settings:
     enable_chunked_context: bool = True
     enable_kv_cache_reuse: bool = True
     max_queue_size: int = 0  # 0: unbounded
+    # gpu: how often the engine looks for cancelled requests; the capacity plan's value is one
+    # decode step (mixtral_triton.capacity), 100 is TensorRT-LLM's default.
+    cancellation_check_period_ms: int = 100
     logits_datatype: str = "TYPE_FP32"  # the engine's logits type (trtllm-build --logits_dtype)
     # gpu: the CUDA devices of the engine's ranks, one per rank (TP 4 on a 4-GPU node or pod).
     gpu_device_ids: str = "0,1,2,3"
@@ -100,7 +103,7 @@ class Settings:
         if self.target not in MODELS:
             raise UserError(f"unknown target {self.target!r}: choose one of {', '.join(MODELS)}")
         for name in ("triton_max_batch_size", "max_batch_size", "max_input_len", "max_seq_len",
-                     "max_beam_width", "preprocessing_instance_count"):
+                     "max_beam_width", "preprocessing_instance_count", "cancellation_check_period_ms"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.max_queue_size < 0:
