@@ -135,17 +135,15 @@ def _uvicorn_options(args) -> dict:
 
 
 def _serve_worker(args, handles) -> int:
-    import socket
-
     import uvicorn
 
     from mixtral_triton.gateway.slots import Slots, held_map
-    from mixtral_triton.gateway.workers import die_with_supervisor
+    from mixtral_triton.gateway.workers import die_with_supervisor, port_socket
 
     die_with_supervisor()
     slots = Slots(args.max_concurrency, handles.slots_fd, held_map(handles.held_fd, handles.workers), handles.index)
     server = uvicorn.Server(uvicorn.Config(_app(args, slots), **_uvicorn_options(args)))
-    server.run(sockets=[socket.socket(fileno=handles.socket_fd)])
+    server.run(sockets=[port_socket(args.host, args.port)])
     return 0
 
 

@@ -1,16 +1,18 @@
 """Several gateway processes per pod: one asyncio process relays what one core can, so
 `--workers N` runs N worker processes under this supervisor, each the whole gateway (its own
-event loop and gRPC channel to Triton) on its own listening socket of the same port
-(SO_REUSEPORT: the kernel spreads connections over the sockets).
+event loop and gRPC channel to Triton) on its own socket of the same port (SO_REUSEPORT: the
+kernel spreads connections over the sockets that listen). A worker's socket listens only once
+the worker serves (uvicorn listens after its start-up), so no connection waits on a worker
+that is still starting, and a worker that dies takes its socket with it; the supervisor holds
+the port meanwhile with a socket bound to it that never listens.
 
 What the workers share is set up here and handed to them at start:
 - the pod's --max-concurrency: one eventfd semaphore and the array of slots each worker
   holds (gateway/slots.py), so that a limit per pod stays a limit per pod;
 - one folder for prometheus_client's multiprocess mode, so that /metrics is the pod's.
 
-The supervisor keeps the sockets: a worker that dies is started again on its socket (the
-connections the kernel queued there wait for it) after its slots are given back and its
-live gauges dropped. SIGTERM or SIGINT stops every worker gracefully (uvicorn drains its
+A worker that dies is started again after its slots are given back and its live gauges
+dropped (connections go to the other workers meanwhile). SIGTERM or SIGINT stops every worker gracefully (uvicorn drains its
 streams), then the supervisor.
 """
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from mixtral_triton.gateway.metrics import MULTIPROC_DIR_ENV
 from mixtral_triton.gateway.slots import held_map, new_held_fd, new_slots_fd, take_back
 
-WORKER_ENV = "MIXTRAL_TRITON_GATEWAY_WORKER"  # index,workers,socket fd,slots fd,held fd
+WORKER_ENV = "MIXTRAL_TRITON_GATEWAY_WORKER"  # index,workers,slots fd,held fd
 STOP_GRACE_S = 20.0  # uvicorn's graceful shutdown (10 s) and the rest of a worker's exit
 RESTART_DELAY_S = 1.0  # between a worker's death and its restart: no hot loop
 # The default stops here: a GPU host without a container CPU limit offers a hundred cores or
@@ -63,12 +65,11 @@ class WorkerHandles:
 
     index: int
     workers: int
-    socket_fd: int
     slots_fd: int
     held_fd: int
 
     def encode(self) -> str:
-        return f"{self.index},{self.workers},{self.socket_fd},{self.slots_fd},{self.held_fd}"
+        return f"{self.index},{self.workers},{self.slots_fd},{self.held_fd}"
 
     @classmethod
     def from_environment(cls) -> "WorkerHandles | None":
@@ -82,17 +83,14 @@ def die_with_supervisor() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets = []
-    for _ in range(count):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sockets.append(sock)
-    return sockets
+def port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to the port with SO_REUSEPORT, not listening: a worker's (its server
+    listens on it once it serves) or the supervisor's hold on the port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
 
 
 class Supervisor:
@@ -101,7 +99,7 @@ class Supervisor:
 
     def __init__(self, command: list[str], workers: int, host: str, port: int, max_concurrency: int):
         self.command = command
-        self.sockets = listening_sockets(host, port, workers)
+        self.port = port_socket(host, port)
         self.slots_fd = new_slots_fd(max_concurrency)
         self.held_fd = new_held_fd(workers)
         self.held = held_map(self.held_fd, workers)
@@ -110,12 +108,10 @@ class Supervisor:
         self.stopping = False
 
     def _start(self, index: int) -> None:
-        handles = WorkerHandles(index, len(self.processes), self.sockets[index].fileno(), self.slots_fd,
-                                self.held_fd)
+        handles = WorkerHandles(index, len(self.processes), self.slots_fd, self.held_fd)
         env = {**os.environ, WORKER_ENV: handles.encode(), MULTIPROC_DIR_ENV: self.metrics_dir}
         self.processes[index] = subprocess.Popen(
-            self.command, env=env, stdin=subprocess.DEVNULL,
-            pass_fds=(handles.socket_fd, handles.slots_fd, handles.held_fd))
+            self.command, env=env, stdin=subprocess.DEVNULL, pass_fds=(handles.slots_fd, handles.held_fd))
 
     def _stop(self, signum, frame) -> None:
         if not self.stopping:
