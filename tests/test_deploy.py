@@ -415,6 +415,19 @@ def test_limits_agree_engine_gateway_and_hpa(overlay):
     hpa = _one(docs, "HorizontalPodAutoscaler")["spec"]
     everything = hpa["maxReplicas"] * max_batch
     assert everything <= per_pod * pods < everything + pods
+    # The gateways relay what every replica the HPA may run makes at the plan's throughput, with
+    # 20% to spare: pods x --workers x the tok/s one worker relays at the measured CPU cost per
+    # token (mixtral_triton.gateway.sizing); each pod requests a core per worker.
+    from mixtral_triton.capacity import Workload
+    from mixtral_triton.gateway.sizing import relay_tokens_per_s_per_worker
+    from mixtral_triton.roofline import workload_plan
+
+    workload = Workload.parse(settings["WORKLOAD"])
+    (row,) = workload_plan(gpus=(settings["GPU_TYPE"],), workloads=(workload,), sized_for=workload,
+                           gpu_count=int(settings["TP_SIZE"]))
+    workers = gateway_parser().parse_args(gateway["args"]).workers
+    assert pods * workers * relay_tokens_per_s_per_worker() >= 1.2 * hpa["maxReplicas"] * row["tokens_per_s_replica"]
+    assert float(gateway["resources"]["requests"]["cpu"]) == workers and pods >= 2
     # The HPA scales out at 80% of the engine's batch, per replica.
     active = next(m for m in hpa["metrics"] if m["pods"]["metric"]["name"] == "trtllm_active_requests")
     assert int(active["pods"]["target"]["averageValue"]) == math.floor(0.8 * max_batch) < max_batch

@@ -404,10 +404,10 @@ def test_ready_is_503_when_triton_is_down(base_gateway):
 class _FailingClient:
     """Streams two chunks, then the server fails (what a crashed Triton looks like)."""
 
-    async def generate(self, request, request_id=None):
-        yield Chunk("Hello", None, 3, 1)
+    async def generate_batches(self, request, request_id=None):
+        yield [Chunk("Hello", None, 3, 1)]
         await asyncio.sleep(0.05)
-        yield Chunk(" wor", None, 3, 2)
+        yield [Chunk(" wor", None, 3, 2)]
         raise ServerError("the server closed the stream", "UNAVAILABLE")
 
     async def is_ready(self):
@@ -575,6 +575,8 @@ def test_gateway_script_errors_are_one_line(tmp_path):
         for args, words in ((["--port", str(port)], "already in use"),
                             (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
                             (["--keep-alive-timeout", "0"], "--keep-alive-timeout must be positive"),
+                            (["--workers", "0"], "--workers must be at least 1"),
+                            (["--queue-wait", "-1"], "--queue-wait must be 0 or more seconds"),
                             (["--tokenizer-dir", str(tmp_path / "none"), "--port", str(free_ports().http)],
                              "is not a folder")):
             result = subprocess.run([sys.executable, str(ROOT / "client" / "gateway.py"), *args],

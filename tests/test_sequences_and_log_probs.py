@@ -37,8 +37,8 @@ def _run(server, arrays: dict, request_id: str, n: int = 1, log_probs: bool = Fa
     finally:
         stream.close()
     assert error is None, error.message()
-    assert is_final(results[-1])
-    return [c for c in (chunk_of(r) for r in results) if c is not None]
+    assert is_final(results[-1].get_response())
+    return [c for c in (chunk_of(r.get_response()) for r in results) if c is not None]
 
 
 def _by_sequence(chunks) -> dict[int, list]:
@@ -154,7 +154,7 @@ def test_one_stop_cancels_every_sequence(paced_server):
     finally:
         stream.close()
     assert error is None
-    ends = {c.sequence_index: c.finish_reason for c in map(chunk_of, results) if c is not None and c.finish_reason}
+    ends = {c.sequence_index: c.finish_reason for c in (chunk_of(r.get_response()) for r in results) if c is not None and c.finish_reason}
     assert ends == {0: "cancelled", 1: "cancelled"}
     assert wait_active(paced_server, lambda v: v == 0, 20) == 0
 

@@ -52,14 +52,15 @@ class GatewayProcess:
     def __init__(self, triton_grpc_url: str, log_file: Path, host: str = "127.0.0.1",
                  port: int | None = None, tokenizer_dir: Path | None = None,
                  max_concurrency: int | None = None, timeout_s: float | None = None,
-                 log_level: str | None = None):
+                 log_level: str | None = None, workers: int | None = None, queue_wait_s: float | None = None):
         self.host = host
         self.port = port if port is not None else free_ports().http
         self.log_file = Path(log_file)
         self.command = [sys.executable, "-m", "mixtral_triton.gateway.cli", "--triton-grpc-url", triton_grpc_url,
                         "--host", host, "--port", str(self.port)]
         for option, value in (("--tokenizer-dir", tokenizer_dir), ("--max-concurrency", max_concurrency),
-                              ("--timeout", timeout_s), ("--log-level", log_level)):
+                              ("--timeout", timeout_s), ("--log-level", log_level), ("--workers", workers),
+                              ("--queue-wait", queue_wait_s)):
             if value is not None:
                 self.command += [option, str(value)]
         self.process: subprocess.Popen | None = None
@@ -122,6 +123,7 @@ class GatewayOptions:
     max_concurrency: int | None = None
     timeout_s: float | None = None
     log_level: str | None = None
+    workers: int | None = None  # gateway worker processes (None: one per core)
 
 
 class LocalStack:
@@ -185,7 +187,7 @@ class LocalStack:
                 self.gateway = GatewayProcess(
                     self.triton.grpc_url, gateway_log, self.host, options.port,
                     self.checkpoint if options.chat else None, options.max_concurrency, options.timeout_s,
-                    options.log_level).start()
+                    options.log_level, options.workers).start()
             except BaseException:
                 self.stop()
                 raise

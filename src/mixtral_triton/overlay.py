@@ -3,8 +3,10 @@ capacity plan, so that every limit of the deployment comes from the same numbers
 
 * the engine's max_batch_size, max_num_tokens and KV fraction (the build job refuses a plan
   that differs, so engine, model repository and overlay cannot disagree);
-* the gateway's --max-concurrency per pod, from the engine's batch x the HPA's maxReplicas
-  over the gateway's replicas;
+* the gateway's pods, --workers and CPU, so that they relay 1.2x what the HPA's maxReplicas
+  replicas make at the plan's throughput (mixtral_triton.gateway.sizing: the measured CPU
+  per relayed token), and its --max-concurrency per pod, from the engine's batch x the HPA's
+  maxReplicas over the gateway's pods;
 * the HPA's active-requests target per Triton replica.
 
 The replicas are read from deploy/k8s/base, so changing the base and rendering again keeps
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from mixtral_triton.capacity import CapacityPlan, gateway_max_concurrency, hpa_active_requests_target
 from mixtral_triton.errors import UserError
+from mixtral_triton.gateway.sizing import RELAY_CPU_S_PER_1K_TOKENS, plan_tokens_per_s_replica, size_gateway
 
 BASE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base"
 KUSTOMIZATION = "kustomization.yaml"
@@ -44,15 +47,17 @@ def base_settings(base: Path = BASE) -> dict:
     gateway_args = next(c for c in gateway["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway")["args"]
     return {
         "triton_max_replicas": one("triton-hpa.yaml", "HorizontalPodAutoscaler")["spec"]["maxReplicas"],
-        "gateway_replicas": gateway["spec"]["replicas"],
         "gateway_max_concurrency_arg": gateway_args.index("--max-concurrency") + 1,
+        "gateway_workers_arg": gateway_args.index("--workers") + 1,
     }
 
 
 def limits(plan: CapacityPlan, base: dict) -> dict:
+    gateway = size_gateway(plan_tokens_per_s_replica(plan.gpu, plan.gpus, plan.workload), base["triton_max_replicas"])
     return {
+        "gateway": gateway,
         "gateway_max_concurrency": gateway_max_concurrency(plan.max_batch_size, base["triton_max_replicas"],
-                                                           base["gateway_replicas"]),
+                                                           gateway.pods),
         "hpa_active_requests": hpa_active_requests_target(plan.max_batch_size),
     }
 
@@ -66,6 +71,7 @@ def render(plan: CapacityPlan, base: dict) -> str:
     if plan.gpu not in NODE_PRODUCTS:
         raise UserError(f"--render-overlay: no node label known for {plan.gpu}; one of {', '.join(NODE_PRODUCTS)}")
     lim = limits(plan, base)
+    gateway = lim["gateway"]
     product = NODE_PRODUCTS[plan.gpu]
     command = (f"build/plan_capacity.py --gpu {plan.gpu} --gpus {plan.gpus} --max-input-len {plan.max_input_len} "
                f"--max-output-len {plan.max_output_len} --workload {plan.workload} "
@@ -77,7 +83,10 @@ def render(plan: CapacityPlan, base: dict) -> str:
 # Every limit comes from that one plan:
 #   engine max_batch_size {plan.max_batch_size}, max_num_tokens {plan.max_num_tokens}: the KV cache admits {plan.kv_admitted_requests} requests of
 #     {plan.workload} tokens at once ({plan.full_length_requests} of full length {plan.max_input_len}+{plan.max_output_len})
-#   gateway --max-concurrency {lim['gateway_max_concurrency']} per pod x {base['gateway_replicas']} pods: the engine's \
+#   gateway {gateway.pods} pods x --workers {gateway.workers_per_pod} (a core each): {gateway.tokens_per_s_capacity:,.0f} tok/s at \
+{RELAY_CPU_S_PER_1K_TOKENS} CPU-s per 1,000 relayed
+#     tokens, {gateway.headroom:.2f}x the {base['triton_max_replicas']} Triton replicas' plan throughput at {plan.workload}
+#   gateway --max-concurrency {lim['gateway_max_concurrency']} per pod x {gateway.pods} pods: the engine's \
 batch x {base['triton_max_replicas']} Triton replicas
 #   HPA: scale out at {lim['hpa_active_requests']} active requests per replica (80% of max_batch_size)
 # The build job refuses to run if the plan it computes differs from the EXPECT_ numbers.
@@ -118,8 +127,17 @@ patches:
       name: gateway
     patch: |-
       - op: replace
+        path: /spec/replicas
+        value: {gateway.pods}
+      - op: replace
         path: /spec/template/spec/containers/0/args/{base['gateway_max_concurrency_arg']}
         value: "{lim['gateway_max_concurrency']}"
+      - op: replace
+        path: /spec/template/spec/containers/0/args/{base['gateway_workers_arg']}
+        value: "{gateway.workers_per_pod}"
+      - op: replace
+        path: /spec/template/spec/containers/0/resources/requests/cpu
+        value: "{gateway.workers_per_pod}"
 """
 
 

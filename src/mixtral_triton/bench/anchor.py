@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mixtral_triton.errors import UserError
 
+ANCHOR_REPOSITORY = "triton-inference-server/tensorrtllm_backend"
 ANCHOR_TAG = "v0.19.0"
 ANCHOR_MODELS = "all_models/inflight_batcher_llm"
 MODELS = ("preprocessing", "postprocessing", "ensemble")

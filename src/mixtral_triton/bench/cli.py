@@ -3,7 +3,7 @@ and bench/plots/*.png.
 
     .venv/bin/python scripts/bench/run.py                 # everything
     .venv/bin/python scripts/bench/run.py --quick         # fewer cells, fewer rounds
-    .venv/bin/python scripts/bench/run.py --only serving  # or converter, perf_analyzer, scale (repeatable)
+    .venv/bin/python scripts/bench/run.py --only serving  # or converter, perf_analyzer, scale, gateway (repeatable)
     .venv/bin/python scripts/bench/run.py --only scale --anchor PATH  # with tensorrtllm_backend's ensemble
     .venv/bin/python scripts/bench/run.py --report-only   # re-render from latest.json
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from mixtral_triton.errors import UserError, one_line_errors
 
 ROOT = Path(__file__).resolve().parents[3]
-SECTIONS = ("serving", "perf_analyzer", "converter", "scale")
+SECTIONS = ("serving", "perf_analyzer", "converter", "scale", "gateway")
 # What a run rewrites: not part of what it measures, so not a reason to call the tree dirty.
 OUTPUTS = ("BENCHMARKS.md", "bench/results", "bench/plots")
 
@@ -60,6 +60,7 @@ def _load(path: Path) -> dict:
 
 
 def _plans(quick: bool):
+    from mixtral_triton.bench.gateway_cost import GatewayPlan
     from mixtral_triton.bench.path_sweep import ServingPlan
     from mixtral_triton.bench.scale import ScalePlan
     from mixtral_triton.bench.workload import Shape
@@ -67,9 +68,9 @@ def _plans(quick: bool):
     if quick:
         return (ServingPlan(shapes=[Shape(128, 128)], concurrencies=[1, 8], rounds=3, min_requests=2,
                             prompt_pool=8, perf_analyzer_concurrencies=(1,), in_process_batches=(1, 8)),
-                (1,), ScalePlan.quick())
+                (1,), ScalePlan.quick(), GatewayPlan.quick())
     return (ServingPlan(shapes=[Shape(128, 128), Shape(32, 256)], concurrencies=[1, 2, 4, 8, 16]), (1, 2),
-            ScalePlan())
+            ScalePlan(), GatewayPlan())
 
 
 @one_line_errors
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         results["schema"] = 1
         results["machine"] = machine_info
         results.setdefault("runs", {})
-        serving_plan, converter_workers, scale_plan = _plans(args.quick)
+        serving_plan, converter_workers, scale_plan, gateway_plan = _plans(args.quick)
         args.work_dir.mkdir(parents=True, exist_ok=True)
         print(f"benchmark: {', '.join(s for s in SECTIONS if s in wanted)}{' (quick)' if args.quick else ''}; "
               f"{machine_info['cores']} cores, load average {machine_info['load_average_at_start']}", flush=True)
@@ -132,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             print("scale", flush=True)
             results["scale"] = run_scale(args.work_dir / "scale", scale_plan, args.anchor, log=_log)
             stamp("scale", started)
+        if "gateway" in wanted:
+            from mixtral_triton.bench.gateway_cost import run_gateway
+
+            started = time.monotonic()
+            print("gateway", flush=True)
+            results["gateway"] = run_gateway(args.work_dir / "gateway", gateway_plan, log=_log)
+            stamp("gateway", started)
         from mixtral_triton.bench.gpu import gpu_section
 
         results["gpu"] = gpu_section()

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from mixtral_triton.bench.process_stats import PeakMemory, group_cpu_seconds, process_cpu_seconds
+from mixtral_triton.bench.process_stats import PeakMemory, group_cpu_seconds, process_tree_cpu_seconds
 from mixtral_triton.bench.request_clients import Record
 from mixtral_triton.bench.workload import Prompt, Shape
 
@@ -18,7 +18,8 @@ from mixtral_triton.bench.workload import Prompt, Shape
 @dataclass(frozen=True)
 class Served:
     """The processes whose cost a measurement reads: the server's process group (Triton and
-    its model stubs) and, when the path goes through it, the gateway's process."""
+    its model stubs) and, when the path goes through it, the gateway's process (with its
+    worker processes)."""
 
     server_pgid: int
     gateway_pid: int | None = None
@@ -76,7 +77,7 @@ async def measure(path, prompts: list[Prompt], shape: Shape, concurrency: int, c
     gateway = (served.gateway_pid,) if served.gateway_pid else ()
     memory = PeakMemory((served.server_pgid,), gateway) if served.sample_memory else None
     server0 = group_cpu_seconds(served.server_pgid)
-    gateway0 = process_cpu_seconds(served.gateway_pid) if served.gateway_pid else None
+    gateway0 = process_tree_cpu_seconds(served.gateway_pid) if served.gateway_pid else None
     cpu0, t0 = time.process_time(), time.perf_counter()
     if memory is not None:
         with memory:
@@ -84,7 +85,7 @@ async def measure(path, prompts: list[Prompt], shape: Shape, concurrency: int, c
     else:
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
     wall = time.perf_counter() - t0
-    gateway1 = process_cpu_seconds(served.gateway_pid) if served.gateway_pid else None
+    gateway1 = process_tree_cpu_seconds(served.gateway_pid) if served.gateway_pid else None
     for r in records:  # times relative to this part's start
         r.token_times = [t - t0 for t in r.token_times]
         r.sent -= t0

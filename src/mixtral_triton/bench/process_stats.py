@@ -46,6 +46,17 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process and its live children (the gateway's supervisor and its
+    worker processes)."""
+    own = process_cpu_seconds(pid)
+    if own is None:
+        return None
+    children = [int(e) for e in os.listdir("/proc")
+                if e.isdigit() and (fields := _stat_fields(e)) is not None and int(fields[1]) == pid]
+    return own + sum(process_cpu_seconds(child) or 0.0 for child in children)
+
+
 def proportional_set_size(pid: int) -> int | None:
     """Bytes of memory the process holds, shared pages split among their sharers (Pss of
     smaps_rollup): the stubs' shared-memory pool is counted once across the group, not once

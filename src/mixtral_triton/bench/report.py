@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
+from mixtral_triton.bench.anchor import ANCHOR_REPOSITORY
 from mixtral_triton.bench.plots import SHORT, plots
 from mixtral_triton.bench.request_clients import PATH_TITLES, PATHS
 from mixtral_triton.bench.statistics import ITL_WINDOW
-from mixtral_triton.bench.targets import TARGET_CONCURRENCIES, cell as _cell
+from mixtral_triton.bench.targets import (GATEWAY_CPU_S_PER_1K_TOKENS, GATEWAY_TARGET_CELL, TARGET_CONCURRENCIES,
+                                          cell as _cell, gateway_cell)
 from mixtral_triton.bench.targets import cores_needed, rounds_of, show, show_change, targets
-from mixtral_triton.bench.uncertainty import (CONFIDENCE, INCONCLUSIVE, MET, MISSED, median_interval,
+from mixtral_triton.bench.uncertainty import (CONFIDENCE, Estimate, INCONCLUSIVE, MET, MISSED, median_interval,
                                               paired_ratio, unpaired_ratio)
 
 GB = 10**9
@@ -68,6 +71,12 @@ def _run_line(info: dict) -> str:
               f"load average {m.get('load_average_at_start')} -> {info.get('load_average_at_end')}")
 
 
+def _in_repository(command: str) -> str:
+    """A command with its files named by their paths in the repository (bench/.work/...,
+    scripts/...), not by the folders of the machine that ran it."""
+    return re.sub(r"(?<=\s)/\S*?/(?=(bench/\.work|scripts)/)", "", command)
+
+
 def _estimate_cell(estimate: dict | None, digits: int = 1) -> str:
     if not estimate:
         return "–"
@@ -84,7 +93,7 @@ def _header(results: dict, rel) -> list[str]:
              "(a dirty one is refused unless `--allow-dirty`, and then every figure it measured is marked):", "",
              "```bash", ".venv/bin/python scripts/bench/run.py            # every section",
              ".venv/bin/python scripts/bench/run.py --quick    # fewer cells and rounds",
-             ".venv/bin/python scripts/bench/run.py --only serving|converter|perf_analyzer|scale",
+             ".venv/bin/python scripts/bench/run.py --only serving|converter|perf_analyzer|scale|gateway",
              ".venv/bin/python scripts/bench/run.py --only scale --anchor PATH   # PATH: tensorrtllm_backend",
              "```", "",
              "Raw results: `bench/results/latest.json`. Every figure below is computed from them by "
@@ -98,7 +107,7 @@ def _header(results: dict, rel) -> list[str]:
                 if m.get("cores") and m.get("memory_bytes") else "")
              + "read ratios, not absolutes.", "",
              "| section | measured |", "|---|---|"]
-    for name in ("serving", "perf_analyzer", "converter", "scale"):
+    for name in ("serving", "perf_analyzer", "converter", "scale", "gateway"):
         lines.append(f"| {name} | {_run_line(runs.get(name) or {})} |")
     pk = m.get("packages") or {}
     if m:
@@ -259,7 +268,7 @@ def _perf_analyzer(results: dict) -> list[str]:
                          f"{_f(ours['ttft_ms']['p50'])} | {_f(ours['itl_ms']['p50'], 2)} | "
                          f"{_f(ours['e2e_ms']['p50'])} | | |")
     lines += ["", "Commands as run (the server's port is chosen free each run):", ""]
-    lines += [f"    {run['command']}" for run in pa.get("runs", [])]
+    lines += [f"    {_in_repository(run['command'])}" for run in pa.get("runs", [])]
     return lines + [""]
 
 
@@ -364,7 +373,8 @@ def _scale(results: dict) -> list[str]:
         return lines + [f"Not measured: {anchor['skipped']}.", ""]
     a = anchor["setup"]
     source = a["anchor"]
-    lines += [f"Anchor: `{source['source']}` at {source['tag']} (commit `{(source.get('commit') or '?')[:12]}`), "
+    lines += [f"Anchor: [{ANCHOR_REPOSITORY}](https://github.com/{ANCHOR_REPOSITORY}) at tag {source['tag']} "
+              f"(commit `{source.get('commit') or '?'}`), "
               "all_models/inflight_batcher_llm preprocessing/postprocessing/ensemble, filled with "
               + ", ".join(f"{k}={v}" for k, v in source.get("filled", {}).items() if k != "tokenizer_dir")
               + f"; engine: {a['engine']}; request: {a['request']}; {a['shape']} tokens, {a['rounds']} rounds of "
@@ -386,6 +396,66 @@ def _scale(results: dict) -> list[str]:
                          f"{_estimate_cell(cell.get('server_cpu_s_per_1k_tokens_estimate'), 2)} | "
                          f"{cell['failed']}/{cell['requests']} | {cell['byte_exact_requests']}/{cell['requests']} |")
     return lines + [""]
+
+
+def _gateway(results: dict) -> list[str]:
+    from mixtral_triton.bench.gateway_cost import cores_for_plan, overlay_capacity
+
+    gateway = results.get("gateway")
+    if not gateway:
+        return []
+    mark = _mark(results, "gateway")
+    setup, plan, overlays = gateway["setup"], gateway["plan"], overlay_capacity()
+    lines = ["## Gateway: the HTTP relay's cost per token", "",
+             f"- Triton with the paced stand-in engine ({setup['gpu']} at TP={setup['tp']}, pace x "
+             f"{setup['pace_scale']}, engine batch up to {setup['engine_max_batch_size']}); {setup['model']}.",
+             f"- `client/gateway.py --workers W` in front of it, started as users start it. Load: closed loop, C "
+             f"workers, `{setup['request']}`; {setup['rounds']} rounds per cell of max({setup['min_requests']}, "
+             f"{setup['requests_per_worker']} x C) requests.",
+             "- Gateway CPU: utime + stime of the gateway's processes (supervisor and workers) over the round, per "
+             "1,000 relayed tokens (requests x output tokens; each streams exactly its length). One core relays "
+             "1,000 / that tok/s; a replica's plan needs plan tok/s x that / 1,000 cores, one worker process each. "
+             "tok/s is over the steady window (the last client worker's first send to the first one's last token): "
+             "with one request per client worker it is short at the highest c, so read CPU per token there.",
+             "", "| workers | shape | c | requests | tok/s: median [95%] | gateway CPU-s / 1k tok: median [95%] | "
+             "tok/s per gateway core | cores (processes) for one replica's plan | failed | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for workers, by_shape in gateway["cells"].items():
+        for shape in setup["shapes"]:
+            for c, cell in (by_shape.get(shape) or {}).items():
+                cost = cell.get("gateway_cpu_s_per_1k_tokens_estimate")
+                cores = cores_for_plan(cost["median"], plan["tokens_per_s_replica"]) if cost else None
+                lines.append(f"| {workers} | {shape} | {c} | {cell['requests']} | "
+                             f"{_estimate_cell(cell.get('output_tokens_per_s_estimate'))}{mark} | "
+                             f"{_estimate_cell(cost, 3)}{mark} | "
+                             f"{_f(1000 / cost['median'], 0) if cost else '–'}{mark} | "
+                             f"{f'{cores[0]:.1f} ({cores[1]})' if cores else '–'}{mark} | {cell['failed']} | "
+                             f"{', '.join(str(x) for x in cell.get('load_1m') or [])} |")
+    lines += ["", f"A replica's plan: {_f(plan['tokens_per_s_replica'], 0)} tok/s ({plan['gpu']}, {plan['workload']}, "
+              f"batch {plan['batch']}; `{plan['source']}`).", ""]
+    shape, c = setup.get("request_path_shape"), str(setup.get("request_path_concurrency"))
+    for workers, by_shape in gateway["cells"].items():
+        cell = (by_shape.get(shape) or {}).get(c)
+        per_request = (cell or {}).get("gateway_cpu_s_per_1k_tokens_estimate")  # one token per request
+        if per_request:
+            lines.append(f"- The request path alone, {workers} worker(s) ({shape}: one token each, c={c}, "
+                         f"{cell['requests']} requests): {_estimate_cell(per_request, 2)}{mark} ms of gateway CPU per "
+                         f"request (parse and validate, open the gRPC stream, the first response, the end); over a "
+                         f"128-token answer {per_request['median'] / 128:.4f} s per 1,000 tokens.")
+    lines.append("")
+    lines += [f"What the Kubernetes overlays deploy (`mixtral_triton.gateway.sizing`, rendered from the code "
+              f"when this report is written, at "
+              f"{overlays['relay_cpu_s_per_1k_tokens']} CPU-s per 1,000 tokens, for the "
+              f"{overlays['triton_max_replicas']} Triton replicas the HPA may run):", "",
+              "| GPU (x4) | plan tok/s per replica | needed (x1.2, every replica) | gateway pods x workers | "
+              "capacity tok/s | over the plan |", "|---|---|---|---|---|---|"]
+    for gpu, o in overlays["gpus"].items():
+        lines.append(f"| {gpu} | {_f(o['tokens_per_s_replica'], 0)} | "
+                     f"{_f(1.2 * o['tokens_per_s_replica'] * overlays['triton_max_replicas'], 0)} | "
+                     f"{o['pods']} x {o['workers_per_pod']} | {_f(o['tokens_per_s_capacity'], 0)} | "
+                     f"{o['headroom']:.2f}x |")
+    lines.append("")
+    return lines
 
 
 def _gpu(results: dict, plot_dir: Path, rel) -> list[str]:
@@ -598,6 +668,32 @@ def findings(results: dict) -> list[str]:
             f"so the ratio moves with the copy, and the conversion's own seconds and CPU are the steadier figure.")
     for text in scale_findings(results):
         add(text)
+    for text in gateway_findings(results):
+        add(text)
+    return out
+
+
+def gateway_findings(results: dict) -> list[str]:
+    gateway = results.get("gateway")
+    if not gateway:
+        return []
+    mark = _mark(results, "gateway")
+    shape, c = GATEWAY_TARGET_CELL
+    out = []
+    for workers in gateway["cells"]:
+        cost = Estimate.from_dict((gateway_cell(results, int(workers), shape, c) or {})
+                                  .get("gateway_cpu_s_per_1k_tokens_estimate"))
+        if cost is None:
+            continue
+        out.append(f"**Gateway, {workers} worker(s), {shape} at c={c}{mark}**: {show(cost, 3, ' s')} of CPU per "
+                   f"1,000 relayed tokens, {cost.median / GATEWAY_CPU_S_PER_1K_TOKENS:.1f}x the target's "
+                   f"{GATEWAY_CPU_S_PER_1K_TOKENS} s; one core relays {1000 / cost.median:,.0f} tok/s, and a replica's "
+                   f"plan ({_f(gateway['plan']['tokens_per_s_replica'], 0)} tok/s) needs "
+                   f"{cost.median * gateway['plan']['tokens_per_s_replica'] / 1000:.1f} cores of gateway. Per token the "
+                   "gateway reads one gRPC message (grpc.aio: a poller thread that wakes the event loop) and writes one "
+                   "HTTP chunk (a send system call); what is left in Python is a small share of its time (the profile, "
+                   "before and after, is in docs/serving.md). The gateway scales out by worker processes instead: "
+                   "the overlays size them from this cost.")
     return out
 
 
@@ -658,7 +754,7 @@ def markdown(results: dict, plot_dir: Path, root: Path) -> str:
     rel = lambda p: os.path.relpath(Path(p).resolve(), root)  # noqa: E731
     lines = (_header(results, rel) + _targets(results) + _serving(results, plot_dir, rel)
              + _perf_analyzer(results) + _converter(results, plot_dir, rel) + _scale(results)
-             + _gpu_measured(results) + _gpu(results, plot_dir, rel))
+             + _gateway(results) + _gpu_measured(results) + _gpu(results, plot_dir, rel))
     lines += ["## Findings", ""] + findings(results) + [""]
     return "\n".join(lines)
 

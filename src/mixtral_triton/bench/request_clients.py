@@ -249,6 +249,10 @@ class EnsembleHttp(_HttpPath):
 
 
 class GatewayPredict(_HttpPath):
+    def __init__(self, base_url: str, body=predict_body):
+        super().__init__(base_url)
+        self.body = body  # the request body of a prompt and shape
+
     async def request(self, prompt: Prompt, shape: Shape) -> Record:
         """Text chunks carry no token counts: each chunk counts as one token (the detokenizer
         sends one response per token unless it holds text back), and the total is checked
@@ -258,7 +262,7 @@ class GatewayPredict(_HttpPath):
                 if data:
                     record.add(time.perf_counter(), 1)
 
-        return await self._post("/predict", predict_body(prompt, shape), read)
+        return await self._post("/predict", self.body(prompt, shape), read)
 
 
 def _first(value):

@@ -29,6 +29,11 @@ OURS_OVER_ANCHOR_TTFT = 1.0
 OURS_OVER_ANCHOR_CPU_PER_TOKEN = 1.0
 DELIVERED_OVER_STANDIN = 0.9
 MEMORY_PER_STREAM_BYTES = 2 * 2**20
+# Gateway (issue 24): its CPU per relayed token, and the capacity the overlays deploy.
+GATEWAY_CPU_S_PER_1K_TOKENS = 0.05
+GATEWAY_TARGET_CELL = ("128/128", 128)
+GATEWAY_CAPACITY_OVER_PLAN = 1.2
+SIZING_MIN_CONCURRENCY = 64  # streams per worker of a pod at capacity (mixtral_triton.gateway.sizing)
 
 
 def cell(results: dict, path: str, shape: str, concurrency: int) -> dict | None:
@@ -198,5 +203,46 @@ def scale_targets(results: dict) -> list[dict]:
     return rows
 
 
+def gateway_cell(results: dict, workers: int, shape: str, concurrency: int) -> dict | None:
+    cells = (results.get("gateway") or {}).get("cells") or {}
+    return ((cells.get(str(workers)) or {}).get(shape) or {}).get(str(concurrency))
+
+
+def gateway_targets(results: dict) -> list[dict]:
+    gateway = results.get("gateway")
+    if not gateway:
+        return []
+    rows = []
+    shape, c = GATEWAY_TARGET_CELL
+    cost = Estimate.from_dict((gateway_cell(results, 1, shape, c) or {}).get("gateway_cpu_s_per_1k_tokens_estimate"))
+    rows.append(_row("gateway", f"gateway CPU <= {GATEWAY_CPU_S_PER_1K_TOKENS} s per 1,000 relayed tokens "
+                                f"({shape}, c={c}, 1 worker)", cost, GATEWAY_CPU_S_PER_1K_TOKENS, higher=False,
+                     shown=show(cost, 3, " s"),
+                     note=f"one core relays {1000 / cost.median:,.0f} tok/s" if cost else ""))
+    from mixtral_triton.bench.gateway_cost import overlay_capacity
+
+    overlays = overlay_capacity()  # the deployment's arithmetic at this commit, not a measurement
+    headrooms = {gpu: o["headroom"] for gpu, o in (overlays.get("gpus") or {}).items()}
+    if headrooms:
+        worst = min(headrooms, key=headrooms.get)
+        rows.append({"section": "gateway", "target": f"deployed gateway capacity >= {GATEWAY_CAPACITY_OVER_PLAN:g}x the "
+                     "Triton replicas' plan throughput, every overlay", "estimate": None,
+                     "measured": f"{headrooms[worst]:.2f}x at least ({worst})",
+                     "verdict": exact_verdict(headrooms[worst], GATEWAY_CAPACITY_OVER_PLAN),
+                     "note": f"sized at {overlays['relay_cpu_s_per_1k_tokens']} CPU-s per 1,000 tokens "
+                             "(mixtral_triton.gateway.sizing, when this report is written)"})
+        by_shape = (gateway.get("cells") or {}).get("1") or {}
+        measured = [Estimate.from_dict(cell.get("gateway_cpu_s_per_1k_tokens_estimate"))
+                    for shape in gateway["setup"]["shapes"] for conc, cell in (by_shape.get(shape) or {}).items()
+                    if int(conc) >= SIZING_MIN_CONCURRENCY]
+        highest = max((e.median for e in measured if e), default=None)
+        rows.append({"section": "gateway", "target": "the overlays' sizing cost >= the highest measured gateway "
+                     f"CPU per 1,000 tokens at c >= {SIZING_MIN_CONCURRENCY} (1 worker)", "estimate": None,
+                     "measured": f"{overlays['relay_cpu_s_per_1k_tokens']} s vs {highest:.3f} s" if highest else "–",
+                     "verdict": exact_verdict(overlays["relay_cpu_s_per_1k_tokens"] - highest, 0) if highest
+                     else NOT_MEASURED, "note": ""})
+    return rows
+
+
 def targets(results: dict) -> list[dict]:
-    return serving_targets(results) + converter_targets(results) + scale_targets(results)
+    return serving_targets(results) + converter_targets(results) + scale_targets(results) + gateway_targets(results)

@@ -108,3 +108,10 @@ def predict_body(prompt: Prompt, shape: Shape) -> dict:
     (temperature 0) on prompts checked beforehand to run to max_tokens without an end token."""
     return {"prompt": prompt.text, "stream": True, "max_tokens": shape.output_tokens,
             "temperature": 0.0, "seed": 0}
+
+
+def seed_predict_body(prompt: Prompt, shape: Shape) -> dict:
+    """The seed's /predict request (the Truss schema) with vLLM's ignore_eos and min_tokens, so
+    that every request streams exactly shape.output_tokens tokens, whatever the engine."""
+    return {"prompt": prompt.text, "stream": True, "max_tokens": shape.output_tokens,
+            "min_tokens": shape.output_tokens, "ignore_eos": True}

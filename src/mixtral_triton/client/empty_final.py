@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 import tritonclient.grpc.aio as grpcaio
-from tritonclient.grpc import InferResult, service_pb2
+from tritonclient.grpc import service_pb2
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
@@ -34,8 +34,9 @@ def stream_request(model_name: str, inputs, request_id: str = "", outputs=None) 
 
 
 class _Responses:
-    """(InferResult, None) or (None, InferenceServerException) per response, as the asyncio
-    client's stream_infer yields them; `cancel()` ends the call."""
+    """(ModelInferResponse, None) or (None, InferenceServerException) per response: the
+    protobuf itself, which client/ensemble.py reads (no InferResult wrapper per response);
+    `cancel()` ends the call."""
 
     def __init__(self, grpc_call):
         self._call = grpc_call
@@ -48,7 +49,7 @@ class _Responses:
         response = await self._responses.__anext__()
         if response.error_message:
             return None, InferenceServerException(msg=response.error_message)
-        return InferResult(response.infer_response), None
+        return response.infer_response, None
 
     def cancel(self) -> bool:
         return self._call.cancel()

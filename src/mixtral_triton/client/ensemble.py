@@ -3,8 +3,9 @@ request, and what one streamed response says."""
 
 from __future__ import annotations
 
+import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -118,30 +119,56 @@ def probe_calls(request_id: str) -> list[dict]:
             {"model_name": "tensorrt_llm", "inputs": infer_inputs(stop_inputs()), "request_id": request_id}]
 
 
-def ends_request(result, error) -> bool:
+def ends_request(response, error) -> bool:
     """Whether a streamed response is the last of its request (an error always is)."""
-    return error is not None or is_final(result)
+    return error is not None or is_final(response)
 
 
-def is_final(result) -> bool:
-    return result.get_response().parameters["triton_final_response"].bool_param
+# A response is read straight from its protobuf (service_pb2.ModelInferResponse): the gateway
+# relays one per token, and tritonclient's InferResult.as_numpy (numpy arrays, a Python loop
+# over BYTES elements) cost more than the rest of the relay together.
+def is_final(response) -> bool:
+    return response.parameters["triton_final_response"].bool_param
 
 
-def chunk_of(result) -> Chunk | None:
-    """The chunk a response carries, or None for the empty final marker."""
-    if not result.get_response().outputs:
+def chunk_of(response) -> Chunk | None:
+    """The chunk a response carries, or None for the empty final marker. Each output has one
+    element, in the response's raw contents: a BYTES element is its 4-byte little-endian
+    length then its bytes, an INT32 its 4 little-endian bytes."""
+    if not response.outputs:
         return None
-    reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
-    index, log_probs, token_bytes, cum = (result.as_numpy(name) for name in (
-        "sequence_index", "output_log_probs", "output_token_bytes", "cum_log_probs"))
-    return Chunk(text=result.as_numpy("text_output").reshape(-1)[0].decode("utf-8"),
-                 finish_reason=reason or None,
-                 prompt_tokens=int(result.as_numpy("prompt_tokens").reshape(-1)[0]),
-                 completion_tokens=int(result.as_numpy("completion_tokens").reshape(-1)[0]),
-                 sequence_index=0 if index is None else int(index.reshape(-1)[0]),
-                 log_probs=None if log_probs is None else tuple(float(p) for p in log_probs.reshape(-1)),
-                 token_bytes=None if token_bytes is None else tuple(bytes(b) for b in token_bytes.reshape(-1)),
-                 cum_log_prob=None if cum is None else float(cum.reshape(-1)[0]))
+    raw = {output.name: content for output, content in zip(response.outputs, response.raw_output_contents)}
+    chunk = Chunk(text=_bytes_element(raw["text_output"]).decode("utf-8"),
+                  finish_reason=_bytes_element(raw["finish_reason"]).decode() or None,
+                  prompt_tokens=_int32(raw["prompt_tokens"]),
+                  completion_tokens=_int32(raw["completion_tokens"]))
+    if len(raw) == len(OUTPUTS):  # the common case: one sequence, no log probabilities
+        return chunk
+    return replace(chunk, sequence_index=_int32(raw["sequence_index"]) if "sequence_index" in raw else 0,
+                   log_probs=_floats(raw["output_log_probs"]) if "output_log_probs" in raw else None,
+                   token_bytes=_bytes_elements(raw["output_token_bytes"]) if "output_token_bytes" in raw else None,
+                   cum_log_prob=_floats(raw["cum_log_probs"])[0] if "cum_log_probs" in raw else None)
+
+
+def _bytes_element(raw: bytes) -> bytes:
+    return raw[4:4 + int.from_bytes(raw[:4], "little")]
+
+
+def _bytes_elements(raw: bytes) -> tuple[bytes, ...]:
+    elements, at = [], 0
+    while at + 4 <= len(raw):
+        length = int.from_bytes(raw[at:at + 4], "little")
+        elements.append(raw[at + 4:at + 4 + length])
+        at += 4 + length
+    return tuple(elements)
+
+
+def _int32(raw: bytes) -> int:
+    return int.from_bytes(raw[:4], "little", signed=True)
+
+
+def _floats(raw: bytes) -> tuple[float, ...]:
+    return struct.unpack(f"<{len(raw) // 4}f", raw)
 
 
 # What a refused or failed request's error says: our models' code first

@@ -41,7 +41,7 @@ class PredictClient:
         request_id = request_id or new_request_id()
         responses: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.start_stream(callback=lambda result, error: responses.put((_response(result), error)))
         finished = False
         try:
             try:
@@ -75,7 +75,7 @@ class PredictClient:
         stop_responses: queue.Queue = queue.Queue()
         stopper = grpcclient.InferenceServerClient(self.url)
         try:
-            stopper.start_stream(callback=lambda result, error: stop_responses.put((result, error)))
+            stopper.start_stream(callback=lambda result, error: stop_responses.put((_response(result), error)))
             stopper.async_stream_infer(**cancel_call(request_id), enable_empty_final_response=True)
             for answers in (responses, stop_responses):
                 while not ends_request(*_next(answers, CANCEL_WAIT_S)):
@@ -85,6 +85,11 @@ class PredictClient:
         finally:
             stopper.stop_stream(cancel_requests=True)
             stopper.close()
+
+
+def _response(result: grpcclient.InferResult | None):
+    """The response's protobuf, which client/ensemble.py reads."""
+    return None if result is None else result.get_response()
 
 
 def _stream_error(responses: queue.Queue, exc: Exception) -> Exception:

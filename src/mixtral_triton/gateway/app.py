@@ -159,6 +159,7 @@ def create_app(settings: GatewaySettings, serving: Serving | None = None) -> Fas
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        await serving.connect()
         yield
         await serving.close()
 

@@ -2,7 +2,10 @@
 generations, and cancellation when the HTTP client goes away. Every generation route
 answers with a `GenerationResponse`, so these rules are one mechanism for all of them:
 
-- above --max-concurrency generations in flight: 429 with Retry-After, never a queue;
+- above --max-concurrency generations in flight (per pod, across its worker processes:
+  gateway/slots.py) a request waits up to --queue-wait seconds for a slot, then 429 with
+  Retry-After; a slot is given back before the answer's last byte is sent, so a client that
+  sends its next request on seeing the end finds it free;
 - the status is chosen once the engine's first response (or error) is in: a request the
   server refuses is a 4xx/5xx JSON error, never a 200 with an error inside;
 - an error after streaming began ends the stream visibly (the format's error line or
@@ -28,6 +31,7 @@ from mixtral_triton.client.aio import AsyncPredictClient
 from mixtral_triton.client.ensemble import Chunk, ServerError, new_request_id
 from mixtral_triton.gateway.chat import ChatTemplate
 from mixtral_triton.gateway.metrics import Metrics
+from mixtral_triton.gateway.slots import Slots
 from mixtral_triton.gateway.wire_formats import Format
 from mixtral_triton.gateway.http_errors import GatewayError
 from mixtral_triton.protocol import PredictRequest, RequestError
@@ -50,6 +54,7 @@ class GatewaySettings:
     log_prompts: bool = False
     timeout_s: float = 300.0  # the longest wait for one response from the engine
     retry_after_s: int = 1
+    queue_wait_s: float = 2.0  # how long a request beyond max_concurrency waits for a slot
     max_body_bytes: int = 1 << 20  # larger request bodies are answered 413, unread
 
 
@@ -63,35 +68,31 @@ class Serving:
     """State shared by the routes: the gRPC client (one channel), the bound, the metrics."""
 
     def __init__(self, settings: GatewaySettings, metrics: Metrics,
-                 client: AsyncPredictClient | None = None, chat: ChatTemplate | None = None):
+                 client: AsyncPredictClient | None = None, chat: ChatTemplate | None = None,
+                 slots: Slots | None = None):
         self.settings = settings
         self.metrics = metrics
         self.client = client or AsyncPredictClient(settings.triton_grpc_url, settings.timeout_s)
         self.chat = chat or ChatTemplate(settings.tokenizer_dir)
-        self.in_flight = 0
+        self.slots = slots or Slots(settings.max_concurrency)
 
     async def ready(self) -> bool:
         """Triton and the ensemble are ready, and its Python models answer (a dead stub
         process leaves Triton reporting ready: docs/reliability.md)."""
         return await self.client.is_ready() and await self.client.answers()
 
+    async def connect(self) -> None:
+        """Open the gRPC channel at start, not at the first request: each worker process has
+        its own, and a worker's first request would otherwise wait for the connection."""
+        if not await self.client.is_ready():
+            log.warning("Triton at %s is not ready yet; requests will be answered 503 until it is",
+                        self.settings.triton_grpc_url)
+
     async def close(self) -> None:
         await self.client.close()
 
     def generation(self, request: PredictRequest, fmt: Format, route: str) -> "GenerationResponse":
         return GenerationResponse(self, request, fmt, route)
-
-    # the bound: checked and taken in one step (one event loop, no await in between)
-    def _acquire(self) -> bool:
-        if self.in_flight >= self.settings.max_concurrency:
-            return False
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
-        return True
-
-    def _release(self) -> None:
-        self.in_flight -= 1
-        self.metrics.in_flight.dec()
 
 
 def server_error_status(exc: ServerError, retry_after_s: int = 1) -> GatewayError:
@@ -125,7 +126,7 @@ class GenerationResponse(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         serving = self.serving
-        if not serving._acquire():
+        if not await self._admitted():
             limit = serving.settings.max_concurrency
             error = GatewayError(429, "rate_limit_error",
                                  f"{limit} generations are in flight, the most this gateway "
@@ -134,6 +135,8 @@ class GenerationResponse(Response):
             for event in json_response_events(429, error.body(self.fmt.openai), error.headers):
                 await send(event)
             return
+        serving.metrics.in_flight.inc()
+        self._holding = True
         self._answered = False
         run = asyncio.create_task(self._run(self._tracking(send)), name=f"generation-{self.request_id}")
         gone = asyncio.create_task(_disconnected(receive))
@@ -149,25 +152,45 @@ class GenerationResponse(Response):
         finally:
             gone.cancel()
             await _cancel_and_wait(run)  # our own task cancelled (shutdown): stop the generation
-            serving._release()
+            self._give_back()
+
+    async def _admitted(self) -> bool:
+        """A slot now, or within --queue-wait (counted as waiting meanwhile)."""
+        slots, metrics = self.serving.slots, self.serving.metrics
+        if slots.take_now():
+            return True
+        metrics.waiting.inc()
+        try:
+            return await slots.acquire(self.serving.settings.queue_wait_s)
+        finally:
+            metrics.waiting.dec()
+
+    def _give_back(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.serving.slots.release()
+            self.serving.metrics.in_flight.dec()
 
     def _tracking(self, send):
         async def tracked(message) -> None:
+            last = message["type"] == "http.response.body" and not message.get("more_body", False)
+            if last:  # the generation has ended: its slot is free before the client can tell
+                self._give_back()
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if last:
                 self._answered = True
         return tracked
 
     async def _run(self, send) -> None:
-        serving, fmt, metrics = self.serving, self.fmt, self.serving.metrics
+        serving, fmt = self.serving, self.fmt
         started = time.monotonic()
         if serving.settings.log_prompts:
             log.info("%s %s prompt: %r", self.route, self.request_id, self.request.prompt)
         engine_request = dataclasses.replace(self.request, stream=True)  # see TTFT, disconnects
-        chunks = serving.client.generate(engine_request, self.request_id)
-        async with contextlib.aclosing(chunks):
+        batches = serving.client.generate_batches(engine_request, self.request_id)
+        async with contextlib.aclosing(batches):
             try:
-                first = await anext(chunks)
+                first = await anext(batches)
             except Exception as exc:
                 error = self._error(exc)
                 for event in json_response_events(error.status, error.body(fmt.openai),
@@ -176,40 +199,38 @@ class GenerationResponse(Response):
                 log.info("%s %s: %d %s", self.route, self.request_id, error.status, error.message)
                 return
             previous = time.monotonic()
-            metrics.time_to_first_token.labels(self.route).observe(previous - started)
-            streamed = [first]
+            route_metrics = serving.metrics.of_route(self.route)
+            route_metrics.time_to_first_token.observe(previous - started)
+            last = first[-1]
 
             async def following():
-                nonlocal previous
-                last = streamed[-1]
+                """The batches after the first; one ITL observation per batch."""
+                nonlocal previous, last
                 while last.finish_reason is None:
-                    last = await anext(chunks)
+                    batch = await anext(batches)
                     now = time.monotonic()
-                    tokens = max(1, last.completion_tokens - streamed[-1].completion_tokens)
-                    for _ in range(min(tokens, 64)):
-                        metrics.inter_token_latency.labels(self.route).observe((now - previous) / tokens)
-                    previous = now
-                    streamed.append(last)
-                    yield last
+                    tokens = max(1, batch[-1].completion_tokens - last.completion_tokens)
+                    route_metrics.inter_token_latency.observe((now - previous) / tokens)
+                    previous, last = now, batch[-1]
+                    yield batch
 
             if fmt.streaming:
                 await self._stream(send, first, following())
             else:
                 await self._whole(send, first, following())
-            last = streamed[-1]
             log.info("%s %s: finish=%s prompt_tokens=%d completion_tokens=%d %.3fs%s", self.route,
                      self.request_id, last.finish_reason, last.prompt_tokens,
                      last.completion_tokens, time.monotonic() - started, self._user())
 
-    async def _stream(self, send, first: Chunk, rest) -> None:
+    async def _stream(self, send, first: list[Chunk], rest) -> None:
         fmt = self.fmt
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", fmt.media_type.encode()), (b"x-request-id", self.request_id.encode()),
             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
-        await _body(send, fmt.opening(first) + self._render(first))
+        await _body(send, fmt.opening(first[0]) + self._render(first))
         try:
-            async for chunk in rest:
-                await _body(send, self._render(chunk))
+            async for batch in rest:
+                await _body(send, self._render(batch))
         except Exception as exc:
             error = self._error(exc)
             await _body(send, fmt.stream_error(error))
@@ -218,12 +239,13 @@ class GenerationResponse(Response):
             raise StreamAborted(f"{self.request_id}: {error.message}") from exc
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _whole(self, send, first: Chunk, rest) -> None:
-        texts = [first.text]
-        last = first
+    async def _whole(self, send, first: list[Chunk], rest) -> None:
+        texts = [chunk.text for chunk in first]
+        last = first[-1]
         try:
-            async for last in rest:
-                texts.append(last.text)
+            async for batch in rest:
+                texts.extend(chunk.text for chunk in batch)
+                last = batch[-1]
         except Exception as exc:
             error = self._error(exc)
             for event in json_response_events(error.status, error.body(self.fmt.openai),
@@ -238,10 +260,10 @@ class GenerationResponse(Response):
         # repr: a label from the client cannot forge log lines
         return f" user={self.fmt.user[:256]!r}" if self.fmt.user else ""
 
-    def _render(self, chunk: Chunk) -> bytes:
-        if chunk.finish_reason is not None:
-            return self.fmt.closing(chunk)
-        return self.fmt.piece(chunk) if chunk.text else b""
+    def _render(self, batch: list[Chunk]) -> bytes:
+        """A batch's bytes, written at once (a batch of several: the relay fell behind)."""
+        return b"".join(self.fmt.closing(chunk) if chunk.finish_reason is not None
+                        else self.fmt.piece(chunk) if chunk.text else b"" for chunk in batch)
 
     def _error(self, exc: Exception) -> GatewayError:
         if isinstance(exc, RequestError):

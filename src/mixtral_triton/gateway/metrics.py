@@ -1,9 +1,20 @@
 """The gateway's Prometheus metrics (GET /metrics), in a registry of the app's own so that
-two gateways in one process (tests) keep separate counts."""
+two gateways in one process (tests) keep separate counts.
+
+With several worker processes (gateway/workers.py) every worker writes its values into files
+of one folder (prometheus_client's multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR in
+the workers' environment) and /metrics, whichever worker answers it, adds up every worker's:
+one view of the pod."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -12,8 +23,17 @@ ROUTES = ("/predict", "/v1/completions", "/v1/chat/completions", "/v1/models", "
           "/ready", "/metrics", "/openapi.json", "/docs")
 
 
+@dataclass(frozen=True)
+class RouteMetrics:
+    """A route's labelled histograms, looked up once per generation rather than per response."""
+
+    time_to_first_token: object
+    inter_token_latency: object
+
+
 class Metrics:
     def __init__(self):
+        self.multiprocess_dir = os.environ.get(MULTIPROC_DIR_ENV)
         self.registry = CollectorRegistry()
         self.requests = Counter("mixtral_gateway_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=self.registry)
@@ -23,17 +43,33 @@ class Metrics:
             buckets=_TTFT_BUCKETS, registry=self.registry)
         self.inter_token_latency = Histogram(
             "mixtral_gateway_inter_token_latency_seconds",
-            "Between successive streamed responses of a generation, per token", ["route"],
+            "Between successive streamed responses of a generation, per token: one observation "
+            "per response, its gap over the tokens it brought", ["route"],
             buckets=_ITL_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("mixtral_gateway_generations_in_flight",
                                "Generations running now (bounded by --max-concurrency)",
-                               registry=self.registry)
+                               registry=self.registry, multiprocess_mode="livesum")
+        self.waiting = Gauge("mixtral_gateway_generations_waiting",
+                             "Requests beyond --max-concurrency waiting (up to --queue-wait) for a slot",
+                             registry=self.registry, multiprocess_mode="livesum")
         self.disconnects = Counter("mixtral_gateway_client_disconnects",
                                    "Generations cancelled because the client went away", ["route"],
                                    registry=self.registry)
 
+        self._routes: dict[str, RouteMetrics] = {}
+
+    def of_route(self, route: str) -> RouteMetrics:
+        if route not in self._routes:
+            self._routes[route] = RouteMetrics(self.time_to_first_token.labels(route),
+                                               self.inter_token_latency.labels(route))
+        return self._routes[route]
+
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        pod = CollectorRegistry()
+        MultiProcessCollector(pod, self.multiprocess_dir)
+        return generate_latest(pod), CONTENT_TYPE_LATEST
 
 
 def route_label(scope) -> str:
