@@ -387,6 +387,11 @@ PROMPT_FIELD = {"/predict": "prompt", "/v1/completions": "prompt", "/v1/chat/com
 
 
 def _gateway_ok(g) -> None:
+    # /ready probes Triton with a 2 s limit: on a loaded machine one probe may miss it, so it
+    # is asked until it answers 200 (a gateway or server that is down never does)
+    deadline = time.monotonic() + 60
+    while requests.get(f"{g.url}/ready", timeout=10).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert requests.get(f"{g.url}/ready", timeout=10).status_code == 200
     reply = requests.post(f"{g.url}/predict", json={"prompt": PROMPT, "max_tokens": 2, "stream": False},
                           timeout=60)

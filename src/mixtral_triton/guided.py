@@ -16,9 +16,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
-import xgrammar
-
 from mixtral_triton.protocol.guided import GUIDE_FIELD, Guide
 from mixtral_triton.protocol.predict import RequestError
 
@@ -26,10 +23,14 @@ from mixtral_triton.protocol.predict import RequestError
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(err\.empty\(\)\) is false: )?")
 
 
+# xgrammar (and the torch it brings) is imported where it is used: a tokenizer model or
+# gateway that never meets a guide does not load it (the image-compatibility venv has neither).
 class GrammarCompiler:
     """Compiles guides for one tokenizer (compiled grammars are cached by xgrammar)."""
 
     def __init__(self, tokenizer, vocab_size: int):
+        import xgrammar
+
         # vocab_size: the model's (the logits' width), which may exceed the tokenizer's.
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.vocab_size = vocab_size
@@ -42,6 +43,8 @@ class GrammarCompiler:
 
     def compile(self, guide: Guide) -> xgrammar.CompiledGrammar:
         """The guide compiled; RequestError naming guided_decoding_guide if it does not compile."""
+        import xgrammar
+
         try:
             if guide.type == "json":
                 return self._compiler.compile_builtin_json_grammar()
@@ -65,11 +68,15 @@ class GrammarMask:
     """One sequence's matcher: the tokens its grammar allows next, and the tokens it took."""
 
     def __init__(self, grammar: xgrammar.CompiledGrammar, vocab_size: int):
+        import xgrammar
+
         self._matcher = xgrammar.GrammarMatcher(grammar)
         self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """The float32 [vocab] logits with every token the grammar forbids at -inf (in place)."""
+        import xgrammar
+
         self._matcher.fill_next_token_bitmask(self._bitmask)
         xgrammar.apply_token_bitmask_inplace(logits.unsqueeze(0), self._bitmask)
         return logits

@@ -14,6 +14,8 @@ cancels the running streams of that request id itself.
 
 from __future__ import annotations
 
+import functools
+
 import secrets
 from pathlib import Path
 from typing import Mapping
@@ -69,8 +71,12 @@ class Preprocessor:
         self.max_prompt_chars = 4 * max_input_len * longest_piece
         self.end_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
-        # A guide that does not compile is refused here, before any engine work.
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles guides: one that does not compile is refused here, before any engine work.
+        Made at the first guided request (xgrammar is loaded only then)."""
+        return GrammarCompiler(self.tokenizer, self.vocab_size)
 
     def prepare(self, inputs: Mapping[str, np.ndarray], request_id: str = "") -> dict[str, np.ndarray]:
         """Engine inputs (each [1, ...]) plus the DETOKENIZER_INPUTS."""
