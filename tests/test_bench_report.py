@@ -126,3 +126,19 @@ def test_cores_needed_are_cpu_per_token_times_the_plan_throughput():
     estimate = cores_needed(scale, "gateway_predict")
     assert estimate.median == pytest.approx(10.0) and estimate.n == 2  # 2.5 ms per token x 4000 tok/s
     assert cores_needed({"paced": scale["paced"]}, "gateway_predict") is None  # no plan: no figure
+
+
+def test_the_guided_section_states_its_figures_and_marks_a_dirty_run():
+    guided = {"guide": "[a-z ]{100000}", "tokens_per_round": 64, "rounds": 5, "vocab": 32000,
+              "step_ms_plain_median": 5.48, "step_ms_guided_median": 11.33, "guided_over_plain": 1.99,
+              "guided_over_plain_range": [1.8, 2.2], "mask_alone_ms_median": 5.72, "compile_regex_ms": 28.0,
+              "compile_schema_ms": 8.5}
+    for dirty in (False, True):
+        machine = {"git_commit": "0123456789abcdef", "git_dirty": dirty, "git_dirty_paths": ["x.py"] if dirty else []}
+        results = {"guided": guided, "runs": {"guided": {"date_utc": "2026-12-07T00:00:00+00:00",
+                                                         "machine": machine, "duration_s": 1}}}
+        md = report.markdown(results, Path("/nonexistent"), Path("."))
+        section = md[md.index("## Guided decoding"):md.index("## Findings")]
+        row = next(line for line in section.splitlines() if line.startswith("| 5.48 ms"))
+        assert "11.33 ms" in row and "1.99x [1.80x, 2.20x]" in row and "5.72 ms" in row
+        assert (report.DIRTY in row) == dirty

@@ -3,7 +3,7 @@ and bench/plots/*.png.
 
     .venv/bin/python scripts/bench/run.py                 # everything
     .venv/bin/python scripts/bench/run.py --quick         # fewer cells, fewer rounds
-    .venv/bin/python scripts/bench/run.py --only serving  # or converter, perf_analyzer, scale, gateway (repeatable)
+    .venv/bin/python scripts/bench/run.py --only serving  # or converter, perf_analyzer, scale, gateway, guided (repeatable)
     .venv/bin/python scripts/bench/run.py --only scale --anchor PATH  # with tensorrtllm_backend's ensemble
     .venv/bin/python scripts/bench/run.py --report-only   # re-render from latest.json
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from mixtral_triton.errors import UserError, one_line_errors
 
 ROOT = Path(__file__).resolve().parents[3]
-SECTIONS = ("serving", "perf_analyzer", "converter", "scale", "gateway")
+SECTIONS = ("serving", "perf_analyzer", "converter", "scale", "gateway", "guided")
 # What a run rewrites: not part of what it measures, so not a reason to call the tree dirty.
 OUTPUTS = ("BENCHMARKS.md", "bench/results", "bench/plots")
 
@@ -140,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             print("gateway", flush=True)
             results["gateway"] = run_gateway(args.work_dir / "gateway", gateway_plan, log=_log)
             stamp("gateway", started)
+        if "guided" in wanted:
+            from mixtral_triton.bench.guided_cost import measure
+            from mixtral_triton.local_stack import LocalStack
+
+            started = time.monotonic()
+            print("guided", flush=True)
+            stack = LocalStack(args.work_dir / "guided", log=_log)
+            stack.repository  # the tiny checkpoint and its conversion
+            results["guided"] = measure(stack.trtllm_checkpoint, stack.checkpoint)
+            stamp("guided", started)
         from mixtral_triton.bench.gpu import gpu_section
 
         results["gpu"] = gpu_section()

@@ -49,17 +49,12 @@ def _mask_alone(compiled, vocab: int, tokens: int = 1000) -> float:
     return (time.perf_counter() - start) / tokens
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint_dir")
-    parser.add_argument("tokenizer_dir")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
+def measure(checkpoint_dir, tokenizer_dir, tokens: int = 64, rounds: int = 5) -> dict:
+    """The figures (medians over `rounds` alternated rounds of `tokens` greedy steps)."""
     torch.set_num_threads(1)
-    model = ReferenceModel.from_trtllm_checkpoint(args.checkpoint_dir)
+    model = ReferenceModel.from_trtllm_checkpoint(checkpoint_dir)
     vocab = model.config.vocab_size
-    compiler = GrammarCompiler.from_folder(args.tokenizer_dir, vocab)
+    compiler = GrammarCompiler.from_folder(tokenizer_dir, vocab)
     t = time.perf_counter()
     compiled = compiler.compile(GUIDE)
     compile_s = time.perf_counter() - t
@@ -67,18 +62,30 @@ def main(argv=None) -> int:
     compiler.compile(SCHEMA)
     schema_compile_s = time.perf_counter() - t
     plain, guided, mask = [], [], []
-    for _ in range(args.rounds):  # alternated, so that the machine's load falls on both alike
-        plain.append(_decode(model, None, args.tokens, vocab))
-        guided.append(_decode(model, compiled, args.tokens, vocab))
+    for _ in range(rounds):  # alternated, so that the machine's load falls on both alike
+        plain.append(_decode(model, None, tokens, vocab))
+        guided.append(_decode(model, compiled, tokens, vocab))
         mask.append(_mask_alone(compiled, vocab))
-    print(json.dumps({
-        "tokens_per_round": args.tokens, "rounds": args.rounds, "vocab": vocab,
+    ratios = sorted(g / p for g, p in zip(guided, plain))
+    return {
+        "guide": GUIDE.text, "tokens_per_round": tokens, "rounds": rounds, "vocab": vocab,
         "step_ms_plain_median": 1e3 * statistics.median(plain),
         "step_ms_guided_median": 1e3 * statistics.median(guided),
-        "guided_over_plain": statistics.median(g / p for g, p in zip(guided, plain)),
+        "guided_over_plain": statistics.median(ratios),
+        "guided_over_plain_range": [ratios[0], ratios[-1]],
         "mask_alone_ms_median": 1e3 * statistics.median(mask),
         "compile_regex_ms": 1e3 * compile_s, "compile_schema_ms": 1e3 * schema_compile_s,
-    }, indent=2))
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("tokenizer_dir")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.checkpoint_dir, args.tokenizer_dir, args.tokens, args.rounds), indent=2))
     return 0
 
 
