@@ -259,7 +259,7 @@ def test_openai_wrong_model_is_404(base_gateway):
 SAMPLING_CASES = [case for case in invalid_values() if case[0] not in ("prompt", "stream")]
 
 
-@pytest.mark.parametrize("case", SAMPLING_CASES + [("stream", "yes"), ("n", 2), ("logprobs", 1),
+@pytest.mark.parametrize("case", SAMPLING_CASES + [("stream", "yes"), ("n", 9), ("logprobs", 1),
                                                    ("prompt", None),
                                                    ("max_new_tokens", 5), ("prompt", ""),
                                                    ("prompt", [PROMPT, PROMPT]),
@@ -276,7 +276,7 @@ def test_openai_completions_name_the_field(base_gateway, case):
 
 @pytest.mark.parametrize("case", SAMPLING_CASES + [("messages", []), ("messages", "hi"),
                                                    ("messages", [{"role": "user"}]),
-                                                   ("tools", []), ("n", 3),
+                                                   ("tools", []), ("n", 0),
                                                    ("max_completion_tokens", 0)],
                          ids=case_id)
 def test_openai_chat_names_the_field(instruct, case):

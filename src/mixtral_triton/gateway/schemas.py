@@ -174,7 +174,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatTokenLogprob(BaseModel):
-    token: str = Field(description='the token\'s text; "bytes:\\xNN..." when it is not whole UTF-8')
+    token: str = Field(description='the token\'s text; its bytes escaped ("\\xNN...") when it is not whole UTF-8')
     logprob: float
     bytes: list[int]
     top_logprobs: list = Field(default_factory=list, description="always empty: not served")

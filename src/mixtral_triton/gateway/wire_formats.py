@@ -22,13 +22,14 @@ def usage_of(last: Chunk, completion_tokens: int | None = None) -> dict:
             "total_tokens": last.prompt_tokens + completion}
 
 
-def token_string(token: bytes) -> str:
-    """A token's text; a token that is not whole UTF-8 (part of a character) as
-    "bytes:\\xNN..." (OpenAI's spelling; its `bytes` carry the raw bytes)."""
+def token_string(token: bytes, prefix: str = "") -> str:
+    """A token's text; a token that is not whole UTF-8 (part of a character) as its bytes
+    escaped, "\\xNN..." (OpenAI's spelling: chat's bare, whose `bytes` carry the raw bytes;
+    legacy completions' after the prefix "bytes:")."""
     try:
         return token.decode("utf-8")
     except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in token)
+        return prefix + "".join(f"\\x{b:02x}" for b in token)
 
 
 class Format:
@@ -205,7 +206,7 @@ class CompletionFormat(_OpenAIFormat):
             offsets.append(start + len(before.decode("utf-8", "ignore")))
             before += token
         self._chars[chunk.sequence_index] = start + len(chunk.text)
-        return {"tokens": [token_string(t) for t in chunk.token_bytes],
+        return {"tokens": [token_string(t, "bytes:") for t in chunk.token_bytes],
                 "token_logprobs": list(chunk.log_probs), "top_logprobs": None, "text_offset": offsets}
 
 
