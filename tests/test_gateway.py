@@ -259,7 +259,7 @@ def test_openai_wrong_model_is_404(base_gateway):
 SAMPLING_CASES = [case for case in invalid_values() if case[0] not in ("prompt", "stream")]
 
 
-@pytest.mark.parametrize("case", SAMPLING_CASES + [("stream", "yes"), ("n", 2), ("logprobs", 1),
+@pytest.mark.parametrize("case", SAMPLING_CASES + [("stream", "yes"), ("n", 9), ("logprobs", 1),
                                                    ("prompt", None),
                                                    ("max_new_tokens", 5), ("prompt", ""),
                                                    ("prompt", [PROMPT, PROMPT]),
@@ -276,7 +276,7 @@ def test_openai_completions_name_the_field(base_gateway, case):
 
 @pytest.mark.parametrize("case", SAMPLING_CASES + [("messages", []), ("messages", "hi"),
                                                    ("messages", [{"role": "user"}]),
-                                                   ("tools", []), ("n", 3),
+                                                   ("tools", []), ("n", 0),
                                                    ("max_completion_tokens", 0)],
                          ids=case_id)
 def test_openai_chat_names_the_field(instruct, case):
@@ -404,7 +404,7 @@ def test_ready_is_503_when_triton_is_down(base_gateway):
 class _FailingClient:
     """Streams two chunks, then the server fails (what a crashed Triton looks like)."""
 
-    async def generate_batches(self, request, request_id=None):
+    async def generate_batches(self, request, request_id=None, options=None):
         yield [Chunk("Hello", None, 3, 1)]
         await asyncio.sleep(0.05)
         yield [Chunk(" wor", None, 3, 2)]
@@ -619,7 +619,7 @@ def test_no_op_fields_are_accepted_and_the_rest_refused_by_name(base_gateway, in
         modalities=["text"], prompt_cache_key="c", logprobs=False, top_logprobs=0,
         extra_body={"skip_special_tokens": False, "stop_token_ids": [2]})
     assert answer.choices[0].finish_reason in ("stop", "length")
-    for name, value in (("store", True), ("service_tier", "priority"), ("response_format", {"type": "json_object"}),
+    for name, value in (("store", True), ("service_tier", "priority"), ("response_format", {"type": "xml"}),
                         ("reasoning_effort", "high"), ("logit_bias", {"5": 1}), ("top_logprobs", 2)):
         with pytest.raises(openai.BadRequestError) as error:
             chat.chat.completions.create(model="mixtral-instruct", messages=[{"role": "user", "content": "hi"}],

@@ -20,8 +20,8 @@ from tritonclient.utils import InferenceServerException
 
 from mixtral_triton.client.empty_final import open_stream
 from mixtral_triton.client.ensemble import (
-    CANCEL_WAIT_S, ENSEMBLE, Chunk, Completion, ServerError, cancel_call, chunk_of, ends_request,
-    generation_call, is_final, new_request_id, probe_calls, server_error)
+    CANCEL_WAIT_S, ENSEMBLE, PLAIN, Chunk, Completion, GenerationOptions, ServerError, cancel_call,
+    chunk_of, ends_request, generation_call, is_final, new_request_id, probe_calls, server_error)
 from mixtral_triton.protocol import PredictRequest, parse_request
 
 _END = object()  # the request iterator's last item: half-closes the stream
@@ -121,14 +121,16 @@ class AsyncPredictClient:
                 for chunk in batch:
                     yield chunk
 
-    async def generate_batches(self, request: PredictRequest,
-                               request_id: str | None = None) -> AsyncIterator[list[Chunk]]:
+    async def generate_batches(self, request: PredictRequest, request_id: str | None = None,
+                               options: GenerationOptions = PLAIN) -> AsyncIterator[list[Chunk]]:
         """The same chunks as generate(), as lists of every chunk that has arrived since the
-        last list: a consumer that fell behind relays them in one write."""
+        last list: a consumer that fell behind relays them in one write. With several
+        sequences the request ends when each has its finish reason (or at the final flag)."""
         request_id = request_id or new_request_id()
         outbox: asyncio.Queue = asyncio.Queue()
         inbox = _Inbox(self.timeout_s)
-        outbox.put_nowait(generation_call(request, request_id))
+        outbox.put_nowait(generation_call(request, request_id, options))
+        ended: set[int] = set()  # the sequences whose finish reason came
         try:
             call = open_stream(self._grpc(), _requests(outbox))
         except InferenceServerException as exc:
@@ -146,7 +148,9 @@ class AsyncPredictClient:
                         finished = True
                         break
                     chunk = chunk_of(response)
-                    finished = is_final(response) or (chunk is not None and chunk.finish_reason is not None)
+                    if chunk is not None and chunk.finish_reason is not None:
+                        ended.add(chunk.sequence_index)
+                    finished = is_final(response) or len(ended) == options.sequences
                     if chunk is not None:
                         batch.append(chunk)
                     if finished:

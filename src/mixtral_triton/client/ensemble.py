@@ -11,6 +11,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from mixtral_triton.protocol import FIELDS, PredictRequest, RequestError, ensemble_inputs
+from mixtral_triton.protocol.guided import GUIDE_FIELD, TYPE_FIELD, Guide
 from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, TRITON_UNAVAILABLE, UNAVAILABLE, read_code
 from mixtral_triton.ensemble_models.engine_request import stop_inputs
 
@@ -74,8 +75,32 @@ def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def request_inputs(request: PredictRequest) -> list[grpcclient.InferInput]:
-    return infer_inputs(ensemble_inputs(request))
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What a request asks of the ensemble beyond the predict fields (the OpenAI routes'
+    guided decoding, `n` and log probabilities): TensorRT-LLM 1.2.1's inputs of those names."""
+
+    guide: Guide | None = None
+    sequences: int = 1  # num_return_sequences
+    log_probs: bool = False  # return_log_probs
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        arrays = {}
+        if self.guide is not None:
+            arrays[TYPE_FIELD] = np.array([[self.guide.type.encode()]], dtype=object)
+            arrays[GUIDE_FIELD] = np.array([[self.guide.text.encode("utf-8")]], dtype=object)
+        if self.sequences != 1:
+            arrays["num_return_sequences"] = np.array([[self.sequences]], np.int32)
+        if self.log_probs:
+            arrays["return_log_probs"] = np.array([[True]], np.bool_)
+        return arrays
+
+
+PLAIN = GenerationOptions()
+
+
+def request_inputs(request: PredictRequest, options: GenerationOptions = PLAIN) -> list[grpcclient.InferInput]:
+    return infer_inputs({**ensemble_inputs(request), **options.inputs()})
 
 
 def cancel_inputs() -> list[grpcclient.InferInput]:
@@ -98,12 +123,12 @@ def requested_outputs(sequences: int = 1, log_probs: bool = False) -> list[grpcc
 # Every request on a stream asks for the empty final response, so that the client knows
 # when a request has ended (a stop request answers with that marker only): the blocking
 # client through its option, the asyncio paths through mixtral_triton.client.empty_final.
-def generation_call(request: PredictRequest, request_id: str) -> dict:
+def generation_call(request: PredictRequest, request_id: str, options: GenerationOptions = PLAIN) -> dict:
     """One request on a stream, as the keyword arguments of the blocking client's
     `async_stream_infer(**call, enable_empty_final_response=True)` and of
     `empty_final.stream_request`."""
-    return {"model_name": ENSEMBLE, "inputs": request_inputs(request),
-            "outputs": requested_outputs(), "request_id": request_id}
+    return {"model_name": ENSEMBLE, "inputs": request_inputs(request, options),
+            "outputs": requested_outputs(options.sequences, options.log_probs), "request_id": request_id}
 
 
 def cancel_call(request_id: str) -> dict:

@@ -187,7 +187,7 @@ class GenerationResponse(Response):
         if serving.settings.log_prompts:
             log.info("%s %s prompt: %r", self.route, self.request_id, self.request.prompt)
         engine_request = dataclasses.replace(self.request, stream=True)  # see TTFT, disconnects
-        batches = serving.client.generate_batches(engine_request, self.request_id)
+        batches = serving.client.generate_batches(engine_request, self.request_id, fmt.options)
         async with contextlib.aclosing(batches):
             try:
                 first = await anext(batches)
@@ -202,16 +202,19 @@ class GenerationResponse(Response):
             route_metrics = serving.metrics.of_route(self.route)
             route_metrics.time_to_first_token.observe(previous - started)
             last = first[-1]
+            ended = {c.sequence_index for c in first if c.finish_reason is not None}
 
             async def following():
-                """The batches after the first; one ITL observation per batch."""
+                """The batches after the first, until every sequence has ended; one ITL
+                observation per batch (its tokens counted on its last sequence)."""
                 nonlocal previous, last
-                while last.finish_reason is None:
+                while len(ended) < fmt.options.sequences:
                     batch = await anext(batches)
                     now = time.monotonic()
                     tokens = max(1, batch[-1].completion_tokens - last.completion_tokens)
                     route_metrics.inter_token_latency.observe((now - previous) / tokens)
                     previous, last = now, batch[-1]
+                    ended.update(c.sequence_index for c in batch if c.finish_reason is not None)
                     yield batch
 
             if fmt.streaming:
@@ -240,19 +243,20 @@ class GenerationResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _whole(self, send, first: list[Chunk], rest) -> None:
-        texts = [chunk.text for chunk in first]
-        last = first[-1]
+        chunks = list(first)
         try:
             async for batch in rest:
-                texts.extend(chunk.text for chunk in batch)
-                last = batch[-1]
+                chunks.extend(batch)
         except Exception as exc:
             error = self._error(exc)
             for event in json_response_events(error.status, error.body(self.fmt.openai),
                                               {"X-Request-Id": self.request_id, **error.headers}):
                 await send(event)
             return
-        body = self.fmt.whole("".join(texts), last)
+        sequences: dict[int, list[Chunk]] = {}
+        for chunk in chunks:
+            sequences.setdefault(chunk.sequence_index, []).append(chunk)
+        body = self.fmt.whole(sequences)
         for event in json_response_events(200, body, {"X-Request-Id": self.request_id}):
             await send(event)
 
@@ -263,7 +267,8 @@ class GenerationResponse(Response):
     def _render(self, batch: list[Chunk]) -> bytes:
         """A batch's bytes, written at once (a batch of several: the relay fell behind)."""
         return b"".join(self.fmt.closing(chunk) if chunk.finish_reason is not None
-                        else self.fmt.piece(chunk) if chunk.text else b"" for chunk in batch)
+                        else self.fmt.piece(chunk) if chunk.text or chunk.log_probs else b""
+                        for chunk in batch)
 
     def _error(self, exc: Exception) -> GatewayError:
         if isinstance(exc, RequestError):

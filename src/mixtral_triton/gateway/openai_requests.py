@@ -13,8 +13,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from mixtral_triton.client.ensemble import GenerationOptions
 from mixtral_triton.gateway.http_errors import ModelNotFound
 from mixtral_triton.protocol import FIELDS, FIELDS_BY_NAME, PredictRequest, RequestError, parse_request
+from mixtral_triton.protocol.guided import (
+    GUIDE_FIELD, RESPONSE_FORMAT_FIELD, TYPE_FIELD, Guide, guide_of_response_format, read_guide)
 
 
 # The predict fields OpenAI's requests take under the same names and rules: OpenAI's own
@@ -29,6 +32,9 @@ CHAT_MAX_TOKENS = FIELDS_BY_NAME["max_tokens"].default
 ROUTES = ("completions", "chat")
 # The field each route's prompt comes in: required.
 PROMPT_FIELDS = {"completions": "prompt", "chat": "messages"}
+MAX_CHOICES = 8  # n: the tokenizer model's bound on num_return_sequences
+# Why only the sampled token's log probability is returned.
+NO_TOP = "top alternatives are not returned (TensorRT-LLM 1.2.1's backend gives the sampled token's only)"
 # The sampling fields that are vLLM's extensions of OpenAI's requests (clients send them in
 # `extra_body`).
 VLLM_EXTENSIONS = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
@@ -81,6 +87,7 @@ class OpenAIField:
     treatment: str  # what the docs table says it gets
     values: Only | OfType | None = None
     rule: str = ""
+    source: str = "OpenAI"  # or "vLLM": its extensions, sent in extra_body
 
 
 _BOTH = ROUTES
@@ -100,16 +107,16 @@ OPENAI_FIELDS: tuple[OpenAIField, ...] = (
     OpenAIField("stream_options", _BOTH, "honoured: include_usage (a last chunk with the usage), "
                 "vLLM's continuous_usage_stats (usage on every chunk); include_obfuscation "
                 "false only (no obfuscation padding)"),
-    OpenAIField("n", _BOTH, "1 only (one completion per request)", only(1),
-                "must be 1 (one completion per request)"),
+    OpenAIField("n", _BOTH, f"honoured: 1 to {MAX_CHOICES} choices (the ensemble's "
+                "num_return_sequences; choice i samples with seed + i); streamed interleaved, "
+                "each chunk one choice"),
     OpenAIField("best_of", _COMPLETIONS, "1 only (one candidate per request)", only(1),
                 "must be 1 (one candidate per request)"),
-    OpenAIField("logprobs", _COMPLETIONS, "null only: log probabilities are not returned",
-                only(), "must be null: log probabilities are not returned"),
-    OpenAIField("logprobs", _CHAT, "false only: log probabilities are not returned", only(False),
-                "must be false: log probabilities are not returned"),
-    OpenAIField("top_logprobs", _CHAT, "0 only: log probabilities are not returned", only(0),
-                "must be 0: log probabilities are not returned"),
+    OpenAIField("logprobs", _COMPLETIONS, "honoured: 0 (tokens, token_logprobs, text_offset; "
+                f"top_logprobs null): {NO_TOP}; not with echo"),
+    OpenAIField("logprobs", _CHAT, "honoured: choices[].logprobs.content, each token with its "
+                "logprob and bytes (top_logprobs [])", OfType("boolean"), "must be a boolean"),
+    OpenAIField("top_logprobs", _CHAT, f"0 only: {NO_TOP}", only(0), f"must be 0: {NO_TOP}"),
     OpenAIField("logit_bias", _BOTH, "{} only: no logit bias is applied", only({}),
                 "must be empty: no logit bias is applied"),
     OpenAIField("suffix", _COMPLETIONS, "\"\" only: no insertion after a suffix", only(""),
@@ -139,8 +146,17 @@ OPENAI_FIELDS: tuple[OpenAIField, ...] = (
                 "must be null: function calls are not served"),
     OpenAIField("function_call", _CHAT, '"none" only: function calls are not served',
                 only("none"), 'must be "none": function calls are not served'),
-    OpenAIField("response_format", _CHAT, '{"type": "text"} only: no JSON mode or schema',
-                only({"type": "text"}), 'must be {"type": "text"}: JSON output is not enforced'),
+    OpenAIField(RESPONSE_FORMAT_FIELD, _BOTH, 'honoured: {"type": "text"}; {"type": "json_object"} '
+                '(guided_decoding_guide_type json); {"type": "json_schema", "json_schema": {"name", '
+                '"schema", "strict"}} (json_schema; followed strictly)'),
+    OpenAIField("guided_json", _BOTH, "honoured: a JSON Schema (object or string), as "
+                "response_format json_schema", source="vLLM"),
+    OpenAIField("guided_regex", _BOTH, "honoured: a regex the whole output matches (guide type "
+                "regex)", source="vLLM"),
+    OpenAIField("guided_grammar", _BOTH, "honoured: an EBNF grammar (guide type ebnf_grammar)",
+                source="vLLM"),
+    OpenAIField("guided_choice", _BOTH, "honoured: a list of strings; the output is one of them "
+                "(a regex of the escaped choices)", source="vLLM"),
     OpenAIField("modalities", _CHAT, '["text"] only', only(["text"]),
                 'must be ["text"]: this model writes text only'),
     OpenAIField("audio", _CHAT, "null only: no audio output", only(),
@@ -166,6 +182,7 @@ class OpenAIRequest:
     include_usage: bool = False  # stream_options.include_usage
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM)
     user: str | None = None  # logged with the request
+    options: GenerationOptions = GenerationOptions()  # guide, n, log probabilities
     # OpenAI's field names where they differ from the predict fields, for the errors the
     # server finds later (the prompt is too long, max_tokens leaves no room)
     names: dict[str, str] = field(default_factory=dict)
@@ -252,7 +269,75 @@ def _openai_request(body: Mapping, model_name: str, prompt: Any, max_tokens: int
         raise rename_error(exc, names) from None
     include_usage, continuous_usage = _stream_options(body, request.stream)
     user = body.get("user")
-    return OpenAIRequest(request, include_usage, continuous_usage, user, names)
+    guide, guide_field = _guide(body)
+    if guide_field:  # the tokenizer model's refusal of the guide names the field it came in
+        names.update({GUIDE_FIELD: guide_field, TYPE_FIELD: guide_field})
+    options = GenerationOptions(guide, _choices(body), _log_probs(body))
+    return OpenAIRequest(request, include_usage, continuous_usage, user, names=names, options=options)
+
+
+# vLLM's guided decoding fields: the guide type each gives.
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "ebnf_grammar",
+                 "guided_choice": "regex"}
+
+
+def _guide(body: Mapping) -> tuple[Guide | None, str | None]:
+    """The guide of response_format or of one vLLM guided field, and the field it came in."""
+    given = [name for name in (RESPONSE_FORMAT_FIELD, *GUIDED_FIELDS) if body.get(name) is not None]
+    if len(given) > 1:
+        raise RequestError(given[1], f"give one of {', '.join(given)}: each is a guide for the "
+                           "whole output")
+    if not given:
+        return None, None
+    name, value = given[0], body[given[0]]
+    if name == RESPONSE_FORMAT_FIELD:
+        return guide_of_response_format(value), name
+    if name == "guided_json" and isinstance(value, dict):
+        value = json.dumps(value)
+    elif name == "guided_choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise RequestError(name, f"{name} must be a non-empty list of non-empty strings, "
+                               f"got {json.dumps(value)[:60]}")
+        value = "|".join(_regex_literal(choice) for choice in value)
+    if not isinstance(value, str):
+        kind = "a JSON Schema (object or string)" if name == "guided_json" else "a string"
+        raise RequestError(name, f"{name} must be {kind}, got {json.dumps(value)[:60]}")
+    return read_guide(GUIDED_FIELDS[name], value, name), name
+
+
+# ECMAScript's syntax characters (the regex flavour xgrammar reads): escaping any other
+# character is an error there.
+_REGEX_SYNTAX = frozenset("^$\\.*+?()[]{}|/")
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a regex that matches it alone."""
+    return "".join("\\" + c if c in _REGEX_SYNTAX else c for c in text)
+
+
+def _choices(body: Mapping) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise RequestError("n", f"n must be an integer >= 1 and <= {MAX_CHOICES}, got {json.dumps(n)[:60]}")
+    return n
+
+
+def _log_probs(body: Mapping) -> bool:
+    """Whether the request asks for log probabilities: chat's logprobs true, completions'
+    logprobs 0 (a count of top alternatives, which are not served)."""
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return False
+    if value is not True:  # completions: an integer
+        if isinstance(value, bool) or not isinstance(value, int) or value != 0:
+            raise RequestError("logprobs", f"logprobs must be 0 or null: {NO_TOP}; got "
+                               f"{json.dumps(value)[:60]}")
+        if body.get("echo"):
+            raise RequestError("logprobs", "logprobs cannot come with echo: the prompt's log "
+                               "probabilities are not returned")
+    return True
 
 
 # stream_options' fields: any boolean (None), or only this value.
@@ -309,7 +394,7 @@ def openai_fields_markdown() -> str:
     names = {spec.name for spec in OPENAI_FIELDS}
     for name in sorted(names | set(SAMPLING_FIELDS)):
         for spec in (s for s in OPENAI_FIELDS if s.name == name):
-            rows.append(f"| `{name}` | OpenAI | {', '.join(spec.routes)} | {spec.treatment} |")
+            rows.append(f"| `{name}` | {spec.source} | {', '.join(spec.routes)} | {spec.treatment} |")
         if name in SAMPLING_FIELDS:
             field = FIELDS_BY_NAME[name]
             source = "vLLM" if name in VLLM_EXTENSIONS else "OpenAI"

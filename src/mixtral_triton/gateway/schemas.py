@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from mixtral_triton.gateway.openai_requests import (
     CHAT_MAX_TOKENS,
     COMPLETIONS_MAX_TOKENS,
+    MAX_CHOICES,
     OPENAI_DEFAULTS,
     PROMPT_FIELDS,
     SAMPLING_FIELDS,
@@ -44,7 +45,8 @@ def _openai_request_schema(route: str, max_tokens: int) -> dict:
         predict[name] = {**predict[name], "default": default}
     mapped = {"prompt": _one_prompt_schema(predict["prompt"]), "messages": _MESSAGES_SCHEMA,
               "stream": predict["stream"], "max_completion_tokens": _without_description(predict["max_tokens"]),
-              "stream_options": _stream_options_schema()}
+              "stream_options": _stream_options_schema(), "n": _N_SCHEMA, "logprobs": {"enum": [0, None]},
+              "response_format": _RESPONSE_FORMAT_SCHEMA, **_GUIDED_SCHEMAS}
     properties = {}
     for name, spec in openai_fields(route).items():
         values = spec.values.schema() if spec.values is not None else mapped[name]
@@ -71,6 +73,24 @@ def _stream_options_schema() -> dict:
     return {"anyOf": [{"type": "object", "additionalProperties": False, "properties": properties},
                       {"type": "null"}]}
 
+
+_N_SCHEMA = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES}
+# What protocol.guided.guide_of_response_format accepts.
+_RESPONSE_FORMAT_SCHEMA = {"anyOf": [
+    {"type": "object", "required": ["type"], "additionalProperties": False,
+     "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
+     "properties": {"type": {"enum": ["json_schema"]}, "json_schema": {
+         "type": "object", "required": ["schema"], "additionalProperties": False,
+         "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
+                        "strict": {"type": ["boolean", "null"]}, "description": {"type": "string"}}}}},
+    {"type": "null"}]}
+_GUIDED_SCHEMAS = {
+    "guided_json": {"anyOf": [{"type": "object"}, {"type": "string"}, {"type": "null"}]},
+    "guided_regex": {"type": ["string", "null"]},
+    "guided_grammar": {"type": ["string", "null"]},
+    "guided_choice": {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                                {"type": "null"}]}}
 
 # What openai_requests._check_messages accepts: role, content (text, or text parts), name.
 _TEXT_PART_SCHEMA = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
@@ -113,10 +133,21 @@ class PredictResponse(BaseModel):
     usage: Usage
 
 
+class CompletionLogprobs(BaseModel):
+    """The sampled tokens (a token that is not whole UTF-8 is written "bytes:\\xNN..."),
+    their log probabilities and their offsets in the choice's text; top alternatives are not
+    served (null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: None = None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = Field(description="stop, length or cancelled; null until the last chunk")
 
 
@@ -142,10 +173,21 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class ChatTokenLogprob(BaseModel):
+    token: str = Field(description='the token\'s text; its bytes escaped ("\\xNN...") when it is not whole UTF-8')
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list = Field(default_factory=list, description="always empty: not served")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -163,7 +205,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

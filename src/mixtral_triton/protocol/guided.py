@@ -14,6 +14,7 @@ module only reads the request.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from mixtral_triton.protocol.predict import RequestError
@@ -32,9 +33,10 @@ class Guide:
     text: str  # the schema, regex or grammar ("" for json)
 
 
-def read_guide(guide_type: str | None, guide: str | None) -> Guide | None:
+def read_guide(guide_type: str | None, guide: str | None, guide_field: str = GUIDE_FIELD) -> Guide | None:
     """The request's guide, or None when it asks for no guided decoding; RequestError naming
-    the field for a type outside GUIDE_TYPES, a missing guide, or one over MAX_GUIDE_CHARS."""
+    the field for a type outside GUIDE_TYPES, a missing guide, or one over MAX_GUIDE_CHARS
+    (`guide_field`: the request field the guide came in)."""
     guide_type, guide = guide_type or "", guide or ""
     if not guide_type:
         if guide:
@@ -47,9 +49,38 @@ def read_guide(guide_type: str | None, guide: str | None) -> Guide | None:
     if guide_type == "json":
         return Guide("json", "")
     if not guide.strip():
-        raise RequestError(GUIDE_FIELD, f"{GUIDE_FIELD} is required for {TYPE_FIELD} {guide_type!r} "
+        raise RequestError(guide_field, f"{guide_field} is required for {TYPE_FIELD} {guide_type!r} "
                            "(the schema, regex or grammar to follow)")
     if len(guide) > MAX_GUIDE_CHARS:
-        raise RequestError(GUIDE_FIELD, f"{GUIDE_FIELD} must be at most {MAX_GUIDE_CHARS} characters, "
+        raise RequestError(guide_field, f"{guide_field} must be at most {MAX_GUIDE_CHARS} characters, "
                            f"got {len(guide)}")
     return Guide(guide_type, guide)
+
+
+# OpenAI's response_format types and the guide type each asks for ("text": none).
+RESPONSE_FORMAT_TYPES = {"text": None, "json_object": "json", "json_schema": "json_schema"}
+RESPONSE_FORMAT_FIELD = "response_format"
+
+
+def guide_of_response_format(value: object) -> Guide | None:
+    """OpenAI's `response_format` ({"type": "text"}, {"type": "json_object"} or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}) as
+    a guide; RequestError naming response_format for any other shape. The schema is followed
+    strictly whatever `strict` says (a guided decoder cannot follow it loosely)."""
+    field = RESPONSE_FORMAT_FIELD
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise RequestError(field, f"{field} must be an object whose type is one of "
+                           f"{', '.join(RESPONSE_FORMAT_TYPES)}, got {json.dumps(value)[:60]}")
+    allowed = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+    if set(value) - allowed:
+        raise RequestError(field, f"{field} of type {kind!r} takes only {', '.join(sorted(allowed))}, "
+                           f"got {', '.join(sorted(map(str, value)))}")
+    if kind != "json_schema":
+        return None if RESPONSE_FORMAT_TYPES[kind] is None else Guide("json", "")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict) \
+            or set(spec) - {"name", "schema", "strict", "description"}:
+        raise RequestError(field, f"{field}.json_schema must be an object with a schema object "
+                           "(and optionally name, strict, description)")
+    return read_guide("json_schema", json.dumps(spec["schema"]), field)
