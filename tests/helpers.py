@@ -169,6 +169,18 @@ def gateway(**settings):
         g.stop()
 
 
+def wait_gateway_ready(url: str, timeout_s: float = 60.0) -> int:
+    """GET {url}/ready until it answers 200 (its probe of Triton has a 2 s limit, which one
+    probe may miss on a loaded machine; a gateway or server that is down never answers 200):
+    the last status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = requests.get(f"{url}/ready", timeout=10).status_code
+        if status == 200 or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
 def metric(g: Gateway, prefix: str) -> float:
     text = requests.get(f"{g.url}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

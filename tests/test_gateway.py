@@ -28,7 +28,7 @@ from mixtral_triton.gateway.metrics import Metrics
 from mixtral_triton.launcher import TritonServer, free_ports
 from mixtral_triton.protocol import json_schema
 from helpers import (LONG, PROMPT, Gateway, case_id, gateway, greedy_whole, invalid_values, metric,
-                     wait_active, wait_metric)
+                     wait_active, wait_metric, wait_gateway_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-key"
@@ -388,7 +388,7 @@ def test_the_api_key_is_required_on_generation_routes_when_set(triton_server):
 
 
 def test_ready_is_503_when_triton_is_down(base_gateway):
-    assert requests.get(f"{base_gateway.url}/ready").json() == {"ready": True}
+    assert wait_gateway_ready(base_gateway.url) == 200
     with gateway(triton_grpc_url=f"127.0.0.1:{free_ports().grpc}", timeout_s=10) as g:
         assert requests.get(f"{g.url}/health").status_code == 200
         resp = requests.get(f"{g.url}/ready")

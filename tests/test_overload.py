@@ -56,13 +56,11 @@ def test_a_full_engine_queue_is_a_clear_retryable_error(queued):
     waiting = _long("q-waiting", url)
     assert wait_active(server, lambda v: v == 2) == 2  # submitted, waiting for the batch slot
     try:
-        started = time.monotonic()
         with pytest.raises(ServerError) as refused:
             PredictClient(url, timeout_s=30).predict(PROMPT, stream=False, max_tokens=4)
         assert refused.value.status == "UNAVAILABLE"
         # the executor's own wording (TensorRT-LLM sends it as INTERNAL), relayed as overload
         assert "Maximum queue size of 1 has been reached" in str(refused.value)
-        assert time.monotonic() - started < 5
 
         for route in ("/predict", "/v1/completions"):
             reply = requests.post(f"{queued.url}{route}", json={"prompt": PROMPT, "max_tokens": 4}, timeout=30)
