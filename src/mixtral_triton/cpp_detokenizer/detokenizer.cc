@@ -928,6 +928,12 @@ TRITONSERVER_Error* StartEngine(ModelState* m, Stream* s) {
   return TRITONSERVER_ServerInferAsync(m->server, req, nullptr);
 }
 
+// Drops the three references of a stream the engine never took (the engine's two, never
+// to be released by it, and execute's): it goes now, or when a `stop` holding it lets go.
+void DropUnstarted(Stream* s) noexcept {
+  for (int held = 0; held < 3; ++held) s->Unref();
+}
+
 // A stream the engine never took: the client gets `error` (unless it has had its final,
 // from a concurrent `stop`), and the stream goes when a `stop` holding it lets it go.
 void StartFailed(Stream* s, TRITONSERVER_Error* error) noexcept {
@@ -942,7 +948,7 @@ void StartFailed(Stream* s, TRITONSERVER_Error* error) noexcept {
     Log(TRITONSERVER_LOG_ERROR, __LINE__, "detokenizer: a stream that did not start could not be answered");
   }
   Unregister(s);
-  for (int held = 0; held < 3; ++held) s->Unref();  // the engine's two references and execute's
+  DropUnstarted(s);
 }
 
 // Takes one client request: a `stop` is carried out, a request the server already marked
@@ -956,7 +962,7 @@ TRITONSERVER_Error* Start(ModelState* m, TRITONBACKEND_Request* request, Stream*
     s->done = s->engine_done = true;
     LogIfError(TRITONBACKEND_ResponseFactorySendFlags(s->factory, TRITONSERVER_RESPONSE_COMPLETE_FINAL), __LINE__,
                "send flags");
-    for (int held = 0; held < 3; ++held) s->Unref();
+    DropUnstarted(s);
     s = nullptr;
     return nullptr;
   }
@@ -977,7 +983,7 @@ TRITONSERVER_Error* Start(ModelState* m, TRITONBACKEND_Request* request, Stream*
     }
   }
   if (cancelled) {
-    for (int held = 0; held < 3; ++held) s->Unref();
+    DropUnstarted(s);
     s = nullptr;
     return nullptr;
   }
