@@ -279,22 +279,70 @@ def test_exclude_input_in_output_false_echoes_the_prompt_first(triton_server):
     assert "".join(kept) == "".join(plain)  # the chunks' boundaries follow timing, the text does not
 
 
-def test_upstream_token_count_outputs_come_when_asked(triton_server):
+def _declared_ensemble_outputs() -> list[str]:
+    import re
+    config = (Path(__file__).resolve().parents[1] / "model_repository/ensemble/config.pbtxt").read_text()
+    declared = config[config.index("\noutput ["):config.index("ensemble_scheduling")]
+    return re.findall(r'name: "(\w+)"', declared)
+
+
+def _every_output_stream(server, arrays: dict, request_id: str) -> list[dict]:
+    """A streamed ensemble request asking for every output the ensemble declares, as
+    perf_analyzer does: each response's outputs, by name, as flat arrays."""
+    import queue
+
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from mixtral_triton.client.ensemble import OUTPUTS
+    from mixtral_triton.client.ensemble import ENSEMBLE, infer_inputs
 
-    wanted = [grpcclient.InferRequestedOutput(n) for n in OUTPUTS + ("num_input_tokens", "num_output_tokens")]
-    asked = {"return_num_input_tokens": np.array([[True]]), "return_num_output_tokens": np.array([[True]]),
-             "ignore_eos": np.array([[True]])}
-    _, last, error = _ensemble(triton_server, asked, wanted)
-    assert error is None
-    assert last["num_input_tokens"] == last["prompt_tokens"] > 0
-    # per response, as TensorRT-LLM counts them: here the last response's own tokens
-    assert 0 <= last["num_output_tokens"] <= last["completion_tokens"] == 8
-    _, last, error = _ensemble(triton_server, {"ignore_eos": np.array([[True]])}, wanted)
-    assert error is None and "num_input_tokens" not in last and "num_output_tokens" not in last
+    base = {"text_input": np.array([[PROMPT.encode()]], dtype=object),
+            "max_tokens": np.array([[8]], np.int32), "stream": np.array([[True]]),
+            "ignore_eos": np.array([[True]])}
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(ENSEMBLE, infer_inputs({**base, **arrays}), request_id=request_id,
+                                  outputs=[grpcclient.InferRequestedOutput(n) for n in _declared_ensemble_outputs()])
+        responses = []
+        while True:
+            result, error = answers.get(timeout=60)
+            assert error is None, error
+            responses.append({o.name: result.as_numpy(o.name).reshape(-1)
+                              for o in result.get_response().outputs})
+            if responses[-1]["finish_reason"][0]:
+                return responses
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.parametrize("log_probs", [False, True], ids=["plain", "return_log_probs"])
+def test_every_response_carries_every_declared_output(triton_server, log_probs):
+    """perf_analyzer (genai-perf's load generator) reads every output the ensemble declares
+    from every response, and records whatever its buffer held for one that is absent (NaN
+    floats among it, which left its profile export empty). So each response carries them
+    all, with true counts, and empty log-probability outputs unless they were asked for."""
+    import numpy as np
+
+    arrays = {"return_log_probs": np.array([[True]])} if log_probs else {}
+    responses = _every_output_stream(triton_server, arrays, f"t-every-output-{log_probs}")
+    declared = set(_declared_ensemble_outputs())
+    assert all(set(r) == declared for r in responses), [sorted(declared - set(r)) for r in responses]
+    assert all(r["num_input_tokens"][0] == r["prompt_tokens"][0] > 0 for r in responses)
+    assert all(r["sequence_index"][0] == 0 for r in responses)
+    # per response, as TensorRT-LLM counts them: together, the completion
+    assert sum(int(r["num_output_tokens"][0]) for r in responses) == responses[-1]["completion_tokens"][0] == 8
+    if not log_probs:  # one placeholder each, none absent or empty
+        assert all(r["output_log_probs"].tolist() == r["cum_log_probs"].tolist() == [0.0]
+                   and r["output_token_bytes"].tolist() == [b""] for r in responses)
+        return
+    assert sum(r["output_log_probs"].size for r in responses) == 8
+    assert all(r["output_log_probs"].size == r["output_token_bytes"].size for r in responses)
+    assert all(r["cum_log_probs"].size == 1 and np.isfinite(r["cum_log_probs"][0]) for r in responses)
+    total = float(np.concatenate([r["output_log_probs"] for r in responses]).sum())
+    assert responses[-1]["cum_log_probs"][0] == pytest.approx(total, abs=1e-4)
 
 
 @pytest.mark.parametrize("name, value, message", [

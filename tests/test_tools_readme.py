@@ -45,4 +45,9 @@ def test_readme_load_testing_command_runs(index, triton_server, base_gateway, ti
         summary = json.loads(next(tmp_path.rglob("profile_export_genai_perf.json")).read_text())
         assert summary["request_count"]["avg"] == 8, summary
         assert summary["output_sequence_length"]["min"] > 0, summary
+    if index == 1:  # perf_analyzer read every declared output of every response, none absent
+        export = json.loads(next(tmp_path.rglob("profile_export.json")).read_text())
+        outputs = [o for r in export["experiments"][0]["requests"] for o in r["response_outputs"]]
+        assert outputs and all(o["num_input_tokens"] == o["prompt_tokens"] and o["sequence_index"] == 0
+                               and o["cum_log_probs"] == o["output_log_probs"] == 0 for o in outputs), outputs
     assert active_requests(triton_server) == 0

@@ -3,7 +3,7 @@
 // (TRITONSERVER_ServerInferAsync), turns each engine response's new token ids into whole
 // UTF-8 text through the token tables written from the tokenizer (mixtral_triton.text),
 // cuts the text before the first stop string, and streams text_output / finish_reason /
-// prompt_tokens / completion_tokens (and num_input_tokens / num_output_tokens when asked).
+// prompt_tokens / completion_tokens / num_input_tokens / num_output_tokens.
 // A request may ask for several completions (NUM_RETURN_SEQUENCES: the engine's
 // num_return_sequences, each engine response naming its sequence_index): each has its own
 // text, stop strings, finish reason and counts, and its responses carry its sequence_index.
@@ -171,7 +171,6 @@ struct Stream {
   int32_t sequences = 1;  // NUM_RETURN_SEQUENCES
   bool streaming = true;  // false: one response, at the end
   bool yes = true;
-  bool count_input = false, count_output = false;  // RETURN_NUM_INPUT/OUTPUT_TOKENS
   bool log_probs = false;  // RETURN_LOG_PROBS
   std::string echo;  // the prompt, first, when the client asked for it in the output
   std::vector<std::string> stop_strings;
@@ -260,8 +259,13 @@ TRITONSERVER_Error* AddOutputElements(TRITONBACKEND_Response* r, const char* nam
   return nullptr;
 }
 
-// The outputs of sequence `q`'s response: its text and counts, and (when asked) its
-// sequence_index and the log probabilities of the tokens this text is the first to carry.
+// The outputs of sequence `q`'s response: its text and counts, its sequence_index, and the
+// log probabilities and bytes of the tokens this text is the first to carry with their
+// running sum. Every response carries every output the model declares: perf_analyzer (and
+// so genai-perf) reads each declared output from each response, and for one that is absent
+// or has no elements it records whatever its buffer held (seen: NaN floats, which leave its
+// profile export empty). So without RETURN_LOG_PROBS the three log-probability outputs hold
+// one placeholder each (0, "", 0), as upstream's Python postprocessing sent zeros.
 TRITONSERVER_Error* AddSequenceOutputs(TRITONBACKEND_Response* r, Stream* s, size_t k, const std::string& text,
                                        const std::string& reason) {
   Stream::Sequence& q = s->seqs[k];
@@ -269,21 +273,23 @@ TRITONSERVER_Error* AddSequenceOutputs(TRITONBACKEND_Response* r, Stream* s, siz
   RETURN_IF_ERR(AddOutputBytes(r, "finish_reason", reason));
   RETURN_IF_ERR(AddOutputInt(r, "prompt_tokens", s->input_length));
   RETURN_IF_ERR(AddOutputInt(r, "completion_tokens", q.completion_tokens));
-  if (s->count_input) RETURN_IF_ERR(AddOutputInt(r, "num_input_tokens", s->input_length));
-  if (s->count_output) {
-    RETURN_IF_ERR(AddOutputInt(r, "num_output_tokens", q.completion_tokens - q.counted));
-    q.counted = q.completion_tokens;
+  RETURN_IF_ERR(AddOutputInt(r, "num_input_tokens", s->input_length));
+  RETURN_IF_ERR(AddOutputInt(r, "num_output_tokens", q.completion_tokens - q.counted));
+  q.counted = q.completion_tokens;
+  RETURN_IF_ERR(AddOutputInt(r, "sequence_index", static_cast<int32_t>(k)));
+  if (!s->log_probs) {
+    static const std::vector<float> kPlaceholder{0.0f};
+    RETURN_IF_ERR(AddOutputFloats(r, "output_log_probs", kPlaceholder));
+    RETURN_IF_ERR(AddOutputBytes(r, "output_token_bytes", std::string()));
+    return AddOutputFloats(r, "cum_log_probs", kPlaceholder);
   }
-  if (s->sequences > 1) RETURN_IF_ERR(AddOutputInt(r, "sequence_index", static_cast<int32_t>(k)));
-  if (s->log_probs) {
-    for (float p : q.log_probs) q.cum_log_prob += p;
-    RETURN_IF_ERR(AddOutputFloats(r, "output_log_probs", q.log_probs));
-    RETURN_IF_ERR(AddOutputElements(r, "output_token_bytes", q.token_bytes, q.token_count));
-    RETURN_IF_ERR(AddOutputFloats(r, "cum_log_probs", {q.cum_log_prob}));
-    q.log_probs.clear();
-    q.token_bytes.clear();
-    q.token_count = 0;
-  }
+  for (float p : q.log_probs) q.cum_log_prob += p;
+  RETURN_IF_ERR(AddOutputFloats(r, "output_log_probs", q.log_probs));
+  RETURN_IF_ERR(AddOutputElements(r, "output_token_bytes", q.token_bytes, q.token_count));
+  RETURN_IF_ERR(AddOutputFloats(r, "cum_log_probs", {q.cum_log_prob}));
+  q.log_probs.clear();
+  q.token_bytes.clear();
+  q.token_count = 0;
   return nullptr;
 }
 
@@ -854,10 +860,8 @@ TRITONSERVER_Error* ReadRequest(TRITONBACKEND_Request* request, Stream* s, bool*
       for (const std::string& text : texts) s->echo += text;
     } else if (field == "INCLUDE_STOP_STR_IN_OUTPUT") {
       s->include_stop = FirstFlag(data);
-    } else if (field == "RETURN_NUM_INPUT_TOKENS") {
-      s->count_input = FirstFlag(data);
-    } else if (field == "RETURN_NUM_OUTPUT_TOKENS") {
-      s->count_output = FirstFlag(data);
+    } else if (field == "RETURN_NUM_INPUT_TOKENS" || field == "RETURN_NUM_OUTPUT_TOKENS") {
+      continue;  // accepted as upstream's ensemble has them; every response carries both counts
     } else if (field == "SKIP_SPECIAL_TOKENS") {
       skip_special = data.empty() || FirstFlag(data);
     } else if ((field == "STOP_WORDS_LIST" || field == "BAD_WORDS_LIST") && OnlyPadding(data, shape, dims)) {
