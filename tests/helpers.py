@@ -84,6 +84,9 @@ def invalid_values() -> list[tuple[str, object]]:
         elif spec.kind == "stop":
             cases += [(name, 5), (name, [""]), (name, [1]), (name, ["x"] * (MAX_STOPS + 1)),
                       (name, "x" * (MAX_STOP_CHARS + 1))]
+        elif spec.kind == "response_format":
+            cases += [(name, "json_object"), (name, {"type": "xml"}), (name, {"type": "json_schema"}),
+                      (name, {"type": "json_object", "schema": {}})]
         else:
             cases += [(name, "1"), (name, True)]
             if spec.kind == "integer":

@@ -37,7 +37,7 @@ def test_defaults():
         prompt="Hello", stream=True, max_tokens=128, temperature=1.0, top_p=0.95, top_k=50,
         stop=(), seed=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
         min_tokens=0, ignore_eos=False, stop_token_ids=(), include_stop_str_in_output=False,
-        skip_special_tokens=True, exclude_input_in_output=True)
+        skip_special_tokens=True, exclude_input_in_output=True, response_format=None)
 
 
 def test_the_request_class_has_exactly_the_fields_of_the_table():
@@ -271,7 +271,25 @@ NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_BOOL": np.bool
 
 
 def test_every_field_feeds_an_ensemble_input_of_the_right_type():
-    assert {spec.tensor: spec.tensor_dtype for spec in FIELDS} == ENSEMBLE
+    assert {spec.tensor: spec.tensor_dtype for spec in FIELDS if spec.tensor} == ENSEMBLE
+    # response_format alone has no tensor of its own: it feeds the guided decoding pair
+    assert [spec.name for spec in FIELDS if not spec.tensor] == ["response_format"]
+
+
+@pytest.mark.parametrize("response_format, guide", [
+    ({"type": "json_object"}, (b"json", b"")),
+    ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "integer"}}},
+     (b"json_schema", b'{"type": "integer"}')),
+    ({"type": "text"}, None),
+    (None, None),
+])
+def test_response_format_feeds_the_guided_decoding_inputs(response_format, guide):
+    inputs = ensemble_inputs(parse_request({"prompt": "x", "response_format": response_format}))
+    if guide is None:
+        assert "guided_decoding_guide_type" not in inputs and "guided_decoding_guide" not in inputs
+        return
+    assert (inputs["guided_decoding_guide_type"].tolist(), inputs["guided_decoding_guide"].tolist()) \
+        == ([[guide[0]]], [[guide[1]]])
 
 
 def test_ensemble_inputs_have_the_ensemble_dtypes_and_a_batch_of_one():

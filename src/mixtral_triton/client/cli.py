@@ -12,6 +12,7 @@ and defaults; an option left out is not sent and the API's default applies.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from mixtral_triton.client.ensemble import ServerError
@@ -20,7 +21,14 @@ from mixtral_triton.errors import UserError, one_line_errors
 from mixtral_triton.protocol import FIELDS, RequestError, parse_request
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-_TYPES = {"integer": int, "number": float, "stop": str, "token_ids": int}
+def _json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text[:60]}") from None
+
+
+_TYPES = {"integer": int, "number": float, "stop": str, "token_ids": int, "response_format": _json}
 _OWN = ("prompt", "stream")  # the positional prompt and --no-stream
 
 
@@ -54,8 +62,9 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(_option(spec.name), dest=spec.name, action=argparse.BooleanOptionalAction,
                            default=None, help=help_text)
         else:
+            metavar = "JSON" if spec.kind == "response_format" else spec.kind.upper()
             p.add_argument(_option(spec.name), dest=spec.name, type=_TYPES[spec.kind],
-                           default=None, metavar=spec.kind.upper(), help=help_text)
+                           default=None, metavar=metavar, help=help_text)
     return p
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from mixtral_triton.protocol import FIELDS, PredictRequest, RequestError, ensemble_inputs
-from mixtral_triton.protocol.guided import GUIDE_FIELD, TYPE_FIELD, Guide
+from mixtral_triton.protocol.guided import GUIDE_FIELD, TYPE_FIELD, Guide, guide_inputs
 from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, TRITON_UNAVAILABLE, UNAVAILABLE, read_code
 from mixtral_triton.ensemble_models.engine_request import stop_inputs
 
@@ -85,10 +85,7 @@ class GenerationOptions:
     log_probs: bool = False  # return_log_probs
 
     def inputs(self) -> dict[str, np.ndarray]:
-        arrays = {}
-        if self.guide is not None:
-            arrays[TYPE_FIELD] = np.array([[self.guide.type.encode()]], dtype=object)
-            arrays[GUIDE_FIELD] = np.array([[self.guide.text.encode("utf-8")]], dtype=object)
+        arrays = guide_inputs(self.guide)
         if self.sequences != 1:
             arrays["num_return_sequences"] = np.array([[self.sequences]], np.int32)
         if self.log_probs:
@@ -198,7 +195,10 @@ def _floats(raw: bytes) -> tuple[float, ...]:
 
 # What a refused or failed request's error says: our models' code first
 # (mixtral_triton.protocol.errors), Triton's own wording for the errors it makes itself.
-_FIELD_OF_INPUT = {name: spec.name for spec in FIELDS for name in (spec.tensor, *spec.tensor_aliases)}
+# The predict field of each ensemble input (the guided decoding pair is response_format's).
+_FIELD_OF_INPUT = {name: spec.name for spec in FIELDS if spec.tensor
+                   for name in (spec.tensor, *spec.tensor_aliases)}
+_FIELD_OF_INPUT.update({TYPE_FIELD: "response_format", GUIDE_FIELD: "response_format"})
 _STATUS_OF_KIND = {UNAVAILABLE: "UNAVAILABLE", INTERNAL: "INTERNAL"}
 
 
@@ -209,7 +209,10 @@ def server_error(error) -> Exception:
     message = error.message() if hasattr(error, "message") else str(error)
     code = read_code(message)
     if code is not None and code.kind == INVALID_ARGUMENT:
-        return RequestError(_FIELD_OF_INPUT.get(code.field, code.field), code.message)
+        field, message = _FIELD_OF_INPUT.get(code.field, code.field), code.message
+        if code.field in (TYPE_FIELD, GUIDE_FIELD) and message.startswith(code.field):
+            message = field + message[len(code.field):]  # the guide as the request gave it
+        return RequestError(field, message)
     if code is not None:
         return ServerError(code.message, _STATUS_OF_KIND[code.kind])
     if TRITON_UNAVAILABLE.search(message):

@@ -16,15 +16,15 @@ from typing import Any, Mapping
 from mixtral_triton.client.ensemble import GenerationOptions
 from mixtral_triton.gateway.http_errors import ModelNotFound
 from mixtral_triton.protocol import FIELDS, FIELDS_BY_NAME, PredictRequest, RequestError, parse_request
-from mixtral_triton.protocol.guided import (
-    GUIDE_FIELD, RESPONSE_FORMAT_FIELD, TYPE_FIELD, Guide, guide_of_response_format, read_guide)
+from mixtral_triton.protocol.guided import RESPONSE_FORMAT_FIELD, Guide, guide_of_response_format, read_guide
 
 
 # The predict fields OpenAI's requests take under the same names and rules: OpenAI's own
 # sampling fields and vLLM's extensions (ignore_eos, min_tokens, top_k, ...). Not the
-# prompt, and not exclude_input_in_output, which OpenAI spells `echo`.
+# prompt, not exclude_input_in_output, which OpenAI spells `echo`, and not response_format,
+# read with vLLM's guided fields (_guide).
 SAMPLING_FIELDS = tuple(spec.name for spec in FIELDS
-                        if spec.name not in ("prompt", "stream", "exclude_input_in_output"))
+                        if spec.name not in ("prompt", "stream", "exclude_input_in_output", "response_format"))
 # Where OpenAI's defaults differ from the predict API's (which are Truss's).
 OPENAI_DEFAULTS = {"stream": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -271,7 +271,7 @@ def _openai_request(body: Mapping, model_name: str, prompt: Any, max_tokens: int
     user = body.get("user")
     guide, guide_field = _guide(body)
     if guide_field:  # the tokenizer model's refusal of the guide names the field it came in
-        names.update({GUIDE_FIELD: guide_field, TYPE_FIELD: guide_field})
+        names[RESPONSE_FORMAT_FIELD] = guide_field
     options = GenerationOptions(guide, _choices(body), _log_probs(body))
     return OpenAIRequest(request, include_usage, continuous_usage, user, names=names, options=options)
 

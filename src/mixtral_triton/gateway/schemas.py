@@ -19,6 +19,7 @@ from mixtral_triton.gateway.openai_requests import (
     openai_fields,
 )
 from mixtral_triton.protocol import json_schema
+from mixtral_triton.protocol.guided import RESPONSE_FORMAT_SCHEMA
 
 # ---------------------------------------------------------------------------------------
 # Requests
@@ -46,7 +47,7 @@ def _openai_request_schema(route: str, max_tokens: int) -> dict:
     mapped = {"prompt": _one_prompt_schema(predict["prompt"]), "messages": _MESSAGES_SCHEMA,
               "stream": predict["stream"], "max_completion_tokens": _without_description(predict["max_tokens"]),
               "stream_options": _stream_options_schema(), "n": _N_SCHEMA, "logprobs": {"enum": [0, None]},
-              "response_format": _RESPONSE_FORMAT_SCHEMA, **_GUIDED_SCHEMAS}
+              "response_format": RESPONSE_FORMAT_SCHEMA, **_GUIDED_SCHEMAS}
     properties = {}
     for name, spec in openai_fields(route).items():
         values = spec.values.schema() if spec.values is not None else mapped[name]
@@ -75,16 +76,6 @@ def _stream_options_schema() -> dict:
 
 
 _N_SCHEMA = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES}
-# What protocol.guided.guide_of_response_format accepts.
-_RESPONSE_FORMAT_SCHEMA = {"anyOf": [
-    {"type": "object", "required": ["type"], "additionalProperties": False,
-     "properties": {"type": {"enum": ["text", "json_object"]}}},
-    {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
-     "properties": {"type": {"enum": ["json_schema"]}, "json_schema": {
-         "type": "object", "required": ["schema"], "additionalProperties": False,
-         "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
-                        "strict": {"type": ["boolean", "null"]}, "description": {"type": "string"}}}}},
-    {"type": "null"}]}
 _GUIDED_SCHEMAS = {
     "guided_json": {"anyOf": [{"type": "object"}, {"type": "string"}, {"type": "null"}]},
     "guided_regex": {"type": ["string", "null"]},

@@ -90,6 +90,8 @@ def ensemble_input_specs() -> list[tuple[str, str, tuple[int, ...], bool]]:
     fields' tensors and their older names, then the inputs above."""
     specs = []
     for field in FIELDS:
+        if field.tensor is None:  # response_format: it feeds the guided decoding pair below
+            continue
         dims = (-1,) if field.kind in ("stop", "token_ids") else (1,)
         for name in (field.tensor, *field.tensor_aliases):
             specs.append((name, field.tensor_dtype, dims, False))

@@ -19,6 +19,14 @@ KINDS = (INVALID_ARGUMENT, UNAVAILABLE, INTERNAL)
 _CODE = re.compile(r"\[(?P<kind>" + "|".join(KINDS) + r")(?::(?P<field>[A-Za-z0-9_]+))?\] ")
 
 
+class RequestError(ValueError):
+    """A request the server rejects; `field` names the offending field (None: the whole body)."""
+
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class CodedError:
     kind: str

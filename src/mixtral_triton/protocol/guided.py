@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from mixtral_triton.protocol.predict import RequestError
+import numpy as np
+
+from mixtral_triton.protocol.errors import RequestError
 
 TYPE_FIELD = "guided_decoding_guide_type"
 GUIDE_FIELD = "guided_decoding_guide"
@@ -57,6 +59,14 @@ def read_guide(guide_type: str | None, guide: str | None, guide_field: str = GUI
     return Guide(guide_type, guide)
 
 
+def guide_inputs(guide: Guide | None) -> dict[str, np.ndarray]:
+    """The ensemble inputs that carry `guide` (none for no guide)."""
+    if guide is None:
+        return {}
+    return {TYPE_FIELD: np.array([[guide.type.encode()]], dtype=object),
+            GUIDE_FIELD: np.array([[guide.text.encode("utf-8")]], dtype=object)}
+
+
 # OpenAI's response_format types and the guide type each asks for ("text": none).
 RESPONSE_FORMAT_TYPES = {"text": None, "json_object": "json", "json_schema": "json_schema"}
 RESPONSE_FORMAT_FIELD = "response_format"
@@ -84,3 +94,15 @@ def guide_of_response_format(value: object) -> Guide | None:
         raise RequestError(field, f"{field}.json_schema must be an object with a schema object "
                            "(and optionally name, strict, description)")
     return read_guide("json_schema", json.dumps(spec["schema"]), field)
+
+
+# The JSON Schema of what guide_of_response_format accepts (null: no guide).
+RESPONSE_FORMAT_SCHEMA = {"anyOf": [
+    {"type": "object", "required": ["type"], "additionalProperties": False,
+     "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
+     "properties": {"type": {"enum": ["json_schema"]}, "json_schema": {
+         "type": "object", "required": ["schema"], "additionalProperties": False,
+         "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
+                        "strict": {"type": ["boolean", "null"]}, "description": {"type": "string"}}}}},
+    {"type": "null"}]}

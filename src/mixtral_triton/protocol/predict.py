@@ -13,6 +13,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mixtral_triton.protocol.errors import RequestError
+from mixtral_triton.protocol.guided import (
+    GUIDE_FIELD, RESPONSE_FORMAT_SCHEMA, TYPE_FIELD, Guide, guide_inputs, guide_of_response_format)
+
 # Bounds of the ensemble's tensor types, so that no accepted value overflows on the wire.
 INT32_MAX = 2**31 - 1
 UINT64_MAX = 2**64 - 1
@@ -24,19 +28,11 @@ MAX_STOP_CHARS = 128
 REQUIRED = object()  # the default of a field the request must carry
 
 
-class RequestError(ValueError):
-    """A request the server rejects; `field` names the offending field (None: the whole body)."""
-
-    def __init__(self, field: str | None, message: str):
-        super().__init__(message)
-        self.field = field
-
-
 @dataclass(frozen=True)
 class FieldSpec:
     name: str
-    # "string", "boolean", "integer", "number", "stop" (a string or a list of them) or
-    # "token_ids" (a list of token ids)
+    # "string", "boolean", "integer", "number", "stop" (a string or a list of them),
+    # "token_ids" (a list of token ids) or "response_format" (OpenAI's, read as a guide)
     kind: str
     default: Any
     description: str
@@ -44,7 +40,9 @@ class FieldSpec:
     maximum: float | None = None
     exclusive_minimum: bool = False
     exclusive_maximum: bool = False
-    tensor: str | None = None  # the input of TensorRT-LLM's `ensemble` model it feeds
+    # the input of TensorRT-LLM's `ensemble` model it feeds (None: response_format, which
+    # feeds the guided decoding pair, ensemble_inputs)
+    tensor: str | None = None
     tensor_dtype: str | None = None  # that input's Triton data type
     # Older ensemble input names of the same field (genai-perf sends `min_length`)
     tensor_aliases: tuple[str, ...] = ()
@@ -118,6 +116,11 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("exclude_input_in_output", "boolean", True, "false returns the prompt first, "
               "then the completion (OpenAI's echo).",
               tensor="exclude_input_in_output", tensor_dtype="TYPE_BOOL"),
+    FieldSpec("response_format", "response_format", None, "Structured output, in OpenAI's shape: "
+              '{"type": "json_object"} (a JSON object), {"type": "json_schema", "json_schema": '
+              '{"name": ..., "schema": {...}}} (JSON valid against the schema) or {"type": "text"}. '
+              "A schema that does not compile is refused before any generation.",
+              tensor_dtype="TYPE_STRING"),
 )
 FIELDS_BY_NAME = {spec.name: spec for spec in FIELDS}
 
@@ -143,6 +146,7 @@ class PredictRequest:
     include_stop_str_in_output: bool
     skip_special_tokens: bool
     exclude_input_in_output: bool
+    response_format: Guide | None
 
 
 def parse_request(body: Any) -> PredictRequest:
@@ -190,6 +194,8 @@ def _check(spec: FieldSpec, value: Any) -> Any:
         return _check_stop(spec, value, fail)
     if spec.kind == "token_ids":
         return _check_token_ids(spec, value, fail)
+    if spec.kind == "response_format":
+        return guide_of_response_format(value)
     # bool is a subclass of int in Python, but true is not a number in the API.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise fail("an integer" if spec.kind == "integer" else "a number")
@@ -277,7 +283,9 @@ def ensemble_inputs(request: PredictRequest) -> dict[str, np.ndarray]:
         value = values[spec.name]
         if value is None or value == ():
             continue
-        if spec.kind == "token_ids":
+        if spec.kind == "response_format":
+            inputs.update(guide_inputs(value))
+        elif spec.kind == "token_ids":
             inputs[spec.tensor] = np.array([list(value)], dtype=np.int32)
         elif spec.tensor_dtype == "TYPE_STRING":
             items = [value] if isinstance(value, str) else list(value)
@@ -303,6 +311,8 @@ def json_schema() -> dict:
         elif spec.kind == "token_ids":
             item = {"type": "integer", "minimum": spec.minimum, "maximum": spec.maximum}
             schema = {"anyOf": [{"type": "array", "items": item, "maxItems": MAX_STOPS}, {"type": "null"}]}
+        elif spec.kind == "response_format":
+            schema = dict(RESPONSE_FORMAT_SCHEMA)
         else:
             schema = {"type": _JSON_TYPES[spec.kind]}
             if spec.default is None:
@@ -329,9 +339,11 @@ def fields_markdown() -> str:
             "| --- | --- | --- | --- | --- | --- |"]
     for spec in FIELDS:
         default = "required" if spec.required else f"`{json.dumps(spec.default)}`"
-        kind = {"stop": "string or list of strings", "token_ids": "list of integers"}.get(spec.kind, spec.kind)
+        kind = {"stop": "string or list of strings", "token_ids": "list of integers",
+                "response_format": "object"}.get(spec.kind, spec.kind)
+        tensors = (spec.tensor, *spec.tensor_aliases) if spec.tensor else (TYPE_FIELD, GUIDE_FIELD)
         rows.append(f"| `{spec.name}` | {kind} | {default} | {spec.bounds_rule or ''} "
-                    f"| {', '.join(f'`{name}`' for name in (spec.tensor, *spec.tensor_aliases))} "
+                    f"| {', '.join(f'`{name}`' for name in tensors)} "
                     f"({spec.tensor_dtype}) | {spec.description} |")
     return "\n".join(rows) + "\n"
 
