@@ -315,10 +315,14 @@ def test_openai_the_servers_own_checks_name_openai_fields(base_gateway, instruct
 ], ids=["predict-stream", "predict-json", "completions-sse"])
 def test_a_disconnect_stops_the_engine(paced_gateway, path, body):
     """On the paced server: the LONG generation (90 s at least) cannot end before the
-    disconnect, so leaving the engine at all is the cancellation's doing."""
+    disconnect, so leaving the engine at all is the cancellation's doing. The request counts
+    under the status it was answered with, or 499 (client closed) if none, never 500."""
     server = paced_gateway.triton
     assert wait_active(server, lambda v: v == 0) == 0
     disconnects = metric(paced_gateway, "mixtral_gateway_client_disconnects_total")
+    counted = f'mixtral_gateway_requests_total{{route="{path}",status="{200 if body.get("stream", True) else 499}"}}'
+    failed = f'mixtral_gateway_requests_total{{route="{path}",status="500"}}'
+    before, failed_before = metric(paced_gateway, counted), metric(paced_gateway, failed)
     connection = http.client.HTTPConnection("127.0.0.1", paced_gateway.port, timeout=30)
     connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     if body.get("stream", True):
@@ -331,6 +335,8 @@ def test_a_disconnect_stops_the_engine(paced_gateway, path, body):
     assert wait_metric(paced_gateway, "mixtral_gateway_client_disconnects_total",
                        lambda v: v > disconnects) == disconnects + 1
     assert wait_metric(paced_gateway, "mixtral_gateway_generations_in_flight", lambda v: v == 0) == 0
+    assert wait_metric(paced_gateway, counted, lambda v: v > before, 30) == before + 1
+    assert metric(paced_gateway, failed) == failed_before
 
 
 def test_the_concurrency_bound_answers_429_with_retry_after(paced_server):

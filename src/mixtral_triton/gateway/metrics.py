@@ -78,9 +78,16 @@ def route_label(scope) -> str:
     return path if path in ROUTES else "other"
 
 
+# The status label of a request whose client went away before it was answered (nginx's
+# "client closed request"): no response was sent, and none failed.
+CLIENT_CLOSED = 499
+
+
 class MetricsMiddleware:
     """Counts every HTTP request by route and final status (pure ASGI, so streaming and
-    disconnects pass through untouched)."""
+    disconnects pass through untouched). A request the app ended without answering (its
+    client went away first, so the app stopped, or was cancelled) counts as 499, not as a
+    failure; one the app failed before answering counts as 500, what the server answers."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -89,7 +96,7 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [500]  # if the app fails before answering, the server answers 500
+        status = [CLIENT_CLOSED]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -98,5 +105,9 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            if status[0] == CLIENT_CLOSED:
+                status[0] = 500  # it failed before answering: the server answers 500
+            raise
         finally:
             self.metrics.requests.labels(route_label(scope), str(status[0])).inc()
