@@ -25,8 +25,10 @@ import pytest
 import yaml
 
 from mixtral_triton.capacity import ModelShape, Workload, plan_capacity
-from mixtral_triton.launcher.gpu import (ENGINE_MODEL, ORCHESTRATOR_ENV, orchestrator_environment,
-                                         orchestrator_server_command)
+from mixtral_triton.launcher.cli import parser as launcher_parser
+from mixtral_triton.launcher.gpu import (DRAIN_MARGIN_S, ENGINE_MODEL, MPIRUN_KILL_GRACE_S, ORCHESTRATOR_ENV,
+                                         orchestrator_environment, orchestrator_server_command,
+                                         wrapped_orchestrator_command)
 from mixtral_triton.launcher.ports import Ports
 from mixtral_triton.repository.fill import MARKER, MODELS
 from mixtral_triton.trtllm_build import BUILD_RECORD
@@ -91,12 +93,47 @@ def test_dockerfile_base_image_user_and_paths():
     assert "install_requirements.py deploy/image/requirements-runtime.txt" in text
 
 
-def test_dockerfile_serves_with_the_plain_server_in_orchestrator_mode():
+LAUNCHER = f"{IMAGE_DIR}/scripts/launch_triton.py"
+
+
+def _launched_servers(argv: list[str]) -> dict[str, list[str]]:
+    """What the launcher, given a workload's `argv`, runs in each orchestrator start (its
+    --dry-run, the repository replaced by this checkout, which exists here): bare (the image's
+    Open MPI below 5) and mpirun (from 5 on), each with the environment it sets first."""
+    argv = [a for a in argv if not a.startswith("--model-repository=")]
+    if "--model-repository" in argv:
+        at = argv.index("--model-repository")
+        argv = argv[:at] + argv[at + 2:]
+    servers = {}
+    for start in ("bare", "mpirun"):
+        printed = subprocess.run([sys.executable, str(ROOT / "scripts/launch_triton.py"), *argv,
+                                  "--model-repository", str(ROOT), "--orchestrator-start", start, "--dry-run"],
+                                 capture_output=True, text=True, check=True).stdout
+        servers[start] = shlex.split(printed)
+    return servers
+
+
+def _check_launched(argv: list[str], repository: Path, world_size: int, ports: Ports) -> None:
+    """`argv` starts the launcher's orchestrator-mode server on `repository`, `world_size`
+    GPUs, draining 120 s, with the start chosen by the image's Open MPI (auto)."""
+    args = launcher_parser().parse_args(argv)
+    assert (args.target, args.mode, args.orchestrator_start, args.model_repository, args.world_size,
+            args.exit_timeout_secs) == ("gpu", "orchestrator", "auto", repository, world_size, 120)
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (ports.http, ports.grpc, ports.metrics)
+    env = [f"{name}={value}" for name, value in orchestrator_environment().items()]
+    assert _launched_servers(argv) == {
+        "bare": env + orchestrator_server_command(ROOT, world_size, ports, exit_timeout_s=120),
+        "mpirun": wrapped_orchestrator_command(ROOT, world_size, ports, exit_timeout_s=120)}
+
+
+def test_dockerfile_serves_through_the_launcher_in_orchestrator_mode():
     text = _dockerfile()
     runtime = text[:text.index(" AS test")]
     cmd = json.loads(re.findall(r"^CMD (\[.*\])$", runtime, re.M)[-1])
-    # Exactly what the launcher runs for a 4-GPU orchestrator-mode server on /models.
-    assert cmd == orchestrator_server_command(Path("/models"), 4, Ports(), exit_timeout_s=120)
+    # The launcher, which picks the start for the Open MPI the image recorded, on /models.
+    assert cmd[:2] == ["python3", LAUNCHER]
+    _check_launched(cmd[2:], Path("/models"), 4, Ports())
+    assert re.search(r"^RUN ompi_info --version \| tee /opt/mixtral-triton/ompi-version.txt$", runtime, re.M)
     env = dict(re.findall(r"^ENV (\w+)=(\S+)$", runtime, re.M))
     assert env[ORCHESTRATOR_ENV] == orchestrator_environment()[ORCHESTRATOR_ENV] == "1"
 
@@ -442,27 +479,18 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     pod = _one(docs, "Deployment", "triton")["spec"]["template"]["spec"]
     triton = _container(docs, "Deployment", "triton", "triton")
 
-    # The plain server in orchestrator mode, as the launcher would exec it: one replica spans
-    # TP_SIZE GPUs of one node, one executor worker each, and tritonserver is the container's
-    # process, so that the pod's SIGTERM reaches it.
+    # The launcher's orchestrator-mode server, started the safe way for the image's Open MPI:
+    # one replica spans TP_SIZE GPUs of one node, one executor worker each; the pod's SIGTERM
+    # reaches the server first either way.
     tp = int(settings["TP_SIZE"])
     assert triton["resources"]["requests"]["nvidia.com/gpu"] == tp == triton["resources"]["limits"]["nvidia.com/gpu"]
-    served = triton["command"] + triton["args"]
-    flags = dict(a[2:].partition("=")[::2] for a in served[1:])
-    repository = Path(flags["model-repository"])
+    assert triton["command"] == ["python3", LAUNCHER]
+    repository = Path(launcher_parser().parse_args(triton["args"]).model_repository)
     ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    exit_timeout_s = int(flags["exit-timeout-secs"])
-    assert served == orchestrator_server_command(repository, tp, Ports(**ports), exit_timeout_s=exit_timeout_s)
+    _check_launched(triton["args"], repository, tp, Ports(**ports))
     env = {e["name"]: e for e in triton["env"]}
     assert {name: env[name]["value"] for name in orchestrator_environment()} == orchestrator_environment()
-    launched = subprocess.run([sys.executable, str(ROOT / "scripts/launch_triton.py"), "--target", "gpu",
-                               "--world-size", str(tp), "--exit-timeout-secs", str(exit_timeout_s),
-                               "--model-repository", str(ROOT), "--dry-run"],
-                              capture_output=True, text=True, check=True).stdout
-    printed = shlex.split(launched)
-    assert printed[printed.index(served[0]) + 1:] == [
-        f"--model-repository={ROOT}", *served[2:]], "the launcher and the pod start different servers"
     # The filled engine model runs on exactly the pod's GPUs.
     assert _build_job_fill_flag(settings, "--gpu-device-ids") == ",".join(map(str, range(tp)))
 
@@ -487,7 +515,9 @@ def test_triton_pod_agrees_with_the_launcher_and_repository(overlay):
     assert deployment["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
     # Shutdown: the endpoints drop the pod (preStop), then Triton drains within the grace period.
     pre_stop = int(triton["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + exit_timeout_s
+    exit_timeout_s = launcher_parser().parse_args(triton["args"]).exit_timeout_secs
+    # under mpirun (an Open MPI 5 image) the launcher's margins come on top of the drain
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + exit_timeout_s + DRAIN_MARGIN_S + MPIRUN_KILL_GRACE_S
 
     # The repository the build job fills, on the volume mounted where the job mounts it.
     data_dir = settings["DATA_DIR"]
