@@ -4,6 +4,8 @@
 #   genai-perf    .venv-genai-perf: genai-perf 0.0.16 (scripts/requirements-genai-perf.txt).
 #                 Its bin/perf_analyzer runs ours (.venv/bin/mixtral-triton-perf-analyzer), the
 #                 binary genai-perf drives; PyPI's perf_analyzer package is an empty placeholder.
+#   aiperf        .venv-aiperf: aiperf 0.13.0 (scripts/requirements-aiperf.txt), genai-perf's
+#                 successor; it sends its requests itself and needs nothing from .venv.
 #   image-compat  .venv-image-compat: the GPU image's versions of what our serving code
 #                 imports (deploy/image/requirements-compat.txt), on Python 3.12 as in the
 #                 image when this machine has it (pyenv), else python3; this project is
@@ -32,8 +34,9 @@ pip_install() {
 for name in "$@"; do
   case "$name" in
     genai-perf) python="${PYTHON:-python3}"; requirements="$root/scripts/requirements-genai-perf.txt" ;;
+    aiperf) python="${PYTHON:-python3}"; requirements="$root/scripts/requirements-aiperf.txt" ;;
     image-compat) python="$(python_3_12)"; requirements="$root/deploy/image/requirements-compat.txt" ;;
-    *) echo "tools-venv: unknown environment '$name' (genai-perf, image-compat)" >&2; exit 2 ;;
+    *) echo "tools-venv: unknown environment '$name' (genai-perf, aiperf, image-compat)" >&2; exit 2 ;;
   esac
   venv="$root/.venv-$name"
   if [ ! -x "$venv/bin/python" ]; then

@@ -70,6 +70,26 @@ def base_gateway(triton_server, tiny_checkpoint):
         yield g
 
 
+@pytest.fixture(scope="module")
+def instruct(tiny_instruct_checkpoint, tmp_path_factory):
+    """A second Triton server on the Instruct checkpoint's repository (its tokenizer's control
+    tokens, [INST] ...), and its gateway with that checkpoint's chat template, serving
+    "mixtral-instruct"; the server is the gateway's `triton`."""
+    from mixtral_triton.pipeline import build_repository
+
+    repository = build_repository(tiny_instruct_checkpoint, tmp_path_factory.mktemp("instruct"),
+                                  tp=4, log=lambda *_: None)
+    server = TritonServer(repository, log_file=tmp_path_factory.mktemp("logs") / "instruct.log")
+    server.start()
+    try:
+        with gateway(triton_grpc_url=server.grpc_url, tokenizer_dir=tiny_instruct_checkpoint,
+                     model_name="mixtral-instruct") as g:
+            g.triton = server
+            yield g
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def paced_repository(cpu_repository, tmp_path_factory) -> Path:
     """The session's repository with the paced stand-in engine (helpers.STEP_S a step at

@@ -10,6 +10,7 @@ import json
 import queue
 import re
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import tritonclient.grpc as grpcclient
 import uvicorn
@@ -303,7 +305,7 @@ class Reader(threading.Thread):
 
 
 # ---------------------------------------------------------------------------------------
-# The extra venvs (scripts/tools-venv.sh)
+# Load-testing tools in their own venvs (scripts/tools-venv.sh), and their reports
 
 
 def tool_venv(name: str) -> Path:
@@ -313,3 +315,18 @@ def tool_venv(name: str) -> Path:
                           timeout=1200)
     assert made.returncode == 0, made.stdout + made.stderr
     return root / f".venv-{name}"
+
+
+def same_stats(reported: dict, values: list[int]) -> None:
+    """A tool's avg/min/max of a per-request figure are those of `values`."""
+    assert (reported["min"], reported["max"]) == (min(values), max(values)), (reported, values)
+    assert reported["avg"] == pytest.approx(statistics.mean(values)), (reported, values)
+
+
+def text_tokens(tokenizer_dir: Path, texts: list[str]) -> list[int]:
+    """How many tokens each text is under the tokenizer, without special tokens: how
+    genai-perf and aiperf count what they sent and received."""
+    from transformers import AutoTokenizer  # seconds to import; only the tool tests need it
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return [len(tokenizer.encode(text, add_special_tokens=False)) for text in texts]

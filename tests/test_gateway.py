@@ -25,31 +25,13 @@ from mixtral_triton.client import Chunk, PredictClient, ServerError
 from mixtral_triton.gateway import GatewaySettings, Serving
 from mixtral_triton.gateway.chat import ChatTemplate
 from mixtral_triton.gateway.metrics import Metrics
-from mixtral_triton.launcher import TritonServer, free_ports
+from mixtral_triton.launcher import free_ports
 from mixtral_triton.protocol import json_schema
 from helpers import (LONG, PROMPT, Gateway, case_id, gateway, greedy_whole, invalid_values, metric,
                      wait_active, wait_metric, wait_gateway_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "s3cret-key"
-
-
-@pytest.fixture(scope="module")
-def instruct(tiny_instruct_checkpoint, tmp_path_factory):
-    """A second Triton server on the Instruct checkpoint's repository, and its gateway."""
-    from mixtral_triton.pipeline import build_repository
-
-    repository = build_repository(tiny_instruct_checkpoint, tmp_path_factory.mktemp("instruct"),
-                                  tp=4, log=lambda *_: None)
-    server = TritonServer(repository, log_file=tmp_path_factory.mktemp("logs") / "instruct.log")
-    server.start()
-    try:
-        with gateway(triton_grpc_url=server.grpc_url, tokenizer_dir=tiny_instruct_checkpoint,
-                     model_name="mixtral-instruct") as g:
-            g.triton = server
-            yield g
-    finally:
-        server.stop()
 
 
 def openai_client(g: Gateway, api_key: str = "unused") -> openai.OpenAI:

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
-from helpers import active_requests, gateway, tool_venv
+from helpers import active_requests, gateway, same_stats, text_tokens, tool_venv
 
 REQUESTS = 6
 INPUT_TOKENS = 24
@@ -60,17 +58,6 @@ def profile(genai_perf: Path, work: Path, tokenizer: Path, *arguments: str) -> t
     requests = [r for experiment in export["experiments"] for r in experiment["requests"]]
     assert summary["request_count"]["avg"] == REQUESTS == len(requests), summary["request_count"]
     return summary, requests
-
-
-def same_stats(reported: dict, values: list[int]) -> None:
-    """genai-perf's avg/min/max of a per-request figure are those of `values`."""
-    assert (reported["min"], reported["max"]) == (min(values), max(values)), (reported, values)
-    assert reported["avg"] == pytest.approx(statistics.mean(values)), (reported, values)
-
-
-def text_tokens(tokenizer_dir: Path, texts: list[str]) -> list[int]:
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return [len(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
 
 
 # ------------------------------------------------------------------ Triton tensorrtllm mode
