@@ -16,7 +16,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from helpers import PROMPT
-from test_gateway import instruct, openai_client  # noqa: F401 (the Instruct gateway fixture)
+from test_gateway import openai_client
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age"],
           "properties": {"name": {"type": "string", "maxLength": 8},
