@@ -119,7 +119,7 @@ def test_completion_log_probs_are_one_per_token_and_at_most_zero(base_gateway, s
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_chat_log_probs_tokens_join_to_the_content(instruct, stream):  # noqa: F811
+def test_chat_log_probs_tokens_join_to_the_content(instruct, stream):
     body = {"model": "mixtral-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10,
             "logprobs": True, "stream": stream, **SAMPLING}
     response = requests.post(f"{instruct.url}/v1/chat/completions", json=body, timeout=60)
@@ -146,7 +146,7 @@ def test_chat_log_probs_tokens_join_to_the_content(instruct, stream):  # noqa: F
             assert e.token == "".join(f"\\x{b:02x}" for b in e.bytes)
 
 
-def test_chat_response_format_and_n(instruct):  # noqa: F811
+def test_chat_response_format_and_n(instruct):
     client = openai_client(instruct)
     answer = client.chat.completions.create(
         model="mixtral-instruct", messages=[{"role": "user", "content": "a person"}], max_tokens=160, n=2,
