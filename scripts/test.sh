@@ -22,7 +22,12 @@ sanitizer_tests=(
   tests/test_fuzz_models.py
   tests/test_sequences_and_log_probs.py
 )
+# The load-testing tools' and the image-compat venvs install in the background while the
+# suite starts: the tests that use them wait on scripts/tools-venv.sh's lock (and install
+# them themselves, showing why, if this failed).
+"$root/scripts/tools-venv.sh" genai-perf aiperf image-compat >"$(mktemp -t mixtral-triton-tools-venv.XXXXXX)" 2>&1 &
 "$root/.venv/bin/python" -m pytest "${sanitizer_tests[@]/#/--ignore=}"
+wait || true  # the background install: the tests above already needed what it made
 reports="$(mktemp -d -t mixtral-triton-sanitizer.XXXXXX)"
 echo "sanitizer pass: the detokenizer under AddressSanitizer + UBSan; reports go to $reports"
 MIXTRAL_TRITON_DETOKENIZER_FLAVOUR=sanitize MIXTRAL_TRITON_SANITIZER_REPORTS="$reports" \

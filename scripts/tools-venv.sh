@@ -39,6 +39,11 @@ for name in "$@"; do
     *) echo "tools-venv: unknown environment '$name' (genai-perf, aiperf, image-compat)" >&2; exit 2 ;;
   esac
   venv="$root/.venv-$name"
+  # One install of a venv at a time: scripts/test.sh builds them in the background while the
+  # tests that use them may ask for them too (they then wait here, and find them in place).
+  mkdir -p "$root/.cache"
+  exec 9>"$root/.cache/tools-venv-$name.lock"
+  flock 9
   if [ ! -x "$venv/bin/python" ]; then
     echo "tools-venv: creating $venv ($("$python" --version))"
     "$python" -m venv "$venv"
@@ -58,4 +63,5 @@ for name in "$@"; do
       "$root/.venv/bin/mixtral-triton-perf-analyzer" > "$venv/bin/perf_analyzer"
     chmod +x "$venv/bin/perf_analyzer"
   fi
+  exec 9>&-
 done

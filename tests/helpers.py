@@ -9,9 +9,11 @@ import contextlib
 import json
 import queue
 import re
+import shutil
 import socket
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -315,6 +317,19 @@ def tool_venv(name: str) -> Path:
                           timeout=1200)
     assert made.returncode == 0, made.stdout + made.stderr
     return root / f".venv-{name}"
+
+
+@contextlib.contextmanager
+def short_tmpdir():
+    """A fresh folder right under /tmp, removed afterwards: TMPDIR for a tool that makes Unix
+    sockets there. aiperf's ZMQ IPC paths must fit sockaddr_un's 107 bytes, which a folder
+    under pytest's tmp_path can exceed (then aiperf logs the error, writes no report, and
+    still exits 0)."""
+    path = Path(tempfile.mkdtemp(prefix="t-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def same_stats(reported: dict, values: list[int]) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import active_requests, same_stats, text_tokens, tool_venv
+from helpers import active_requests, same_stats, short_tmpdir, text_tokens, tool_venv
 
 REQUESTS = 8
 INPUT_TOKENS = 24
@@ -59,10 +59,13 @@ def profile(aiperf: Path, work: Path, tokenizer: Path, *arguments: str) -> tuple
                "--output-tokens-mean", str(OUTPUT_TOKENS), "--random-seed", "0",
                "--artifact-dir", str(work), "--export-level", "raw", "--ui", "none", "--no-gpu-telemetry"]
     env = {name: value for name, value in os.environ.items() if name not in OFFLINE_FLAGS}
-    env["TMPDIR"] = str(work.parent)  # its dataset's memory-mapped files, its sockets
-    run = subprocess.run(command, env=env, cwd=work.parent, capture_output=True, text=True, timeout=600)
+    with short_tmpdir() as tmp:  # its dataset's memory-mapped files, its sockets
+        run = subprocess.run(command, env={**env, "TMPDIR": str(tmp)}, cwd=work.parent, capture_output=True,
+                             text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
-    summary = json.loads((work / "profile_export_aiperf.json").read_text())
+    export = work / "profile_export_aiperf.json"
+    assert export.exists(), (work / "logs" / "aiperf.log").read_text()[-6000:]  # it exits 0 even then
+    summary = json.loads(export.read_text())
     assert summary["request_count"]["avg"] == REQUESTS, summary["request_count"]
     assert summary["request_error_rate"]["avg"] == 0 and not summary["error_summary"], summary["error_summary"]
     figures = {r["metadata"]["x_request_id"]: {name: m["value"] for name, m in r["metrics"].items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import active_requests
+from helpers import active_requests, short_tmpdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,9 @@ def test_readme_load_testing_command_runs(index, triton_server, base_gateway, ti
                           (".cache/genai-perf/", f"{tmp_path}/"),
                           (".cache/aiperf/", f"{tmp_path}/")):
         command = command.replace(written, ours)
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=ROOT, capture_output=True,
-                         text=True, timeout=1200, env={**os.environ, "TMPDIR": str(tmp_path)})
+    with short_tmpdir() as tmp:  # aiperf's sockets (helpers.short_tmpdir)
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=ROOT, capture_output=True,
+                             text=True, timeout=1200, env={**os.environ, "TMPDIR": str(tmp)})
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     if index == 0:  # perf_analyzer
