@@ -332,6 +332,15 @@ def short_tmpdir():
         shutil.rmtree(path, ignore_errors=True)
 
 
+def templated_tokens(tokenizer_dir: Path, conversations: list[list[dict]]) -> list[int]:
+    """How many tokens each conversation is as the checkpoint's chat template renders it."""
+    from transformers import AutoTokenizer  # seconds to import; only this test needs it
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return [len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+            for messages in conversations]
+
+
 def same_stats(reported: dict, values: list[int]) -> None:
     """A tool's avg/min/max of a per-request figure are those of `values`."""
     assert (reported["min"], reported["max"]) == (min(values), max(values)), (reported, values)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import active_requests, same_stats, short_tmpdir, text_tokens, tool_venv
+from helpers import active_requests, same_stats, short_tmpdir, templated_tokens, text_tokens, tool_venv
 
 REQUESTS = 8
 INPUT_TOKENS = 24
@@ -153,15 +153,6 @@ def test_aiperf_chat(aiperf, instruct, tiny_instruct_checkpoint, tmp_path):
     # transformers 5, its own pin, does) instead of a list, and counts the bare text.
     contents = [m[0]["content"] for m in messages]
     assert figure(requests, "input_sequence_length") == text_tokens(tiny_instruct_checkpoint, contents)
-
-
-def templated_tokens(tokenizer_dir: Path, conversations: list[list[dict]]) -> list[int]:
-    """How many tokens each conversation is as the checkpoint's chat template renders it."""
-    from transformers import AutoTokenizer  # seconds to import; only this test needs it
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return [len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
-            for messages in conversations]
 
 
 # ------------------------------------------------------------------ Triton's generate_stream, the ensemble

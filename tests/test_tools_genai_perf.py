@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import active_requests, gateway, same_stats, text_tokens, tool_venv
+from helpers import active_requests, same_stats, templated_tokens, text_tokens, tool_venv
 
 REQUESTS = 6
 INPUT_TOKENS = 24
@@ -33,13 +33,6 @@ OUTPUT_TOKENS = 12
 @pytest.fixture(scope="module")
 def genai_perf() -> Path:
     return tool_venv("genai-perf") / "bin" / "genai-perf"
-
-
-@pytest.fixture(scope="module")
-def chat_gateway(triton_server, tiny_instruct_checkpoint):
-    """The gateway with the Instruct tokenizer's chat template, in front of the shared server."""
-    with gateway(triton_grpc_url=triton_server.grpc_url, tokenizer_dir=tiny_instruct_checkpoint) as g:
-        yield g
 
 
 def profile(genai_perf: Path, work: Path, tokenizer: Path, *arguments: str) -> tuple[dict, list[dict]]:
@@ -135,15 +128,19 @@ def test_genai_perf_openai_completions(genai_perf, base_gateway, tiny_checkpoint
     same_stats(summary["output_sequence_length"], text_tokens(tiny_checkpoint, [a["text"] for a in answers]))
 
 
-def test_genai_perf_openai_chat(genai_perf, chat_gateway, tiny_instruct_checkpoint, tmp_path):
+def test_genai_perf_openai_chat(genai_perf, instruct, tiny_instruct_checkpoint, tmp_path):
+    # The Instruct server: its tokenizer is the template's, so [INST] is one control token.
     summary, requests = profile(
-        genai_perf, tmp_path / "artifacts", tiny_instruct_checkpoint, "-m", "mixtral", "--endpoint-type", "chat",
-        "--streaming", "-u", chat_gateway.url.removeprefix("http://"))
+        genai_perf, tmp_path / "artifacts", tiny_instruct_checkpoint, "-m", "mixtral-instruct",
+        "--endpoint-type", "chat", "--streaming", "-u", instruct.url.removeprefix("http://"))
     answers = openai_answers(requests, "chat")
     assert all(1 <= a["completion_tokens"] <= OUTPUT_TOKENS for a in answers), answers
     # genai-perf counts the message's content; our prompt is the chat template around it.
-    theirs = text_tokens(tiny_instruct_checkpoint, [a["payload"]["messages"][0]["content"] for a in answers])
-    assert all(ours["prompt_tokens"] > n for ours, n in zip(answers, theirs)), (answers, theirs)
+    messages = [a["payload"]["messages"] for a in answers]
+    theirs = text_tokens(tiny_instruct_checkpoint, [m[0]["content"] for m in messages])
+    ours = [a["prompt_tokens"] for a in answers]
+    assert ours == templated_tokens(tiny_instruct_checkpoint, messages), (ours, theirs)
+    assert all(o > n for o, n in zip(ours, theirs)), (ours, theirs)
     same_stats(summary["input_sequence_length"], theirs)
     same_stats(summary["output_sequence_length"],
                text_tokens(tiny_instruct_checkpoint, [a["text"] for a in answers]))
