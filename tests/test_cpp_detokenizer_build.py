@@ -75,3 +75,14 @@ def test_the_image_build_command_fails_on_a_mismatch_and_writes_nothing(tmp_path
     assert done.returncode == 2
     assert done.stderr.startswith("error: triton_api.h does not match") and "TRITONSERVER_ERROR_CANCELLED == 7" in done.stderr
     assert not out.exists()
+
+
+def test_the_detokenizers_bound_on_sequences_is_the_protocols():
+    """NUM_RETURN_SEQUENCES is bounded twice, by the tokenizer model (the protocol's
+    MAX_RETURN_SEQUENCES) and by the detokenizer called directly (kMaxSequences): the same."""
+    import re
+
+    from mixtral_triton.protocol.ensemble import MAX_RETURN_SEQUENCES
+
+    source = (Path(cpp_detokenizer.__file__).parent / "detokenizer.cc").read_text()
+    assert re.search(r"constexpr int32_t kMaxSequences = (\d+);", source).group(1) == str(MAX_RETURN_SEQUENCES)

@@ -11,7 +11,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from mixtral_triton.protocol import FIELDS, PredictRequest, RequestError, ensemble_inputs
-from mixtral_triton.protocol.guided import GUIDE_FIELD, TYPE_FIELD, Guide, guide_inputs
+from mixtral_triton.protocol.guided import GUIDE_FIELD, TYPE_FIELD
 from mixtral_triton.protocol.errors import INTERNAL, INVALID_ARGUMENT, TRITON_UNAVAILABLE, UNAVAILABLE, read_code
 from mixtral_triton.ensemble_models.engine_request import stop_inputs
 
@@ -77,15 +77,14 @@ def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """What a request asks of the ensemble beyond the predict fields (the OpenAI routes'
-    guided decoding, `n` and log probabilities): TensorRT-LLM 1.2.1's inputs of those names."""
+    """What a request asks of the ensemble beyond the predict fields (the OpenAI routes' `n`
+    and log probabilities): TensorRT-LLM 1.2.1's inputs of those names."""
 
-    guide: Guide | None = None
     sequences: int = 1  # num_return_sequences
     log_probs: bool = False  # return_log_probs
 
     def inputs(self) -> dict[str, np.ndarray]:
-        arrays = guide_inputs(self.guide)
+        arrays = {}
         if self.sequences != 1:
             arrays["num_return_sequences"] = np.array([[self.sequences]], np.int32)
         if self.log_probs:

@@ -120,7 +120,7 @@ struct Stream;
 using Clock = std::chrono::steady_clock;
 
 // The most completions one request may ask for (NUM_RETURN_SEQUENCES), as the tokenizer
-// model allows (mixtral_triton.protocol): each is a sequence in the engine's batch.
+// model allows (mixtral_triton.protocol.ensemble.MAX_RETURN_SEQUENCES): each is a sequence in the engine's batch.
 constexpr int32_t kMaxSequences = 8;
 
 struct ModelState {

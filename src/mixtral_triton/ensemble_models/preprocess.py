@@ -24,7 +24,7 @@ import numpy as np
 
 from mixtral_triton.protocol import (
     ENSEMBLE_ONLY_INPUTS, FIELDS, MAX_STOP_CHARS, MAX_STOPS, RequestError, check_lengths, parse_request)
-from mixtral_triton.protocol.ensemble import ABSENT, NO_END_ID, refusal
+from mixtral_triton.protocol.ensemble import ABSENT, MAX_RETURN_SEQUENCES, NO_END_ID, refusal
 from mixtral_triton.protocol.guided import GUIDE_FIELD, TYPE_FIELD, read_guide
 from mixtral_triton.guided import GrammarCompiler
 from mixtral_triton.ensemble_models.tensors import scalar, strings
@@ -38,11 +38,6 @@ ENGINE_INPUTS = (
     "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens", "stop",
     "num_return_sequences", "return_log_probs", "guided_decoding_guide_type", "guided_decoding_guide",
 )
-# The most sequences one request may ask for (num_return_sequences): each is a sequence of
-# its own in the engine's batch (TensorRT-LLM makes child requests), so n of them take n
-# batch slots; 8 fits the CPU reference engine's batch, and is what sampling several
-# completions (OpenAI's n, best-of evaluation) routinely asks for.
-MAX_RETURN_SEQUENCES = 8
 # What the detokenizer (postprocessing) needs besides the engine's inputs (upper-cased in the
 # config too).
 DETOKENIZER_INPUTS = ("stop_strings", "echo_text", "include_stop_str_in_output",

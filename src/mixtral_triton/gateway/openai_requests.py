@@ -10,12 +10,13 @@ table (docs/openai.md) are all read from it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from mixtral_triton.client.ensemble import GenerationOptions
 from mixtral_triton.gateway.http_errors import ModelNotFound
 from mixtral_triton.protocol import FIELDS, FIELDS_BY_NAME, PredictRequest, RequestError, parse_request
+from mixtral_triton.protocol.ensemble import MAX_RETURN_SEQUENCES
 from mixtral_triton.protocol.guided import RESPONSE_FORMAT_FIELD, Guide, guide_of_response_format, read_guide
 
 
@@ -32,7 +33,6 @@ CHAT_MAX_TOKENS = FIELDS_BY_NAME["max_tokens"].default
 ROUTES = ("completions", "chat")
 # The field each route's prompt comes in: required.
 PROMPT_FIELDS = {"completions": "prompt", "chat": "messages"}
-MAX_CHOICES = 8  # n: the tokenizer model's bound on num_return_sequences
 # Why only the sampled token's log probability is returned.
 NO_TOP = "top alternatives are not returned (TensorRT-LLM 1.2.1's backend gives the sampled token's only)"
 # The sampling fields that are vLLM's extensions of OpenAI's requests (clients send them in
@@ -107,7 +107,7 @@ OPENAI_FIELDS: tuple[OpenAIField, ...] = (
     OpenAIField("stream_options", _BOTH, "honoured: include_usage (a last chunk with the usage), "
                 "vLLM's continuous_usage_stats (usage on every chunk); include_obfuscation "
                 "false only (no obfuscation padding)"),
-    OpenAIField("n", _BOTH, f"honoured: 1 to {MAX_CHOICES} choices (the ensemble's "
+    OpenAIField("n", _BOTH, f"honoured: 1 to {MAX_RETURN_SEQUENCES} choices (the ensemble's "
                 "num_return_sequences; choice i samples with seed + i); streamed interleaved, "
                 "each chunk one choice"),
     OpenAIField("best_of", _COMPLETIONS, "1 only (one candidate per request)", only(1),
@@ -182,7 +182,7 @@ class OpenAIRequest:
     include_usage: bool = False  # stream_options.include_usage
     continuous_usage: bool = False  # stream_options.continuous_usage_stats (vLLM)
     user: str | None = None  # logged with the request
-    options: GenerationOptions = GenerationOptions()  # guide, n, log probabilities
+    options: GenerationOptions = GenerationOptions()  # n, log probabilities
     # OpenAI's field names where they differ from the predict fields, for the errors the
     # server finds later (the prompt is too long, max_tokens leaves no room)
     names: dict[str, str] = field(default_factory=dict)
@@ -272,7 +272,9 @@ def _openai_request(body: Mapping, model_name: str, prompt: Any, max_tokens: int
     guide, guide_field = _guide(body)
     if guide_field:  # the tokenizer model's refusal of the guide names the field it came in
         names[RESPONSE_FORMAT_FIELD] = guide_field
-    options = GenerationOptions(guide, _choices(body), _log_probs(body))
+    # The guide goes where /predict's response_format puts it, whichever field gave it.
+    request = replace(request, response_format=guide)
+    options = GenerationOptions(_choices(body), _log_probs(body))
     return OpenAIRequest(request, include_usage, continuous_usage, user, names=names, options=options)
 
 
@@ -319,8 +321,8 @@ def _choices(body: Mapping) -> int:
     n = body.get("n")
     if n is None:
         return 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise RequestError("n", f"n must be an integer >= 1 and <= {MAX_CHOICES}, got {json.dumps(n)[:60]}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_RETURN_SEQUENCES:
+        raise RequestError("n", f"n must be an integer >= 1 and <= {MAX_RETURN_SEQUENCES}, got {json.dumps(n)[:60]}")
     return n
 
 

@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 from mixtral_triton.gateway.openai_requests import (
     CHAT_MAX_TOKENS,
     COMPLETIONS_MAX_TOKENS,
-    MAX_CHOICES,
     OPENAI_DEFAULTS,
     PROMPT_FIELDS,
     SAMPLING_FIELDS,
@@ -19,6 +18,7 @@ from mixtral_triton.gateway.openai_requests import (
     openai_fields,
 )
 from mixtral_triton.protocol import json_schema
+from mixtral_triton.protocol.ensemble import MAX_RETURN_SEQUENCES
 from mixtral_triton.protocol.guided import RESPONSE_FORMAT_SCHEMA
 
 # ---------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def _stream_options_schema() -> dict:
                       {"type": "null"}]}
 
 
-_N_SCHEMA = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_CHOICES}
+_N_SCHEMA = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_RETURN_SEQUENCES}
 _GUIDED_SCHEMAS = {
     "guided_json": {"anyOf": [{"type": "object"}, {"type": "string"}, {"type": "null"}]},
     "guided_regex": {"type": ["string", "null"]},

@@ -23,6 +23,13 @@ NO_END_ID = -1
 
 ABSENT = object()  # `only`: the input must not be given at all
 
+# The most sequences one request may ask for (num_return_sequences, OpenAI's n): each is a
+# sequence of its own in the engine's batch (TensorRT-LLM makes child requests), so n of
+# them take n batch slots; 8 fits the CPU reference engine's batch, and is what sampling
+# several completions (best-of evaluation) routinely asks for. The detokenizer's
+# kMaxSequences (detokenizer.cc) is the same bound.
+MAX_RETURN_SEQUENCES = 8
+
 
 @dataclass(frozen=True)
 class EnsembleInput:
@@ -56,8 +63,8 @@ ENSEMBLE_ONLY_INPUTS: tuple[EnsembleInput, ...] = (
     EnsembleInput("beam_width", "TYPE_INT32", (1,), "Beam search needs an engine built for it; "
                   "this one is built with max_beam_width 1.", only=1),
     EnsembleInput("num_return_sequences", "TYPE_INT32", (1,),
-                  "Independent sequences for this request, 1 to 8 (each response names its "
-                  "sequence)."),
+                  f"Independent sequences for this request, 1 to {MAX_RETURN_SEQUENCES} (each "
+                  "response names its sequence)."),
     EnsembleInput("return_log_probs", "TYPE_BOOL", (1,),
                   "Return the log probability of every generated token."),
     EnsembleInput("return_context_logits", "TYPE_BOOL", (1,), "Logits are not returned.", only=False),

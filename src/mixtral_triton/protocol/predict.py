@@ -146,6 +146,8 @@ class PredictRequest:
     include_stop_str_in_output: bool
     skip_special_tokens: bool
     exclude_input_in_output: bool
+    # The guide response_format asks for (the OpenAI routes put here the guide of whichever of
+    # their guide fields gave one).
     response_format: Guide | None
 
 
